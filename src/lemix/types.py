@@ -125,6 +125,21 @@ class OpRecord:
 
 
 @dataclass(frozen=True)
+class TrainTaskRecord:
+    """Outcome of one training task (micro-batch)."""
+
+    task_id: int
+    arrival_s: float
+    node: int               # -1 when never placed
+    finish_s: float | None  # end of its last backward op; None when unfinished
+    samples: int
+    tokens: int
+    deferred_s: float = 0.0  # time spent in the deferred queue
+    failed: bool = False
+    error: str = ""
+
+
+@dataclass(frozen=True)
 class TrainStepRecord:
     """One optimizer step of one node (all its stages stepped)."""
 
@@ -143,11 +158,8 @@ class RunResult:
     policy: str
     requests: list[RequestRecord] = field(default_factory=list)
     ops: list[OpRecord] = field(default_factory=list)
+    train_tasks: list[TrainTaskRecord] = field(default_factory=list)
     train_steps: list[TrainStepRecord] = field(default_factory=list)
-    train_tasks_total: int = 0
-    train_tasks_done: int = 0
-    train_samples_done: int = 0
-    train_tokens_done: int = 0
     decision_us: list[float] = field(default_factory=list)
     deferred_total: int = 0
     offload_events: int = 0
