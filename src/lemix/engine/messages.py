@@ -1,0 +1,195 @@
+"""Commands to a StageWorker and its results: small dataclasses holding only plain values and
+tensors, so they pickle (Ray actor calls) and share no mutable state with the caller.
+
+Tensors sent to a worker are copied onto its device; tensors it returns are fresh CPU copies.
+Batches are right-padded: sequence b has `lengths[b]` valid tokens at positions 0..len-1.
+Every result carries `compute_s`, the seconds spent in model compute inside the worker.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 = greedy; else softmax(logits / temperature), nucleus-filtered to top_p,
+    drawn with a generator seeded from (seed, token position), so runs are reproducible."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- commands
+
+@dataclass(frozen=True)
+class Forward:
+    """Forward of a micro-batch on this stage (training, loss evaluation or prefill).
+
+    input_ids [B,T] long on stage 0, else hidden [B,T,H]. labels [B,T] long (unshifted, -100 =
+    ignore; positions >= length are ignored anyway) are needed on the last stage for training
+    and give per-sequence NLL in inference. keep_kv (inference only) writes each sequence's K/V
+    into the cache; on the last stage it also samples the first generated token per sequence
+    (sampling None = greedy). Training backpropagates loss * loss_scale (1/M averages M
+    micro-batches).
+    """
+
+    batch_id: int
+    train: bool
+    seq_ids: tuple[int, ...]
+    lengths: tuple[int, ...]
+    input_ids: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    keep_kv: bool = False
+    sampling: tuple[SamplingParams, ...] | None = None
+    loss_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Backward:
+    """Backward of a stashed training micro-batch; grad_output [B,T,H] (None on the last stage)."""
+
+    batch_id: int
+    grad_output: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Decode:
+    """One decode iteration: one token for each sequence, using and extending the KV cache.
+
+    token_ids [B] long on stage 0, else hidden [B,1,H]. Sequences may have different lengths.
+    """
+
+    iter_id: int
+    seq_ids: tuple[int, ...]
+    token_ids: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    sampling: tuple[SamplingParams, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Free:
+    """Drop the KV of finished sequences and/or the stashes of abandoned training batches."""
+
+    seq_ids: tuple[int, ...] = ()
+    batch_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Step:
+    """AdamW step on this stage, zero the grads, bump the weight version."""
+
+
+@dataclass(frozen=True)
+class Offload:
+    """Move KV entries (kind 'kv', keys = seq ids) or training stashes (kind 'act', keys = batch
+    ids) from the device to host memory."""
+
+    kind: str
+    keys: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Reload:
+    """Move offloaded KV entries / stashes back to the device (same fields as Offload)."""
+
+    kind: str
+    keys: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GetWeights:
+    """Ask for this stage's weights (state_dict of CPU tensors)."""
+
+
+@dataclass(frozen=True)
+class SetWeights:
+    """Overwrite this stage's weights; version None keeps the current version number."""
+
+    state_dict: dict[str, torch.Tensor]
+    version: int | None = None
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Ask for the stage's memory state."""
+
+
+# ---------------------------------------------------------------- results
+
+@dataclass(frozen=True)
+class ForwardResult:
+    batch_id: int
+    hidden: torch.Tensor | None = None                # non-last stage: [B,T,H] for the next stage
+    loss: float | None = None                         # last stage, training: mean token NLL
+    seq_nll: tuple[float, ...] | None = None          # last stage, inference with labels
+    next_tokens: tuple[int, ...] | None = None        # last stage with keep_kv
+    compute_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class BackwardResult:
+    batch_id: int
+    grad_input: torch.Tensor | None = None            # [B,T,H] for the previous stage; None on stage 0
+    compute_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    iter_id: int
+    hidden: torch.Tensor | None = None                # non-last stage: [B,1,H]
+    next_tokens: tuple[int, ...] | None = None        # last stage
+    compute_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class FreeResult:
+    freed_bytes: int
+    compute_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class VersionResult:
+    """After Step or SetWeights."""
+
+    version: int
+    compute_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class MoveResult:
+    """After Offload or Reload."""
+
+    kind: str
+    keys: tuple[int, ...]
+    moved_bytes: int
+    compute_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class WeightsResult:
+    state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
+    version: int = 0
+    compute_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class MemoryState:
+    """Bytes this stage holds. On CPU the worker's own accounting; on CUDA allocated_bytes is
+    torch.cuda.memory_allocated, the other device fields stay the worker's accounting."""
+
+    weights_bytes: int
+    optim_bytes: int          # optimizer state + accumulated gradients
+    kv_bytes: int
+    act_bytes: int            # stashed training activations on the device
+    host_bytes: int           # offloaded KV + activations in host memory
+    budget_bytes: int | None
+    allocated_bytes: int      # device total: sum of the above on CPU, allocator's count on CUDA
+    compute_s: float = 0.0
+
+    @property
+    def free_bytes(self) -> int | None:
+        return None if self.budget_bytes is None else self.budget_bytes - self.allocated_bytes

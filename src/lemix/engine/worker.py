@@ -1,0 +1,247 @@
+"""StageWorker: owns one pipeline stage and executes command messages on it.
+
+The worker shares nothing with its caller: commands carry plain values and tensors (copied in),
+results carry fresh CPU tensors. So the same class runs in a local thread or inside a Ray actor.
+Errors propagate out of `handle`; nothing is swallowed.
+
+Correctness rule for training: an optimizer step (or a weight overwrite) while a stashed
+micro-batch still waits for its backward would change weights that backward needs, so Step and
+SetWeights raise instead.
+"""
+from __future__ import annotations
+
+import time
+from itertools import chain
+
+import torch
+
+from lemix.engine.kvcache import KVCache
+from lemix.engine.messages import (Backward, BackwardResult, Decode, DecodeResult, Forward,
+                                   ForwardResult, Free, FreeResult, GetWeights, Memory,
+                                   MemoryState, MoveResult, Offload, Reload, SetWeights, Step,
+                                   VersionResult, WeightsResult)
+from lemix.engine.sampling import sample_tokens
+from lemix.engine.stage import StageModule, causal_lm_loss, mask_labels, sequence_nll
+from lemix.engine.stash import ActivationStash
+
+
+class _Timer:
+    """Wall time of a block of model compute (waits for the GPU before stopping)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.s = device, 0.0
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.s = time.perf_counter() - self._t0
+
+
+class StageWorker:
+    def __init__(self, stage_module: StageModule, stage_index: int, num_stages: int,
+                 device: str = "cpu", lr: float = 1e-4, weight_decay: float = 0.0,
+                 memory_budget_bytes: int | None = None):
+        if (stage_module.stage_index, stage_module.num_stages) != (stage_index, num_stages):
+            raise ValueError(f"stage module is {stage_module.stage_index}/{stage_module.num_stages}, "
+                             f"worker was told {stage_index}/{num_stages}")
+        self.device = torch.device(device)
+        self.stage = stage_module.to(self.device)
+        self._dtype = next(self.stage.parameters()).dtype
+        self.stage_index, self.num_stages = stage_index, num_stages
+        self.memory_budget_bytes = memory_budget_bytes
+        self.kv = KVCache(self.device)
+        self.stashes: dict[int, ActivationStash] = {}
+        self.optimizer = torch.optim.AdamW(self.stage.parameters(), lr=lr, weight_decay=weight_decay)
+        self.version = 0
+        self._handlers = {
+            Forward: self._forward, Backward: self._backward, Decode: self._decode,
+            Free: self._free, Step: self._step, Offload: self._offload, Reload: self._reload,
+            GetWeights: self._get_weights, SetWeights: self._set_weights, Memory: self._memory,
+        }
+
+    def handle(self, cmd):
+        handler = self._handlers.get(type(cmd))
+        if handler is None:
+            raise TypeError(f"StageWorker cannot handle {type(cmd).__name__}")
+        return handler(cmd)
+
+    # ------------------------------------------------------------ inputs
+    @property
+    def _first(self) -> bool:
+        return self.stage.is_first
+
+    @property
+    def _last(self) -> bool:
+        return self.stage.is_last
+
+    def _input(self, ids: torch.Tensor | None, hidden: torch.Tensor | None) -> torch.Tensor:
+        """A private device copy of this stage's input: ids on stage 0, hidden elsewhere."""
+        if self._first:
+            if ids is None:
+                raise ValueError("stage 0 needs token ids")
+            return ids.to(self.device, dtype=torch.long, copy=True)
+        if hidden is None:
+            raise ValueError(f"stage {self.stage_index} needs the previous stage's hidden states")
+        return hidden.to(self.device, dtype=self._dtype, copy=True)
+
+    # ------------------------------------------------------------ forward
+    def _forward(self, cmd: Forward) -> ForwardResult:
+        x = self._input(cmd.input_ids, cmd.hidden)
+        if len(cmd.lengths) != x.shape[0] or len(cmd.seq_ids) != x.shape[0]:
+            raise ValueError(f"batch of {x.shape[0]} with {len(cmd.seq_ids)} seq_ids and "
+                             f"{len(cmd.lengths)} lengths")
+        lengths = torch.tensor(cmd.lengths, device=self.device)
+        labels = None
+        if self._last and cmd.labels is not None:
+            labels = mask_labels(cmd.labels.to(self.device, dtype=torch.long), lengths)
+        if cmd.train:
+            return self._train_forward(cmd, x, lengths, labels)
+        return self._infer_forward(cmd, x, lengths, labels)
+
+    def _train_forward(self, cmd: Forward, x, lengths, labels) -> ForwardResult:
+        if cmd.keep_kv:
+            raise ValueError("a training forward cannot keep KV")
+        if cmd.batch_id in self.stashes:
+            raise ValueError(f"micro-batch {cmd.batch_id} already has a pending backward")
+        if self._last and labels is None:
+            raise ValueError("the last stage needs labels for a training forward")
+        params = {p.untyped_storage().data_ptr() for p in self.stage.parameters()}
+        stash = ActivationStash(params)
+        inp = None if self._first else x.requires_grad_()
+        loss = None
+        with _Timer(self.device) as t, stash.hooks():
+            out = self.stage(x, lengths)                                  # [B,T,H] or [B,T,V]
+            if self._last:
+                loss = causal_lm_loss(out, labels)
+                out = loss * cmd.loss_scale
+        hidden = None if self._last else out.detach().to("cpu", copy=True)
+        stash.hold(inp, out)
+        self.stashes[cmd.batch_id] = stash
+        return ForwardResult(cmd.batch_id, hidden=hidden,
+                             loss=None if loss is None else float(loss.detach()), compute_s=t.s)
+
+    def _infer_forward(self, cmd: Forward, x, lengths, labels) -> ForwardResult:
+        kv_out = [] if cmd.keep_kv else None
+        seq_nll = next_tokens = None
+        with torch.no_grad(), _Timer(self.device) as t:
+            out = self.stage(x, lengths, kv_out)
+            if cmd.keep_kv:
+                self.kv.write_prefill(cmd.seq_ids, cmd.lengths, kv_out)
+            if self._last and labels is not None:
+                seq_nll = tuple(sequence_nll(out, labels).tolist())
+            if self._last and cmd.keep_kv:
+                last_logits = out[torch.arange(out.shape[0]), lengths - 1]       # [B,V]
+                next_tokens = sample_tokens(last_logits, cmd.sampling, cmd.lengths)
+        hidden = None if self._last else out.to("cpu", copy=True)
+        return ForwardResult(cmd.batch_id, hidden=hidden, seq_nll=seq_nll,
+                             next_tokens=next_tokens, compute_s=t.s)
+
+    # ------------------------------------------------------------ backward / step
+    def _stash(self, batch_id: int) -> ActivationStash:
+        if batch_id not in self.stashes:
+            raise KeyError(f"stage {self.stage_index} has no stashed micro-batch {batch_id}")
+        return self.stashes[batch_id]
+
+    def _backward(self, cmd: Backward) -> BackwardResult:
+        stash = self._stash(cmd.batch_id)
+        if stash.on_host:
+            raise RuntimeError(f"micro-batch {cmd.batch_id}: activations are offloaded; reload first")
+        if self._last != (cmd.grad_output is None):
+            raise ValueError("grad_output must be None exactly on the last stage")
+        grad = None if self._last else cmd.grad_output.to(self.device, dtype=stash.out.dtype)
+        with _Timer(self.device) as t:
+            torch.autograd.backward(stash.out, grad)                       # accumulates .grad
+        del self.stashes[cmd.batch_id]
+        grad_in = None if self._first else stash.inp.grad.to("cpu", copy=True)
+        return BackwardResult(cmd.batch_id, grad_input=grad_in, compute_s=t.s)
+
+    def _check_no_pending(self, what: str) -> None:
+        if self.stashes:
+            raise RuntimeError(
+                f"stage {self.stage_index}: {what} while micro-batches {sorted(self.stashes)} still "
+                "wait for their backward, which needs the current weights")
+
+    def _step(self, cmd: Step) -> VersionResult:
+        self._check_no_pending("optimizer step")
+        with _Timer(self.device) as t:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.version += 1
+        return VersionResult(self.version, compute_s=t.s)
+
+    # ------------------------------------------------------------ decode
+    def _decode(self, cmd: Decode) -> DecodeResult:
+        if len(set(cmd.seq_ids)) != len(cmd.seq_ids):
+            raise ValueError(f"duplicate sequence ids in decode batch {cmd.seq_ids}")
+        x = self._input(cmd.token_ids, cmd.hidden)
+        next_tokens = None
+        with torch.no_grad(), _Timer(self.device) as t:
+            past, past_lengths = self.kv.gather(cmd.seq_ids)              # [B,nkv,P,hd] per layer
+            kv_out: list = []
+            out = self.stage.decode(x, past, past_lengths, kv_out)       # [B,1,H] / [B,1,V]
+            self.kv.append(cmd.seq_ids, kv_out)
+            if self._last:
+                positions = (past_lengths + 1).tolist()                  # of the tokens drawn now
+                next_tokens = sample_tokens(out[:, 0], cmd.sampling, positions)
+        hidden = None if self._last else out.to("cpu", copy=True)
+        return DecodeResult(cmd.iter_id, hidden=hidden, next_tokens=next_tokens, compute_s=t.s)
+
+    # ------------------------------------------------------------ memory moves
+    def _free(self, cmd: Free) -> FreeResult:
+        freed = self.kv.free(cmd.seq_ids)
+        for batch_id in cmd.batch_ids:
+            stash = self.stashes.pop(batch_id, None)
+            freed += stash.nbytes if stash is not None else 0
+        return FreeResult(freed)
+
+    def _move(self, kind: str, keys: tuple[int, ...], to_host: bool) -> MoveResult:
+        with _Timer(self.device) as t:
+            if kind == "kv":
+                moved = self.kv.offload(keys) if to_host else self.kv.reload(keys)
+            elif kind == "act":
+                moved = sum(self._stash(k).move(to_host, self.device) for k in keys)
+            else:
+                raise ValueError(f"unknown kind {kind!r}: 'kv' or 'act'")
+        return MoveResult(kind, tuple(keys), moved, compute_s=t.s)
+
+    def _offload(self, cmd: Offload) -> MoveResult:
+        return self._move(cmd.kind, cmd.keys, to_host=True)
+
+    def _reload(self, cmd: Reload) -> MoveResult:
+        return self._move(cmd.kind, cmd.keys, to_host=False)
+
+    # ------------------------------------------------------------ weights and memory
+    def _get_weights(self, cmd: GetWeights) -> WeightsResult:
+        state = {k: v.detach().to("cpu", copy=True) for k, v in self.stage.state_dict().items()}
+        return WeightsResult(state, self.version)
+
+    def _set_weights(self, cmd: SetWeights) -> VersionResult:
+        self._check_no_pending("weight overwrite")
+        own = self.stage.state_dict()
+        if set(own) != set(cmd.state_dict):
+            missing, extra = set(own) - set(cmd.state_dict), set(cmd.state_dict) - set(own)
+            raise KeyError(f"state_dict mismatch: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        with torch.no_grad(), _Timer(self.device) as t:
+            for key, tensor in own.items():
+                tensor.copy_(cmd.state_dict[key])
+        if cmd.version is not None:
+            self.version = cmd.version
+        return VersionResult(self.version, compute_s=t.s)
+
+    def _memory(self, cmd: Memory) -> MemoryState:
+        weights = sum(t.nbytes for t in chain(self.stage.parameters(), self.stage.buffers()))
+        grads = sum(p.grad.nbytes for p in self.stage.parameters() if p.grad is not None)
+        optim = grads + sum(v.nbytes for state in self.optimizer.state.values()
+                            for v in state.values() if torch.is_tensor(v))
+        kv = self.kv.device_bytes()
+        act = sum(s.nbytes for s in self.stashes.values() if not s.on_host)
+        host = self.kv.host_bytes() + sum(s.nbytes for s in self.stashes.values() if s.on_host)
+        if self.device.type == "cuda":
+            allocated = torch.cuda.memory_allocated(self.device)
+        else:
+            allocated = weights + optim + kv + act
+        return MemoryState(weights, optim, kv, act, host, self.memory_budget_bytes, allocated)
