@@ -1,0 +1,195 @@
+"""One pydantic schema for a LeMix run: cluster, model, workload, policy, SLO.
+
+Loaded from YAML (`--config FILE`) with CLI flags overriding it. Validation writes nothing and
+fails before anything runs, naming the field and what is allowed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lemix.sched.params import SchedParams
+from lemix.sched.registry import policy_names
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the field and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ClusterConfig(_Strict):
+    nodes: int = Field(4, ge=1, le=4096, description="data-parallel nodes, each a full replica")
+    stages: int = Field(2, ge=1, le=64, description="pipeline stages per node (one device each)")
+    device_memory_gb: float = Field(48.0, gt=0, description="memory per device (GB)")
+    host_bandwidth_gbps: float = Field(16.0, gt=0, description="host<->device copy bandwidth (GB/s)")
+    network_bandwidth_gbps: float = Field(10.0, gt=0, description="node<->node bandwidth for weight sync (GB/s)")
+    device: str = Field("cpu", description="real engine: 'cpu', 'cuda' (one cuda:i per stage) or a comma list")
+    backend: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+
+
+class ModelConfig(_Strict):
+    name: str = Field("builtin-tiny", description="real engine: 'builtin-tiny' or a local HF checkpoint dir")
+    sim_model: Literal["3b", "7b", "tiny"] = Field("3b", description="modeled model size of the default simulator profile")
+    profile: str | None = Field(None, description="profile JSON from `lemix profile`; default: built-in")
+    force_profile: bool = False
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class WorkloadConfig(_Strict):
+    arrival: Literal["poisson", "gamma", "trace"] = "poisson"
+    rate: float = Field(16.0, gt=0, description="total task arrivals per second (Poisson/Gamma)")
+    burstiness: float = Field(1.0, gt=0, description="Gamma CV^2 of inter-arrival times (1 = Poisson)")
+    duration_s: float = Field(120.0, gt=0)
+    trace: str | None = None
+    trace_speedup: float = Field(1.0, gt=0)
+    train_share: float | None = Field(None, ge=0, lt=1, description="fraction of tasks that are training (default 0.5)")
+    train_rate: float | None = Field(None, ge=0, description="independent training tasks per second")
+    train_batch_size: int = Field(4, ge=1, description="samples per training micro-batch")
+    train_seq_tokens: int = Field(512, ge=2)
+    max_prompt_tokens: int = Field(4096, ge=2)
+    max_output_tokens: int = Field(512, ge=1)
+    mode: Literal["prefill", "generate"] = "prefill"
+    dataset: str | None = Field(None, description="real engine: JSONL of {text} or {prompt, completion}")
+    drift_groups: int = Field(4, ge=1)
+    priority_share: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> "WorkloadConfig":
+        if self.arrival == "trace" and not self.trace:
+            raise ValueError("workload.arrival is 'trace' but workload.trace (a CSV path) is not set")
+        if self.trace and self.arrival != "trace":
+            self.arrival = "trace"
+        if self.train_rate is not None and self.train_share is not None:
+            raise ValueError("set workload.train_share or workload.train_rate, not both")
+        return self
+
+    @property
+    def effective_train_share(self) -> float | None:
+        """The training share in force: None when an independent train_rate is used."""
+        if self.train_rate is not None:
+            return None
+        return 0.5 if self.train_share is None else self.train_share
+
+
+class PolicyConfig(_Strict):
+    names: list[str] = Field(default_factory=lambda: ["lemix"])
+    lambda1: float = Field(0.5, ge=0, description="weight of response time R/SLO in lemix's score")
+    lambda2: float = Field(0.05, ge=0, description="weight of length consistency in lemix's score")
+    tau: float = Field(0.2, ge=0, description="idleness tolerance (in task stage-times) treated as a tie")
+    tau_r: float = Field(1.0, gt=0, description="defer training when predicted response > tau_r x SLO")
+    t_max_s: float = Field(0.05, ge=0, description="memory gate: wait this long before offloading")
+    kappa: float = Field(0.95, gt=0, le=1, description="memory gate threshold as a fraction of capacity")
+    min_train_share: float = Field(0.1, ge=0, le=1, description="starvation bound for deferred training")
+    max_defer_s: float = Field(30.0, gt=0, description="a deferred training task is placed after this long")
+    max_batch: int = Field(8, ge=1, description="C: max sequences in an inference batch")
+    max_wait_s: float = Field(0.0, ge=0, description="T_w: max time a request waits to fill a batch")
+    pipeline: Literal["apipe", "gpipe", "1f1b"] = "apipe"
+    microbatches: int = Field(4, ge=1, description="M: micro-batches per S-PP round")
+    sync_every: int = Field(8, ge=1, description="K: training steps between weight syncs")
+    no_profile: bool = False
+    no_prioritization: bool = False
+    no_memory_check: bool = False
+
+    @field_validator("names", mode="before")
+    @classmethod
+    def _split_names(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [p.strip() for p in v.split(",") if p.strip()]
+        if isinstance(v, list) and v == ["all"]:
+            return [n for n in policy_names() if "/" not in n]
+        if isinstance(v, list) and v == ["ablations"]:
+            return ["lemix"] + [n for n in policy_names() if n.startswith("lemix/")]
+        known = policy_names()
+        for name in v or []:
+            if name not in known:
+                raise ValueError(f"unknown policy {name!r}; allowed: {', '.join(known)}, all, ablations")
+        if not v:
+            raise ValueError("at least one policy is required")
+        return v
+
+
+class SLOConfig(_Strict):
+    scale: float = Field(5.0, gt=0, description="SLO = scale x the request's unloaded latency")
+    ttft_s: float | None = Field(None, gt=0, description="absolute TTFT SLO (generate mode)")
+    e2e_s: float | None = Field(None, gt=0, description="absolute end-to-end SLO")
+
+
+class LemixConfig(_Strict):
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    slo: SLOConfig = Field(default_factory=SLOConfig)
+    seed: int = 0
+    out: str = Field("runs/latest", description="run directory")
+
+    def sched_params(self, policy: str) -> SchedParams:
+        p = self.policy
+        return SchedParams(
+            policy=policy, nodes=self.cluster.nodes, stages=self.cluster.stages,
+            lambda1=p.lambda1, lambda2=p.lambda2, tau=p.tau, tau_r=p.tau_r, t_max_s=p.t_max_s,
+            kappa=p.kappa, min_train_share=p.min_train_share, max_defer_s=p.max_defer_s,
+            max_batch=p.max_batch, max_wait_s=p.max_wait_s, pipeline=p.pipeline,
+            microbatches=p.microbatches, sync_every=p.sync_every, generate=self.workload.mode == "generate",
+            train_share=self.workload.effective_train_share,
+            no_profile=p.no_profile, no_prioritization=p.no_prioritization,
+            no_memory_check=p.no_memory_check, slo_scale=self.slo.scale, slo_ttft_s=self.slo.ttft_s,
+            slo_e2e_s=self.slo.e2e_s, seed=self.seed,
+        )
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) or e["type"] == "extra_forbidden" else f" (got {got!r})"
+        lines.append(f"{field}: {msg}{shown}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"invalid config: {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> LemixConfig:
+    """Read YAML (optional), apply dotted overrides (`workload.rate` -> value), validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+        tree = loaded or {}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(tree, key, value)
+    try:
+        return LemixConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None

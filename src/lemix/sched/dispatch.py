@@ -1,0 +1,550 @@
+"""Per-device dispatch: which op an idle device runs next, the memory gate, and what a finished
+op changes. Part of the Scheduler (a base class, to keep each file a readable size).
+
+Order on a device (lower first): a pending weight sync; a due optimizer step; then, with
+inference-first dispatch (lemix), inference (decode, prefill) before training backward before
+training forward; otherwise first-ready-first-served.
+
+Memory gate (Algorithm 2, wait-or-offload): an op whose bytes would take the device over
+kappa x capacity waits for running ops to free memory, up to T_max; then the device offloads
+stashed activations / KV cache of work that does not need them next (one victim per OFFLOAD op,
+paying bytes / host bandwidth) and reloads them before they are used. Nothing is dropped.
+Without the gate (`--no-memory-check`) an op that does not fit in capacity fails with OOM, as
+on a real device.
+"""
+from __future__ import annotations
+
+from lemix.sched.state import Batch, DecodeIter, NodeState, Seq
+from lemix.types import (Op, OpKind, OpRecord, OpResult, RequestRecord, Task, TrainStepRecord,
+                         TrainTaskRecord)
+
+_SYNC, _OPTIM, _INF, _BWD, _FWD, _NEW = 0, 1, 2, 3, 4, 5
+
+
+class Dispatcher:
+    # attributes provided by Scheduler: params, profile, clock, lat, pipe, nodes, result, policy,
+    # memory_check, infer_first, _tasks, _resolved, _owed, _wakeups, _version_first_s, ...
+
+    def _init_dispatch(self) -> None:
+        self._touched: set[int] = set(range(len(self.nodes)))
+        self._waiting_nodes: set[int] = set()
+        self._running: dict[int, tuple] = {}        # op_id -> (op, context)
+        self._next_op = 0
+        self._next_bid = 0
+        self._node_of: dict[int, int] = {}
+        self._served: dict[int, tuple] = {}          # task_id -> (version, stale_steps, stale_s, first_token_s)
+        self._deferred_s: dict[int, float] = {}
+        self._kv: dict[int, list[int]] = {}          # task_id -> KV bytes held per stage
+
+    def _touch(self, node: NodeState) -> None:
+        node.dirty = True
+        self._touched.add(node.index)
+
+    # ------------------------------------------------------------------ candidates
+    def _classes(self) -> tuple[int, int, int, int]:
+        if self.infer_first:
+            return _INF, _BWD, _FWD, _NEW
+        return _INF, _INF, _INF, _INF
+
+    def _candidates(self, node: NodeState, s: int, now: float) -> list[tuple]:
+        dev = node.devices[s]
+        syncing = dev.sync_pending >= 0
+        if syncing and not self._stash_on(node, s):
+            return [((_SYNC, 0.0, 0, 0), "sync", None)]  # never under a pending backward
+        c_inf, c_bwd, c_fwd, c_new = self._classes()
+        out = []
+        if dev.grads_pending and self.pipe.step_due(node, s) and not self._stash_on(node, s):
+            out.append(((_OPTIM, 0.0, 0, 0), "optim", None))
+        it = node.decode
+        if it is not None and it.stage == s and not it.running:
+            out.append(((c_inf, it.ready_s, 0, it.bid), "decode", it))
+        elif s == 0 and it is None and node.seqs:
+            out.append(((c_inf, node.last_decode_end_s, 0, -1), "decode_new", None))
+        for b in node.batches.values():
+            if b.running:
+                continue
+            if not b.train:
+                if b.fwd_next == s:
+                    out.append(((c_inf, b.ready_s, 1, b.bid), "fwd", b))
+            elif b.fwd_done:
+                if b.bwd_next == s and self.pipe.can_bwd(node, b, s):
+                    out.append(((c_bwd, b.ready_s, 0, b.bid), "bwd", b))
+            elif b.fwd_next == s and not syncing and self.pipe.can_fwd(node, b, s):
+                out.append(((c_fwd, b.ready_s, 2, b.bid), "fwd", b))
+        if s == 0 and node.infer_wait and self._batch_ready(node, now):
+            out.append(((c_inf, node.infer_wait[0].arrival_s, 1, -1), "infer_new", None))
+        if s == 0 and node.train_wait and not syncing:
+            probe = Batch(-1, node.index, True, [node.train_wait[0]], 0, node.num_stages,
+                          round=node.train_round)
+            if self.pipe.can_fwd(node, probe, 0):
+                out.append(((c_new, node.train_wait[0].arrival_s, 3, -1), "train_new", None))
+        out.sort(key=lambda c: c[0])
+        return out
+
+    def _batch_ready(self, node: NodeState, now: float) -> bool:
+        """T_w: a batch forms when full, or when its oldest request waited max_wait_s."""
+        p = self.params
+        if p.max_wait_s <= 0 or len(node.infer_wait) >= p.max_batch:
+            return True
+        deadline = min(t.arrival_s for t in node.infer_wait) + p.max_wait_s
+        if now >= deadline:
+            return True
+        self._wakeups.add(deadline)
+        self._waiting_nodes.add(node.index)
+        return False
+
+    @staticmethod
+    def _stash_on(node: NodeState, s: int) -> bool:
+        return any(b.train and s in b.stash_stages for b in node.batches.values())
+
+    # ------------------------------------------------------------------ dispatch
+    def _dispatch_node(self, node: NodeState, now: float) -> list[Op]:
+        self._waiting_nodes.discard(node.index)
+        ops = []
+        for s, dev in enumerate(node.devices):
+            if dev.running is None:
+                op = self._dispatch_device(node, s, now)
+                if op is not None:
+                    ops.append(op)
+        return ops
+
+    def _dispatch_device(self, node: NodeState, s: int, now: float) -> Op | None:
+        dev = node.devices[s]
+        for key, kind, obj in self._candidates(node, s, now):
+            if kind == "sync":
+                nbytes = self.profile.stages[s].weight_bytes
+                return self._start(node, s, OpKind.SYNC, -1, (), False, nbytes=nbytes, ctx=("sync",),
+                                   peer=dev.sync_pending)
+            if kind == "optim":
+                return self._start(node, s, OpKind.OPTIM, -1, (), True, ctx=("optim",))
+            reload = self._reload_needed(node, s, kind, obj)
+            need = reload[0] if reload is not None else self._need_bytes(node, s, kind, obj)
+            verdict = self._gate(node, s, now, key, need)
+            if verdict == "run":
+                if reload is not None:
+                    return self._start_reload(node, s, *reload)
+                return self._start_work(node, s, kind, obj, now)
+            if verdict == "oom":
+                self._oom(node, s, kind, obj, need)
+                continue
+            if isinstance(verdict, Op):
+                return verdict  # an offload took the device
+            # waiting on memory: an op that fits (a backward that frees memory) may go first
+        return None
+
+    def _gate(self, node: NodeState, s: int, now: float, key, need: int):
+        """'run' if `need` bytes fit; else wait up to T_max, then an OFFLOAD op; 'oom' when the
+        gate is off and the op does not fit the device; None to keep waiting."""
+        dev = node.devices[s]
+        if not self.memory_check:
+            return "run" if dev.used_bytes + need <= dev.capacity_bytes else "oom"
+        if dev.used_bytes + need <= self.params.kappa * dev.capacity_bytes:
+            if dev.wait_key == key:
+                dev.wait_key, dev.wait_since_s = None, None
+            return "run"
+        if dev.wait_key is not None and dev.wait_key != key:
+            return None  # another op is the one waiting on this device; it goes first
+        if dev.wait_since_s is None:
+            dev.wait_key, dev.wait_since_s = key, now
+        if now - dev.wait_since_s < self.params.t_max_s:
+            self._wakeups.add(dev.wait_since_s + self.params.t_max_s)
+            self._waiting_nodes.add(node.index)
+            return None
+        victim = self._pick_victim(node, s)
+        if victim is not None:
+            return self._start_offload(node, s, victim)
+        if self._memory_will_free(node, s):
+            self._waiting_nodes.add(node.index)
+            return None
+        # nothing can be freed or offloaded: run rather than drop, and say so
+        self.result.events.append({"time_s": now, "event": "memory_overcommit", "node": node.index,
+                                   "stage": s, "need_bytes": need, "used_bytes": dev.used_bytes})
+        dev.wait_key, dev.wait_since_s = None, None
+        return "run"
+
+    @staticmethod
+    def _memory_will_free(node: NodeState, s: int) -> bool:
+        return any(d.running is not None for d in node.devices) or any(
+            b.train and s in b.stash_stages for b in node.batches.values())
+
+    # ------------------------------------------------------------------ memory figures
+    def _decode_set(self, node: NodeState) -> list[int]:
+        return list(node.seqs)[: self.params.max_batch]
+
+    def _need_bytes(self, node: NodeState, s: int, kind: str, obj) -> int:
+        st = self.profile.stages[s]
+        if kind in ("decode", "decode_new"):
+            n = len(obj.seq_ids) if kind == "decode" else len(self._decode_set(node))
+            return n * (st.kv_bytes_per_token + st.tmp_bytes_per_token)
+        if kind == "infer_new":
+            tasks = node.infer_wait[: self.params.max_batch]
+            tokens = len(tasks) * max(t.prompt_tokens for t in tasks)
+            kv = sum(t.prompt_tokens for t in tasks) * st.kv_bytes_per_token if self.params.generate else 0
+            return tokens * st.tmp_bytes_per_token + kv
+        if kind == "train_new":
+            t = node.train_wait[0]
+            return t.batch_size * t.prompt_tokens * (st.act_bytes_per_token + st.tmp_bytes_per_token)
+        b: Batch = obj
+        tmp = b.tokens * st.tmp_bytes_per_token
+        if kind == "bwd":
+            return tmp
+        if b.train:
+            return tmp + b.tokens * st.act_bytes_per_token
+        kv = sum(t.prompt_tokens for t in b.tasks) * st.kv_bytes_per_token if self.params.generate else 0
+        return tmp + kv
+
+    def _too_big(self, task: Task) -> str:
+        """A task no device could ever hold, even alone: failed at admission with the reason."""
+        for s, st in enumerate(self.profile.stages):
+            free = self.params.kappa * self.profile.capacity_bytes - st.weight_bytes
+            if task.is_train:
+                free -= st.train_state_bytes
+                need = task.batch_size * task.prompt_tokens * (st.act_bytes_per_token + st.tmp_bytes_per_token)
+            else:
+                need = task.prompt_tokens * st.tmp_bytes_per_token
+                if self.params.generate:
+                    need += (task.prompt_tokens + task.output_tokens) * st.kv_bytes_per_token
+            if need > free:
+                return (f"task needs {need / 1e9:.2f} GB on stage {s}, more than the "
+                        f"{max(free, 0) / 1e9:.2f} GB a device has free")
+        return ""
+
+    # ------------------------------------------------------------------ offload / reload
+    def _pick_victim(self, node: NodeState, s: int):
+        """The resident data on stage s needed furthest in the future: a training stash whose
+        backward is not next, else the KV of a sequence not in the next decode iteration."""
+        best, best_key = None, None
+        for b in node.batches.values():
+            if not b.train or b.running or s not in b.stash_stages or s in b.offloaded_stages:
+                continue
+            if b.fwd_done and b.bwd_next == s:
+                continue
+            key = (0 if not b.fwd_done else 1, -(b.bwd_next if b.fwd_done else node.num_stages) + s)
+            key = (key[0], key[1], b.bid)
+            if best_key is None or key < best_key:
+                best, best_key = ("act", b), key
+        if best is not None:
+            return best
+        active = set(node.decode.seq_ids) if node.decode else set(self._decode_set(node))
+        for tid, seq in node.seqs.items():
+            if tid not in active and s not in seq.offloaded_stages and self._kv[tid][s] > 0:
+                return ("kv", seq)
+        return None
+
+    def _start_offload(self, node: NodeState, s: int, victim) -> Op:
+        what, obj = victim
+        if what == "act":
+            nbytes = obj.tokens * self.profile.stages[s].act_bytes_per_token
+            obj.offloaded_stages.add(s)
+            return self._start(node, s, OpKind.OFFLOAD, obj.bid, tuple(t.task_id for t in obj.tasks), True,
+                               nbytes=nbytes, ctx=("offload", nbytes))
+        nbytes = self._kv[obj.task.task_id][s]
+        obj.offloaded_stages.add(s)
+        return self._start(node, s, OpKind.OFFLOAD, -1, (obj.task.task_id,), False, nbytes=nbytes,
+                           ctx=("offload", nbytes))
+
+    def _reload_needed(self, node: NodeState, s: int, kind: str, obj):
+        """(bytes, objects) to bring back to stage s before this op can run, or None."""
+        if kind == "bwd" and s in obj.offloaded_stages:
+            return obj.tokens * self.profile.stages[s].act_bytes_per_token, (obj,)
+        if kind in ("decode", "decode_new"):
+            ids = obj.seq_ids if kind == "decode" else self._decode_set(node)
+            seqs = tuple(node.seqs[t] for t in ids if s in node.seqs[t].offloaded_stages)
+            if seqs:
+                return sum(self._kv[q.task.task_id][s] for q in seqs), seqs
+        return None
+
+    def _start_reload(self, node: NodeState, s: int, nbytes: int, objs: tuple) -> Op:
+        train = isinstance(objs[0], Batch)
+        ids = tuple(t.task_id for t in objs[0].tasks) if train else tuple(q.task.task_id for q in objs)
+        return self._start(node, s, OpKind.RELOAD, objs[0].bid if train else -1, ids, train,
+                           nbytes=nbytes, ctx=("reload", nbytes, objs), held=nbytes)
+
+    # ------------------------------------------------------------------ starting work
+    def _start(self, node: NodeState, s: int, kind: OpKind, bid: int, task_ids: tuple, train: bool, *,
+               batch: int = 0, seq: int = 0, kv: int = 0, nbytes: int = 0, ctx: tuple, peer: int = -1,
+               held: int = 0, extra: int = 0) -> Op:
+        op = Op(self._next_op, kind, node.index, s, bid, task_ids, train, batch, seq, kv, nbytes, peer,
+                self.lat.predict(kind, s, batch, seq, kv, nbytes))
+        self._next_op += 1
+        dev = node.devices[s]
+        dev.running = op
+        dev.running_start_s = self.clock.now()
+        dev.running_extra_bytes = extra
+        dev.held_bytes += held
+        self._running[op.op_id] = (op, ctx)
+        self._touch(node)
+        return op
+
+    def _start_work(self, node: NodeState, s: int, kind: str, obj, now: float) -> Op:
+        st = self.profile.stages[s]
+        if kind == "infer_new":
+            obj = self._form_infer_batch(node, now)
+        elif kind == "train_new":
+            task = node.train_wait.pop(0)
+            obj = Batch(self._new_bid(), node.index, True, [task], task.prompt_tokens, node.num_stages,
+                        ready_s=now)
+            self.pipe.admit(node, obj)
+            node.batches[obj.bid] = obj
+        elif kind == "decode_new":
+            ids = tuple(self._decode_set(node))
+            kv = sum(node.seqs[t].kv_tokens for t in ids)
+            obj = node.decode = DecodeIter(self._new_bid(), ids, kv, 0, now)
+        if kind in ("decode", "decode_new"):
+            it: DecodeIter = obj
+            it.running = True
+            for tid in it.seq_ids:
+                self._kv[tid][s] += st.kv_bytes_per_token
+            return self._start(node, s, OpKind.DECODE, it.bid, it.seq_ids, False, batch=len(it.seq_ids),
+                               seq=1, kv=it.kv_tokens, ctx=("decode", it),
+                               held=len(it.seq_ids) * st.kv_bytes_per_token,
+                               extra=len(it.seq_ids) * st.tmp_bytes_per_token)
+        b: Batch = obj
+        b.running = True
+        ids = tuple(t.task_id for t in b.tasks)
+        tmp = b.tokens * st.tmp_bytes_per_token
+        if kind == "bwd":
+            return self._start(node, s, OpKind.BWD, b.bid, ids, True, batch=b.size, seq=b.seq_tokens,
+                               ctx=("bwd", b), extra=tmp)
+        held = 0
+        if b.train:
+            held = b.tokens * st.act_bytes_per_token
+            b.stash_stages.add(s)
+        elif self.params.generate:
+            for t in b.tasks:
+                self._kv[t.task_id][s] += t.prompt_tokens * st.kv_bytes_per_token
+                held += t.prompt_tokens * st.kv_bytes_per_token
+        return self._start(node, s, OpKind.FWD, b.bid, ids, b.train, batch=b.size, seq=b.seq_tokens,
+                           ctx=("fwd", b), held=held, extra=tmp)
+
+    def _new_bid(self) -> int:
+        self._next_bid += 1
+        return self._next_bid - 1
+
+    def _form_infer_batch(self, node: NodeState, now: float) -> Batch:
+        tasks = node.infer_wait[: self.params.max_batch]
+        del node.infer_wait[: len(tasks)]
+        b = Batch(self._new_bid(), node.index, False, tasks, max(t.prompt_tokens for t in tasks),
+                  node.num_stages, ready_s=now)
+        node.batches[b.bid] = b
+        stale_steps = self._max_version - node.version
+        stale_s = now - self._version_first_s[node.version + 1] if stale_steps > 0 else 0.0
+        for t in tasks:
+            self._served[t.task_id] = (node.version, stale_steps, stale_s, None)
+            self._kv[t.task_id] = [0] * node.num_stages
+        return b
+
+    def _oom(self, node: NodeState, s: int, kind: str, obj, need: int) -> None:
+        """No memory gate and the op does not fit: it fails as on a real device."""
+        why = f"out of memory on node {node.index} stage {s}: needs {need / 1e9:.2f} GB more"
+        self.result.events.append({"time_s": self.clock.now(), "event": "oom", "node": node.index,
+                                   "stage": s, "need_bytes": need})
+        if kind == "infer_new":
+            obj = self._form_infer_batch(node, self.clock.now())
+        elif kind == "train_new":
+            task = node.train_wait.pop(0)
+            self._fail_task(task, node.index, why)
+            self._touch(node)
+            return
+        elif kind in ("decode", "decode_new"):
+            ids = obj.seq_ids if kind == "decode" else tuple(self._decode_set(node))
+            for tid in ids:
+                self._drop_seq(node, node.seqs[tid], why)
+            node.decode = None
+            self._touch(node)
+            return
+        self._drop_batch(node, obj, why)
+
+    # ------------------------------------------------------------------ finishing work
+    def _finish_op(self, result: OpResult) -> None:
+        entry = self._running.pop(result.op_id, None)
+        if entry is None:
+            raise ValueError(f"op {result.op_id} is not running")
+        op, ctx = entry
+        node = self.nodes[op.node]
+        dev = node.devices[op.stage]
+        dev.running = None
+        dev.running_extra_bytes = 0
+        self._touch(node)
+        self.result.ops.append(OpRecord(op.node, op.stage, op.kind, result.start_s, result.end_s, op.batch_id,
+                                        op.task_ids, op.train, op.predicted_s))
+        if op.kind in (OpKind.FWD, OpKind.BWD):
+            self._owed[op.node] = max(0.0, self._owed[op.node] - op.predicted_s)
+        if result.error:
+            self._op_failed(node, op, ctx, result.error)
+            return
+        self.lat.observe(op, result.end_s - result.start_s)
+        getattr(self, "_done_" + ctx[0])(node, op, ctx, result)
+
+    def _done_fwd(self, node: NodeState, op: Op, ctx: tuple, result: OpResult) -> None:
+        b: Batch = ctx[1]
+        b.running = False
+        b.fwd_next += 1
+        b.ready_s = result.end_s
+        if not b.fwd_done:
+            return
+        if b.train:
+            b.bwd_next = node.num_stages - 1
+            self.pipe.on_fwd_done(node, b)
+            return
+        del node.batches[b.bid]
+        for t in b.tasks:
+            v = self._served[t.task_id]
+            self._served[t.task_id] = (v[0], v[1], v[2], result.end_s)
+            if self.params.generate and t.output_tokens > 1:
+                node.seqs[t.task_id] = Seq(t, generated=1)
+            else:
+                self._finish_request(node, t, result.end_s)
+
+    def _done_bwd(self, node: NodeState, op: Op, ctx: tuple, result: OpResult) -> None:
+        b: Batch = ctx[1]
+        s = op.stage
+        dev = node.devices[s]
+        b.running = False
+        dev.held_bytes -= b.tokens * self.profile.stages[s].act_bytes_per_token
+        b.stash_stages.discard(s)
+        dev.grads_pending += 1
+        self.pipe.on_bwd_done(node, b, s)
+        b.bwd_next -= 1
+        b.ready_s = result.end_s
+        if s > 0:
+            return
+        del node.batches[b.bid]
+        node.step_samples += b.size
+        node.step_tokens += b.tokens
+        for t in b.tasks:
+            self._resolved.add(t.task_id)
+            self.result.train_tasks.append(TrainTaskRecord(
+                t.task_id, t.arrival_s, node.index, result.end_s, t.batch_size, t.batch_size * t.prompt_tokens,
+                self._deferred_s.get(t.task_id, 0.0)))
+
+    def _done_decode(self, node: NodeState, op: Op, ctx: tuple, result: OpResult) -> None:
+        it: DecodeIter = ctx[1]
+        it.running = False
+        it.stage += 1
+        it.ready_s = result.end_s
+        if it.stage < node.num_stages:
+            return
+        node.decode = None
+        node.last_decode_end_s = result.end_s
+        stopped = set(result.stopped_task_ids)
+        for tid in it.seq_ids:
+            seq = node.seqs[tid]
+            seq.generated += 1
+            if seq.done or tid in stopped:
+                self._free_kv(node, seq)
+                del node.seqs[tid]
+                self._finish_request(node, seq.task, result.end_s, seq.generated)
+
+    def _done_optim(self, node: NodeState, op: Op, ctx: tuple, result: OpResult) -> None:
+        dev = node.devices[op.stage]
+        dev.grads_pending = 0
+        dev.step_count += 1
+        version = min(d.step_count for d in node.devices)
+        if version <= node.version:
+            return
+        node.version = version
+        now = result.end_s
+        self.result.train_steps.append(TrainStepRecord(node.index, version, now, node.step_samples,
+                                                       node.step_tokens))
+        node.step_samples = node.step_tokens = 0
+        if version > self._max_version:
+            self._max_version = version
+            self._version_first_s[version] = now
+        if self.policy.separate:
+            self._steps_since_sync += 1
+            if self._steps_since_sync >= self.params.sync_every:
+                self._steps_since_sync = 0
+                for n in self.nodes:
+                    if n.serves and not n.trains:
+                        self._request_sync(n)
+
+    def _request_sync(self, node: NodeState) -> None:
+        """Copy weights into every stage of `node` from the freshest training node."""
+        trainers = [n for n in self.nodes if n.trains and n.healthy and n is not node]
+        if not trainers:
+            return
+        src = max(trainers, key=lambda n: (n.version, -n.index))
+        for d in node.devices:
+            d.sync_pending = src.index
+            d.sync_version = src.version
+        self._touch(node)
+
+    def _done_sync(self, node: NodeState, op: Op, ctx: tuple, result: OpResult) -> None:
+        dev = node.devices[op.stage]
+        dev.sync_pending = -1
+        if all(d.sync_pending < 0 for d in node.devices):
+            node.version = max(node.version, dev.sync_version)
+            for d in node.devices:
+                d.step_count = node.version
+
+    def _done_offload(self, node: NodeState, op: Op, ctx: tuple, result: OpResult) -> None:
+        dev = node.devices[op.stage]
+        dev.held_bytes -= ctx[1]
+        dev.host_bytes += ctx[1]
+        self.result.offload_events += 1
+        self.result.events.append({"time_s": result.end_s, "event": "offload", "node": node.index,
+                                   "stage": op.stage, "bytes": ctx[1], "task_ids": list(op.task_ids)})
+
+    def _done_reload(self, node: NodeState, op: Op, ctx: tuple, result: OpResult) -> None:
+        dev = node.devices[op.stage]
+        dev.host_bytes -= ctx[1]
+        for obj in ctx[2]:
+            obj.offloaded_stages.discard(op.stage)
+
+    # ------------------------------------------------------------------ records and failures
+    def _finish_request(self, node: NodeState, task: Task, end_s: float, generated: int | None = None) -> None:
+        version, stale_steps, stale_s, first = self._served[task.task_id]
+        self._resolved.add(task.task_id)
+        self._kv.pop(task.task_id, None)
+        out = task.output_tokens if generated is None else generated
+        self.result.requests.append(RequestRecord(
+            task.task_id, task.arrival_s, node.index, task.prompt_tokens, out, first, end_s,
+            self.slo_s(task), False, version, stale_steps, stale_s))
+
+    def _free_kv(self, node: NodeState, seq: Seq) -> None:
+        kv = self._kv[seq.task.task_id]
+        for j, d in enumerate(node.devices):
+            if j in seq.offloaded_stages:
+                d.host_bytes -= kv[j]
+            else:
+                d.held_bytes -= kv[j]
+            kv[j] = 0
+
+    def _drop_seq(self, node: NodeState, seq: Seq, why: str) -> None:
+        self._free_kv(node, seq)
+        node.seqs.pop(seq.task.task_id, None)
+        self._fail_task(seq.task, node.index, why)
+
+    def _drop_batch(self, node: NodeState, b: Batch, why: str) -> None:
+        for s in b.stash_stages:
+            d = node.devices[s]
+            nbytes = b.tokens * self.profile.stages[s].act_bytes_per_token
+            if s in b.offloaded_stages:
+                d.host_bytes -= nbytes
+            else:
+                d.held_bytes -= nbytes
+        b.stash_stages.clear()
+        if not b.train and self.params.generate:
+            for t in b.tasks:
+                kv = self._kv.get(t.task_id)
+                if kv:
+                    for j, d in enumerate(node.devices):
+                        d.held_bytes -= kv[j]
+        node.batches.pop(b.bid, None)
+        for t in b.tasks:
+            self._fail_task(t, node.index, why)
+        self._touch(node)
+
+    def _op_failed(self, node: NodeState, op: Op, ctx: tuple, error: str) -> None:
+        """An executor reported an op error: its tasks fail with that error (never silently)."""
+        kind = ctx[0]
+        if kind in ("fwd", "bwd"):
+            self._drop_batch(node, ctx[1], error)
+        elif kind == "decode":
+            for tid in ctx[1].seq_ids:
+                if tid in node.seqs:
+                    self._drop_seq(node, node.seqs[tid], error)
+            node.decode = None
+        else:
+            raise RuntimeError(f"{op.kind.value} op on node {node.index} stage {op.stage} failed: {error}")

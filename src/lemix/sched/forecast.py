@@ -1,0 +1,120 @@
+"""Forecast of idleness increased (II) and response time (R): the paper's Algorithm 1.
+
+A node's timeline holds, per stage, the predicted intervals of the ops it already owes
+(running ops with their actual start, then queued work in dispatch order). Placing a task
+walks its ops stage by stage: an op may start at max(ready_s, free_s) where ready_s is the
+end of the task's op on the previous stage (a stage waits for its input) and free_s is the
+earliest gap on that stage long enough for the op, given every committed op, training
+backwards included ("far dependency").
+
+II = the idle time the placement leaves on the node's stages from now on: on each stage the gap
+between max(now, end of the previous committed op) and the task's op start. Time already spent
+idle is sunk and does not count.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Callable
+
+# An interval: (start_s, end_s, train)
+Interval = tuple[float, float, bool]
+
+
+@dataclass(frozen=True)
+class Forecast:
+    ii_s: float              # idleness increased, summed over stages
+    r_s: float               # response: end of the last forward - arrival (+ decode estimate)
+    stage_s: float           # the task's own mean predicted stage time (t-hat)
+    ii_paper_s: float = 0.0  # the research code's gaps: from the previous op's end, not from now
+    first_start_s: float = 0.0
+
+
+class NodeTimeline:
+    """Predicted busy intervals per stage of one node, built at `built_s`."""
+
+    def __init__(self, num_stages: int, built_s: float) -> None:
+        self.built_s = built_s
+        self.iv: list[list[Interval]] = [[] for _ in range(num_stages)]
+
+    def add(self, stage: int, start: float, end: float, train: bool) -> None:
+        bisect.insort(self.iv[stage], (start, end, train))
+
+    def earliest(self, stage: int, ready: float, dur: float, jump_training: bool) -> tuple[float, float]:
+        """Earliest start >= ready with `dur` free on `stage`, and the end of the op before it.
+
+        With jump_training (inference under inference-first dispatch), queued training ops that
+        would not have started by then do not block: the inference op is dispatched first.
+        """
+        t = ready
+        prev_end = -1.0
+        for start, end, train in self.iv[stage]:
+            if end <= t:
+                prev_end = max(prev_end, end)
+                continue
+            if jump_training and train and start >= t:
+                continue
+            if start >= t + dur:
+                break
+            # overlaps [t, t + dur): move past it
+            prev_end = max(prev_end, end)
+            t = end
+        return t, prev_end
+
+    def chain(self, stage_ops: list[tuple[int, float]], ready: float, train: bool) -> float:
+        """Commit a dependent chain of (stage, duration) ops; return the end of the last."""
+        for stage, dur in stage_ops:
+            start, _ = self.earliest(stage, ready, dur, False)
+            self.add(stage, start, start + dur, train)
+            ready = start + dur
+        return ready
+
+
+def forecast_chain(
+    tl: NodeTimeline,
+    now: float,
+    arrival_s: float,
+    fwd: list[float],
+    bwd: list[float],
+    jump_training: bool,
+) -> Forecast:
+    """II and R of placing a task with per-stage forward (and training backward) durations."""
+    num_stages = len(fwd)
+    ready = max(now, arrival_s)
+    ii = 0.0
+    ii_paper = 0.0
+    first = ready
+    for s in range(num_stages):
+        start, prev_end = tl.earliest(s, ready, fwd[s], jump_training)
+        if s == 0:
+            first = start
+        ii += start - max(now, prev_end)
+        ii_paper += start - (prev_end if prev_end >= 0 else now)
+        ready = start + fwd[s]
+    fwd_end = ready
+    for s in range(len(bwd) - 1, -1, -1):
+        start, prev_end = tl.earliest(s, ready, bwd[s], False)
+        ii += start - max(now, prev_end)
+        ii_paper += start - (prev_end if prev_end >= 0 else now)
+        ready = start + bwd[s]
+    t_hat = (sum(fwd) + sum(bwd)) / max(1, len(fwd) + len(bwd))
+    return Forecast(ii_s=ii, r_s=fwd_end - arrival_s, stage_s=t_hat, ii_paper_s=ii_paper, first_start_s=first)
+
+
+def build_timeline(
+    num_stages: int,
+    now: float,
+    running: list[tuple[int, float, float, bool]],
+    chains: list[tuple[float, list[tuple[int, float]], bool]],
+) -> NodeTimeline:
+    """Timeline from running ops (stage, start, predicted end, train) and queued chains
+    (ready_s, [(stage, dur), ...], train) in dispatch order."""
+    tl = NodeTimeline(num_stages, now)
+    for stage, start, end, train in running:
+        tl.add(stage, start, max(now, end), train)
+    for ready, ops, train in chains:
+        tl.chain(ops, max(now, ready), train)
+    return tl
+
+
+CostFn = Callable[[int, float], float]

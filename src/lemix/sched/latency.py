@@ -1,0 +1,167 @@
+"""Latency model (DESIGN section 4): per stage and op type, fitted coefficients.
+
+    t_fwd(C, l)    = a + b*C*l + c*C*l^2        (same form for bwd)
+    t_decode(C, K) = a + b*C + c*K              (K = summed KV length of the batch)
+    t_optim        = a
+
+plus online calibration: a per-(stage, op) EWMA of measured / predicted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from lemix.types import Op, OpKind
+
+
+@dataclass(frozen=True)
+class OpCoeffs:
+    a: float = 0.0
+    b: float = 0.0
+    c: float = 0.0
+
+    def scaled(self, k: float) -> "OpCoeffs":
+        return OpCoeffs(self.a * k, self.b * k, self.c * k)
+
+
+@dataclass(frozen=True)
+class StageProfile:
+    """Latency coefficients and memory figures of one pipeline stage."""
+
+    fwd: OpCoeffs
+    bwd: OpCoeffs
+    decode: OpCoeffs
+    optim: OpCoeffs
+    weight_bytes: int            # served weights (what a weight sync copies)
+    train_state_bytes: int       # grads + optimizer state, resident on a node that trains
+    act_bytes_per_token: int     # stashed activations of a training micro-batch, per token
+    tmp_bytes_per_token: int     # transient working memory of a forward, per token
+    kv_bytes_per_token: int      # KV cache per token of a sequence
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything the scheduler needs to predict op durations and memory, per stage."""
+
+    model: str
+    device: str
+    dtype: str
+    stages: tuple[StageProfile, ...]
+    capacity_bytes: int          # memory per device
+    host_bandwidth_Bps: float    # offload/reload
+    network_bandwidth_Bps: float # weight sync
+    fit_error: dict = field(default_factory=dict)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+
+# Modeled models for the default profile: layers, hidden size, KV width (GQA), parameters.
+_MODELS = {
+    "tiny": dict(layers=4, hidden=128, kv_hidden=64, params=1.0e6),
+    "3b": dict(layers=26, hidden=3072, kv_hidden=3072, params=3.0e9),
+    "7b": dict(layers=32, hidden=4096, kv_hidden=4096, params=6.7e9),
+}
+
+
+def default_profile(
+    *,
+    model: str = "3b",
+    stages: int = 2,
+    capacity_bytes: int = 48 * 10**9,
+    host_bandwidth_Bps: float = 16e9,
+    network_bandwidth_Bps: float = 10e9,
+) -> Profile:
+    """A built-in profile of a modeled A6000-class GPU (about 100 TFLOP/s fp16, 768 GB/s).
+
+    Compute ~ 2*params FLOPs per token forward (backward twice that), attention ~ 4*L*h*l^2 per
+    sequence; decode is bandwidth-bound (weights + KV read once per iteration). It lets the
+    simulator run without profiling first; `lemix profile` measures a real one.
+    """
+    if model not in _MODELS:
+        raise ValueError(f"unknown modeled model {model!r}; allowed: {', '.join(_MODELS)}")
+    m = _MODELS[model]
+    flops, bw = 100e12, 768e9
+    layers = m["layers"]
+    per_layer_params = m["params"] / layers
+    out = []
+    for s in range(stages):
+        nl = layers // stages + (1 if s < layers % stages else 0)
+        frac = nl / layers
+        params = m["params"] * frac
+        fwd = OpCoeffs(a=1.0e-3, b=2 * params / flops, c=4 * nl * m["hidden"] / flops)
+        kv_tok = 2 * nl * m["kv_hidden"] * 2  # K and V, fp16
+        decode = OpCoeffs(a=2 * params / bw + 0.5e-3, b=2 * per_layer_params * nl / flops * 4, c=kv_tok / bw)
+        out.append(StageProfile(
+            fwd=fwd,
+            bwd=fwd.scaled(2.0),
+            decode=decode,
+            optim=OpCoeffs(a=params * 16 / bw),           # read/write fp32 master + Adam moments
+            weight_bytes=int(params * 2),
+            train_state_bytes=int(params * 14),           # fp32 master(4) + Adam(8) + grads(2)
+            act_bytes_per_token=int(nl * m["hidden"] * 16),  # selective recomputation
+            tmp_bytes_per_token=int(m["hidden"] * 16),
+            kv_bytes_per_token=int(kv_tok),
+        ))
+    return Profile(model=f"modeled-{model}", device="modeled-a6000", dtype="float16",
+                   stages=tuple(out), capacity_bytes=capacity_bytes,
+                   host_bandwidth_Bps=host_bandwidth_Bps, network_bandwidth_Bps=network_bandwidth_Bps)
+
+
+def generic_profile(like: Profile) -> Profile:
+    """What a scheduler knows with no profile (`--no-profile`): one flat guess for every stage,
+    off by a factor from the truth; online calibration has to find the scale."""
+    s0 = like.stages[0]
+    guess = replace(s0, fwd=s0.fwd.scaled(2.5), bwd=s0.fwd.scaled(2.5), decode=s0.decode.scaled(0.4),
+                    optim=s0.optim.scaled(3.0))
+    return replace(like, model=like.model + "+generic", stages=tuple(guess for _ in like.stages))
+
+
+def _raw(profile: Profile, kind: OpKind, stage: int, batch: int, seq: int, kv: int, nbytes: int) -> float:
+    st = profile.stages[stage]
+    if kind is OpKind.FWD or kind is OpKind.BWD:
+        k = st.fwd if kind is OpKind.FWD else st.bwd
+        return k.a + k.b * batch * seq + k.c * batch * seq * seq
+    if kind is OpKind.DECODE:
+        k = st.decode
+        return k.a + k.b * batch + k.c * kv
+    if kind is OpKind.OPTIM:
+        return st.optim.a
+    if kind is OpKind.OFFLOAD or kind is OpKind.RELOAD:
+        return nbytes / profile.host_bandwidth_Bps
+    if kind is OpKind.SYNC:
+        return nbytes / profile.network_bandwidth_Bps
+    raise ValueError(f"no latency model for {kind}")
+
+
+class LatencyModel:
+    """Predicts op durations from a profile, corrected online by measured durations."""
+
+    def __init__(self, profile: Profile, *, calibrate: bool = True, alpha: float = 0.2) -> None:
+        self.profile = profile
+        self.calibrate = calibrate
+        self.alpha = alpha
+        self._ratio: dict[tuple[int, OpKind], float] = {}
+
+    def predict(self, kind: OpKind, stage: int, batch: int = 1, seq: int = 0, kv: int = 0,
+                nbytes: int = 0) -> float:
+        raw = _raw(self.profile, kind, stage, batch, seq, kv, nbytes)
+        return raw * self._ratio.get((stage, kind), 1.0)
+
+    def predict_op(self, op: Op) -> float:
+        return self.predict(op.kind, op.stage, op.batch_size, op.seq_tokens, op.kv_tokens, op.bytes)
+
+    def observe(self, op: Op, measured_s: float) -> None:
+        """Calibration: fold measured/predicted of a finished op into the stage's correction."""
+        if not self.calibrate or measured_s <= 0:
+            return
+        raw = _raw(self.profile, op.kind, op.stage, op.batch_size, op.seq_tokens, op.kv_tokens, op.bytes)
+        if raw <= 0:
+            return
+        key = (op.stage, op.kind)
+        obs = measured_s / raw
+        old = self._ratio.get(key)
+        self._ratio[key] = obs if old is None else (1 - self.alpha) * old + self.alpha * obs
+
+    def correction(self, stage: int, kind: OpKind) -> float:
+        return self._ratio.get((stage, kind), 1.0)

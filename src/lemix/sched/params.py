@@ -1,0 +1,33 @@
+"""Scheduler parameters as a plain dataclass (the config layer builds it; sched never reads YAML)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SchedParams:
+    policy: str = "lemix"
+    nodes: int = 4
+    stages: int = 2
+    lambda1: float = 0.5
+    lambda2: float = 0.05
+    tau: float = 0.2
+    tau_r: float = 1.0
+    t_max_s: float = 0.05
+    kappa: float = 0.95
+    min_train_share: float = 0.1
+    max_defer_s: float = 30.0
+    max_batch: int = 8
+    max_wait_s: float = 0.0
+    pipeline: str = "apipe"
+    microbatches: int = 4
+    sync_every: int = 8
+    generate: bool = False
+    train_share: float | None = 0.5
+    no_profile: bool = False
+    no_prioritization: bool = False
+    no_memory_check: bool = False
+    slo_scale: float = 5.0
+    slo_ttft_s: float | None = None
+    slo_e2e_s: float | None = None
+    seed: int = 0

@@ -1,0 +1,59 @@
+"""The contract between the scheduler and a placement policy."""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from lemix.sched.forecast import Forecast
+from lemix.sched.params import SchedParams
+from lemix.sched.state import LengthStats
+from lemix.types import Task
+
+
+class ClusterView(Protocol):
+    """What a policy may read from the scheduler (declared here, in full)."""
+
+    now_s: float
+    params: SchedParams
+    rng: np.random.Generator
+
+    def candidate_nodes(self, task: Task) -> list[int]: ...
+    def forecast(self, node: int, task: Task) -> Forecast: ...
+    def pending_work_s(self, node: int) -> float: ...
+    def slo_s(self, task: Task) -> float: ...
+    def length_stats(self, node: int) -> LengthStats: ...
+    def last_arrival_s(self, node: int) -> float: ...
+    def inference_congested(self, node: int) -> bool: ...
+
+
+class Policy(Protocol):
+    name: str
+    infer_first: bool        # dispatch inference ops before training ops on a device
+    use_profile: bool        # False: start from a generic latency model, calibrate online
+    memory_check: bool       # the wait-or-offload gate
+    separate: bool           # serving and training on disjoint nodes, weights synced every K steps
+
+    def roles(self, view: ClusterView) -> tuple[frozenset[int], frozenset[int]] | None:
+        """(serving nodes, training nodes) for separate policies; None when co-located."""
+        ...
+
+    def place(self, task: Task, view: ClusterView, force: bool = False) -> int | None:
+        """The node for `task`, or None to defer a training task (never when force)."""
+        ...
+
+
+class PolicyBase:
+    """Defaults shared by the built-in policies: co-located, FCFS dispatch, all mechanisms on."""
+
+    infer_first = False
+    use_profile = True
+    memory_check = True
+    separate = False
+
+    def __init__(self, name: str, params: SchedParams) -> None:
+        self.name = name
+        self.params = params
+
+    def roles(self, view: ClusterView) -> tuple[frozenset[int], frozenset[int]] | None:
+        return None

@@ -1,0 +1,360 @@
+"""The LeMix scheduler: one state machine driven by both executors.
+
+Contract (vLLM-v1 style, two calls plus arrivals):
+
+    sched.on_arrival(task)          a task arrived (at clock.now())
+    plan = sched.plan()             ops to start now on idle devices (+ when to call again)
+    sched.on_op_finished(result)    an op ended; absorb its result
+
+The simulator and the real engine differ only in the clock they inject and in how they execute
+ops. No torch, no threads, no sockets, no wall clock here: `timer` (for measuring decision time)
+is injected too.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from lemix.clock import Clock
+from lemix.sched.dispatch import Dispatcher
+from lemix.sched.forecast import Forecast, NodeTimeline, build_timeline, forecast_chain
+from lemix.sched.latency import LatencyModel, Profile, generic_profile
+from lemix.sched.params import SchedParams
+from lemix.sched.pipeline import make_pipeline
+from lemix.sched.registry import make_policy
+from lemix.sched.state import Device, LengthStats, NodeState
+from lemix.types import Op, OpKind, OpResult, RequestRecord, RunResult, Task, TaskKind, TrainTaskRecord
+
+_UNSET = object()
+_CHAIN_CAP = 32  # queued tasks per node modeled one by one in a forecast; the rest as one block
+
+
+@dataclass(frozen=True)
+class Plan:
+    ops: tuple[Op, ...] = ()
+    wakeup_s: float | None = None   # call plan() again at this time even if nothing happens
+
+
+class Scheduler(Dispatcher):
+    def __init__(self, params: SchedParams, profile: Profile, clock: Clock, *,
+                 timer: Callable[[], float] | None = None) -> None:
+        if profile.num_stages != params.stages:
+            raise ValueError(f"profile has {profile.num_stages} stages, the cluster {params.stages}")
+        self.params = params
+        self.profile = profile
+        self.clock = clock
+        self.timer = timer
+        self.policy = make_policy(params.policy, params)
+        self.memory_check = self.policy.memory_check and not params.no_memory_check
+        self.infer_first = self.policy.infer_first
+        self.lat = LatencyModel(profile if self.policy.use_profile else generic_profile(profile))
+        self.pipe = make_pipeline(params.pipeline, params.microbatches)
+        self.rng = np.random.default_rng(params.seed)
+        self.nodes = [NodeState(i, [Device(0, profile.capacity_bytes) for _ in range(params.stages)])
+                      for i in range(params.nodes)]
+        self.result = RunResult(policy=params.policy, nodes=params.nodes, stages=params.stages)
+        self._incoming: deque[Task] = deque()
+        self._deferred: deque[tuple[Task, float]] = deque()
+        self._tasks: dict[int, Task] = {}
+        self._resolved: set[int] = set()
+        self._slo: dict[int, float] = {}
+        self._owed: list[float] = [0.0] * params.nodes
+        self._timelines: dict[tuple[int, str], NodeTimeline] = {}
+        self._infer_len = LengthStats()
+        self._infer_out = LengthStats()
+        self._placed_train = 0
+        self._placed_total = 0
+        self._roles: object = _UNSET
+        self._steps_since_sync = 0
+        self._version_first_s: dict[int, float] = {0: 0.0}
+        self._max_version = 0
+        self._wakeups: set[float] = set()
+        self._init_dispatch()
+        self._apply_roles(self.policy.roles(self))
+
+    # ------------------------------------------------------------------ contract
+    def on_arrival(self, task: Task) -> None:
+        if task.task_id in self._tasks:
+            raise ValueError(f"task {task.task_id} arrived twice")
+        self._tasks[task.task_id] = task
+        if not task.is_train:
+            self._infer_len.add(task.prompt_tokens)
+            self._infer_out.add(task.output_tokens)
+        too_big = self._too_big(task)
+        if too_big:
+            self._fail_task(task, -1, too_big)
+            return
+        self._incoming.append(task)
+
+    def plan(self) -> Plan:
+        now = self.clock.now()
+        self._wakeups = {w for w in self._wakeups if w > now}
+        self._apply_roles(self.policy.roles(self))
+        self._place_incoming(now)
+        self._reoffer_deferred(now)
+        ops: list[Op] = []
+        for n in sorted(self._touched):
+            ops.extend(self._dispatch_node(self.nodes[n], now))
+        self._touched = set(self._waiting_nodes)
+        wake = min(self._wakeups) if self._wakeups else None
+        return Plan(tuple(ops), wake)
+
+    def on_op_finished(self, result: OpResult) -> None:
+        self._finish_op(result)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, nothing running, nothing deferred."""
+        return (not self._incoming and not self._deferred and not self._running
+                and all(not n.infer_wait and not n.train_wait and not n.batches and not n.seqs
+                        and not any(d.grads_pending or d.sync_pending >= 0 for d in n.devices)
+                        for n in self.nodes))
+
+    def finalize(self) -> RunResult:
+        """Count every task that never finished as failed ("unfinished"); return the result."""
+        for tid, task in self._tasks.items():
+            if tid not in self._resolved:
+                self._fail_task(task, self._node_of.get(tid, -1), "unfinished when the run ended")
+        return self.result
+
+    # ------------------------------------------------------------------ view for policies
+    @property
+    def now_s(self) -> float:
+        return self.clock.now()
+
+    def candidate_nodes(self, task: Task) -> list[int]:
+        healthy = [n.index for n in self.nodes if n.healthy]
+        if not healthy:
+            return []
+        if self._roles is None:
+            return healthy
+        serve, train = self._roles
+        pool = train if task.is_train else serve
+        return [n for n in healthy if n in pool] or healthy
+
+    def slo_s(self, task: Task) -> float:
+        slo = self._slo.get(task.task_id)
+        if slo is None:
+            slo = self._compute_slo(task)
+            self._slo[task.task_id] = slo
+        return slo
+
+    def pending_work_s(self, node: int) -> float:
+        return self._owed[node]
+
+    def length_stats(self, node: int) -> LengthStats:
+        return self.nodes[node].lengths
+
+    def last_arrival_s(self, node: int) -> float:
+        return self.nodes[node].last_arrival_s
+
+    def forecast(self, node: int, task: Task) -> Forecast:
+        fwd, bwd = self._stage_times(task)
+        jump = self.infer_first and not task.is_train   # inference overtakes queued training
+        f = forecast_chain(self._timeline(node, "all"), self.clock.now(), task.arrival_s, fwd, bwd, jump)
+        if self.params.generate and not task.is_train and task.output_tokens > 1:
+            n = self.nodes[node]
+            it = self._decode_iter_s(len(n.seqs) + 1, sum(s.kv_tokens for s in n.seqs.values())
+                                     + task.prompt_tokens)
+            f = Forecast(f.ii_s, f.r_s + (task.output_tokens - 1) * it, f.stage_s, f.ii_paper_s,
+                         f.first_start_s)
+        return f
+
+    def inference_congested(self, node: int) -> bool:
+        """Eq. 4: would a typical request queued on this node now miss tau_R x SLO, counting
+        only the inference it already owes (training yields to inference)?"""
+        if self._infer_len.n == 0:
+            return False
+        probe = Task(-1, TaskKind.INFER, self.clock.now(), max(1, int(self._infer_len.mean)),
+                     max(1, int(self._infer_out.mean)))
+        fwd, _ = self._stage_times(probe)
+        tl = self._timeline(node, "infer")
+        f = forecast_chain(tl, self.clock.now(), probe.arrival_s, fwd, [], False)
+        return f.r_s > self.params.tau_r * self._compute_slo(probe)
+
+    # ------------------------------------------------------------------ placement
+    def _place_incoming(self, now: float) -> None:
+        if not self._incoming:
+            return
+        tasks = sorted(self._incoming, key=lambda t: (t.is_train, -t.priority, t.arrival_s, t.task_id))
+        self._incoming.clear()
+        for task in tasks:
+            if task.is_train and self._deferred:
+                self._deferred.append((task, now))   # keep FIFO among training tasks
+                self.result.deferred_total += 1
+                continue
+            if not self._try_place(task, now, force=False):
+                self._deferred.append((task, now))
+                self.result.deferred_total += 1
+
+    def _reoffer_deferred(self, now: float) -> None:
+        while self._deferred:
+            task, since = self._deferred[0]
+            starving = (self._placed_total > 0 and
+                        self._placed_train / self._placed_total < self.params.min_train_share)
+            force = starving or now - since >= self.params.max_defer_s
+            if not self._try_place(task, now, force=force):
+                self._wakeups.add(since + self.params.max_defer_s)
+                return
+            self._deferred.popleft()
+            self._deferred_s[task.task_id] = now - since
+
+    def _try_place(self, task: Task, now: float, force: bool) -> bool:
+        if not self.candidate_nodes(task):
+            self._fail_task(task, -1, "no healthy node left")
+            return True
+        t0 = self.timer() if self.timer else 0.0
+        node = self.policy.place(task, self, force)
+        if self.timer:
+            self.result.decision_us.append((self.timer() - t0) * 1e6)
+        if node is None:
+            if force:
+                raise RuntimeError(f"policy {self.policy.name} refused a forced placement")
+            return False
+        self._assign(task, node, now)
+        return True
+
+    def _assign(self, task: Task, node_idx: int, now: float) -> None:
+        node = self.nodes[node_idx]
+        self._node_of[task.task_id] = node_idx
+        node.lengths.add(task.prompt_tokens)
+        node.last_arrival_s = task.arrival_s
+        fwd, bwd = self._stage_times(task)
+        self._owed[node_idx] += sum(fwd) + sum(bwd)
+        self._placed_total += 1
+        if task.is_train:
+            self._placed_train += 1
+            node.train_wait.append(task)
+        else:
+            node.infer_wait.append(task)
+            node.infer_wait.sort(key=lambda t: (-t.priority, t.arrival_s, t.task_id))
+        self._touch(node)
+
+    def _apply_roles(self, roles: tuple[frozenset[int], frozenset[int]] | None) -> None:
+        if roles == self._roles:
+            return
+        old = None if self._roles is _UNSET else self._roles
+        self._roles = roles
+        for n in self.nodes:
+            trains = roles is None or n.index in roles[1]
+            serves = roles is None or n.index in roles[0]
+            became_server = old is not None and serves and n.index not in old[0]
+            n.trains, n.serves = trains, serves
+            for s, d in enumerate(n.devices):
+                st = self.profile.stages[s]
+                d.static_bytes = st.weight_bytes + (st.train_state_bytes if trains else 0)
+            if became_server:
+                self._request_sync(n)
+
+    # ------------------------------------------------------------------ forecasting helpers
+    def _stage_times(self, task: Task) -> tuple[list[float], list[float]]:
+        S = self.params.stages
+        fwd = [self.lat.predict(OpKind.FWD, s, task.batch_size, task.prompt_tokens) for s in range(S)]
+        if not task.is_train:
+            return fwd, []
+        return fwd, [self.lat.predict(OpKind.BWD, s, task.batch_size, task.prompt_tokens) for s in range(S)]
+
+    def _decode_iter_s(self, batch: int, kv: int) -> float:
+        return sum(self.lat.predict(OpKind.DECODE, s, batch, 1, kv) for s in range(self.params.stages))
+
+    def _compute_slo(self, task: Task) -> float:
+        if not task.is_train:
+            if self.params.slo_e2e_s is not None:
+                return self.params.slo_e2e_s
+            if task.slo_s is not None:
+                return task.slo_s
+        # unloaded latency from the (true) profile, so every policy is judged by the same SLO
+        S = self.params.stages
+        prof = self.profile.stages
+        t = sum(prof[s].fwd.a + prof[s].fwd.b * task.batch_size * task.prompt_tokens
+                + prof[s].fwd.c * task.batch_size * task.prompt_tokens ** 2 for s in range(S))
+        if task.is_train:
+            t *= 3.0
+        elif self.params.generate and task.output_tokens > 1:
+            kv = task.prompt_tokens + task.output_tokens // 2
+            t += (task.output_tokens - 1) * sum(prof[s].decode.a + prof[s].decode.b + prof[s].decode.c * kv
+                                                for s in range(S))
+        return self.params.slo_scale * t
+
+    def _timeline(self, node_idx: int, view: str) -> NodeTimeline:
+        node = self.nodes[node_idx]
+        if node.dirty:
+            self._timelines.pop((node_idx, "all"), None)
+            self._timelines.pop((node_idx, "infer"), None)
+            node.dirty = False
+        tl = self._timelines.get((node_idx, view))
+        if tl is None:
+            tl = self._build_timeline(node, include_train=view == "all")
+            self._timelines[(node_idx, view)] = tl
+        return tl
+
+    def _build_timeline(self, node: NodeState, include_train: bool) -> NodeTimeline:
+        now = self.clock.now()
+        S = node.num_stages
+        running = [(s, d.running_start_s, d.running_start_s + d.running.predicted_s, d.running.train)
+                   for s, d in enumerate(node.devices) if d.running is not None
+                   and (include_train or not d.running.train)]
+        infer, train = [], []
+        it = node.decode
+        if it is not None:
+            first = it.stage + (1 if it.running else 0)
+            dur = self._decode_iter_s(len(it.seq_ids), it.kv_tokens) / S
+            infer.append((it.ready_s, [(s, dur) for s in range(first, S)], False))
+        elif node.seqs:
+            dur = self._decode_iter_s(len(node.seqs), sum(q.kv_tokens for q in node.seqs.values())) / S
+            infer.append((node.last_decode_end_s, [(s, dur) for s in range(S)], False))
+        for b in node.batches.values():
+            first = b.fwd_next + (1 if b.running and not b.fwd_done else 0)
+            fwd = [(s, self.lat.predict(OpKind.FWD, s, b.size, b.seq_tokens)) for s in range(first, S)]
+            if not b.train:
+                infer.append((b.ready_s, fwd, False))
+            elif include_train:
+                bstart = b.bwd_next if b.fwd_done else S - 1
+                if b.fwd_done and b.running:
+                    bstart -= 1
+                bwd = [(s, self.lat.predict(OpKind.BWD, s, b.size, b.seq_tokens)) for s in range(bstart, -1, -1)]
+                train.append((b.ready_s, fwd + bwd, True))
+        for t in node.infer_wait[:_CHAIN_CAP]:
+            fwd, _ = self._stage_times(t)
+            infer.append((t.arrival_s, list(enumerate(fwd)), False))
+        if include_train:
+            train.extend(self._train_wait_chains(node))
+        chains = infer + train if self.infer_first else sorted(infer + train, key=lambda c: c[0])
+        return build_timeline(S, now, running, chains)
+
+    def _train_wait_chains(self, node: NodeState) -> list[tuple[float, list[tuple[int, float]], bool]]:
+        S = node.num_stages
+        out = []
+        rest = [0.0] * S
+        for i, t in enumerate(node.train_wait):
+            fwd, bwd = self._stage_times(t)
+            if i < _CHAIN_CAP:
+                out.append((t.arrival_s, list(enumerate(fwd)) + [(s, bwd[s]) for s in range(S - 1, -1, -1)], True))
+            else:
+                for s in range(S):
+                    rest[s] += fwd[s] + bwd[s]
+        if any(rest):
+            out.append((0.0, [(s, rest[s]) for s in range(S)], True))
+        return out
+
+    # ------------------------------------------------------------------ records
+    def _fail_task(self, task: Task, node: int, why: str) -> None:
+        if task.task_id in self._resolved:
+            return
+        self._resolved.add(task.task_id)
+        self.result.events.append({"time_s": self.clock.now(), "event": "task_failed",
+                                   "task_id": task.task_id, "node": node, "error": why})
+        if task.is_train:
+            self.result.train_tasks.append(TrainTaskRecord(
+                task.task_id, task.arrival_s, node, None, task.batch_size,
+                task.batch_size * task.prompt_tokens, self._deferred_s.get(task.task_id, 0.0), True, why))
+        else:
+            served = self._served.get(task.task_id)
+            self.result.requests.append(RequestRecord(
+                task.task_id, task.arrival_s, node, task.prompt_tokens, task.output_tokens,
+                served[3] if served else None, None, self.slo_s(task), True, error=why))
+
+

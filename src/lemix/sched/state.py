@@ -1,0 +1,155 @@
+"""The scheduler's picture of each node: micro-batches in flight, decode sequences, devices.
+
+Internal to sched/: mutable, never handed to executors (they only see Op / OpResult).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from lemix.types import Op, Task
+
+
+@dataclass
+class Batch:
+    """A micro-batch flowing through one node's pipeline (inference prefill or training)."""
+
+    bid: int
+    node: int
+    train: bool
+    tasks: list[Task]
+    seq_tokens: int                  # padded length of the batch
+    num_stages: int
+    fwd_next: int = 0                # next stage whose forward is due (== S when forward done)
+    bwd_next: int = -1               # next stage whose backward is due (-1: not started / done)
+    ready_s: float = 0.0             # when its next op became ready
+    running: bool = False
+    round: int = 0                   # S-PP round on its node
+    stash_stages: set[int] = field(default_factory=set)      # stages holding its activations
+    offloaded_stages: set[int] = field(default_factory=set)  # ... of which moved to host
+
+    @property
+    def size(self) -> int:
+        return sum(t.batch_size for t in self.tasks)
+
+    @property
+    def tokens(self) -> int:
+        return self.size * self.seq_tokens
+
+    @property
+    def fwd_done(self) -> bool:
+        return self.fwd_next >= self.num_stages
+
+
+@dataclass
+class Seq:
+    """A sequence in a node's decode pool (generate mode)."""
+
+    task: Task
+    generated: int                   # tokens produced so far (the prefill produced the first)
+    offloaded_stages: set[int] = field(default_factory=set)
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.task.prompt_tokens + self.generated
+
+    @property
+    def done(self) -> bool:
+        return self.generated >= max(1, self.task.output_tokens)
+
+
+@dataclass
+class DecodeIter:
+    """One decode iteration of a node's running batch, moving stage by stage."""
+
+    bid: int
+    seq_ids: tuple[int, ...]
+    kv_tokens: int
+    stage: int = 0
+    ready_s: float = 0.0
+    running: bool = False
+
+
+@dataclass
+class Device:
+    """One stage device of a node: the op it runs and the memory it holds."""
+
+    static_bytes: int
+    capacity_bytes: int
+    held_bytes: int = 0              # stashed activations + KV resident on the device
+    host_bytes: int = 0              # what was offloaded from it
+    running: Op | None = None
+    running_start_s: float = 0.0
+    running_extra_bytes: int = 0     # transient memory of the running op
+    wait_since_s: float | None = None   # memory gate: when the waiting op started waiting
+    wait_key: tuple | None = None       # ... and which op that is
+    grads_pending: int = 0           # micro-batches whose gradients are accumulated, not stepped
+    step_count: int = 0
+    sync_pending: int = -1           # SYNC: source node, -1 when none
+    sync_version: int = 0
+
+    @property
+    def used_bytes(self) -> int:
+        return self.static_bytes + self.held_bytes + self.running_extra_bytes
+
+
+@dataclass
+class LengthStats:
+    """Running mean/std of task lengths placed on a node (for length consistency)."""
+
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def add(self, x: float) -> None:
+        self.n += 1
+        d = x - self.mean
+        self.mean += d / self.n
+        self.m2 += d * (x - self.mean)
+
+    def consistency(self, x: float) -> float:
+        """exp(-(x-mu)^2 / (2 sigma^2)) in [0, 1]; 0 while undefined."""
+        if self.n < 2:
+            return 0.0
+        var = self.m2 / (self.n - 1)
+        if var <= 0:
+            return 1.0 if x == self.mean else 0.0
+        return math.exp(-((x - self.mean) ** 2) / (2 * var))
+
+    def density(self, x: float) -> float:
+        """The research code's N(x; mu, sigma): a Gaussian density (0 while undefined)."""
+        if self.n < 2:
+            return 0.0
+        var = self.m2 / (self.n - 1)
+        if var <= 0:
+            return 0.0
+        return math.exp(-((x - self.mean) ** 2) / (2 * var)) / math.sqrt(2 * math.pi * var)
+
+
+@dataclass
+class NodeState:
+    """Everything the scheduler tracks about one node."""
+
+    index: int
+    devices: list[Device]
+    infer_wait: list[Task] = field(default_factory=list)   # placed, not yet in a batch
+    train_wait: list[Task] = field(default_factory=list)   # placed, not yet entered stage 0
+    batches: dict[int, Batch] = field(default_factory=dict)
+    seqs: dict[int, Seq] = field(default_factory=dict)     # decode pool
+    decode: DecodeIter | None = None
+    last_decode_end_s: float = 0.0
+    version: int = 0                 # optimizer steps applied on every stage
+    healthy: bool = True
+    trains: bool = True              # holds training state (False for separate's serving nodes)
+    serves: bool = True
+    lengths: LengthStats = field(default_factory=LengthStats)
+    last_arrival_s: float = 0.0
+    train_round: int = 0             # S-PP: the open round
+    round_members: dict[int, int] = field(default_factory=dict)  # round -> batches in it
+    step_samples: int = 0            # samples whose backward finished since the last step
+    step_tokens: int = 0
+    dirty: bool = True               # forecast cache invalid
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.devices)
