@@ -84,6 +84,7 @@ def forecast_chain(
     ii = 0.0
     ii_paper = 0.0
     first = ready
+    own_fwd_end = [-1.0] * num_stages
     for s in range(num_stages):
         start, prev_end = tl.earliest(s, ready, fwd[s], jump_training)
         if s == 0:
@@ -91,9 +92,11 @@ def forecast_chain(
         ii += start - max(now, prev_end)
         ii_paper += start - (prev_end if prev_end >= 0 else now)
         ready = start + fwd[s]
+        own_fwd_end[s] = ready
     fwd_end = ready
     for s in range(len(bwd) - 1, -1, -1):
         start, prev_end = tl.earliest(s, ready, bwd[s], False)
+        prev_end = max(prev_end, own_fwd_end[s])  # the task's own forward also covers the stage
         ii += start - max(now, prev_end)
         ii_paper += start - (prev_end if prev_end >= 0 else now)
         ready = start + bwd[s]
