@@ -302,21 +302,25 @@ class Scheduler(Dispatcher):
         if it is not None:
             first = it.stage + (1 if it.running else 0)
             dur = self._decode_iter_s(len(it.seq_ids), it.kv_tokens) / S
-            infer.append((it.ready_s, [(s, dur) for s in range(first, S)], False))
+            ready = self._running_end(node, it.stage, it.ready_s) if it.running else it.ready_s
+            infer.append((ready, [(s, dur) for s in range(first, S)], False))
         elif node.seqs:
             dur = self._decode_iter_s(len(node.seqs), sum(q.kv_tokens for q in node.seqs.values())) / S
             infer.append((node.last_decode_end_s, [(s, dur) for s in range(S)], False))
         for b in node.batches.values():
             first = b.fwd_next + (1 if b.running and not b.fwd_done else 0)
+            ready = b.ready_s
+            if b.running:  # the rest of its chain waits for its running op
+                ready = self._running_end(node, b.bwd_next if b.fwd_done else b.fwd_next, ready)
             fwd = [(s, self.lat.predict(OpKind.FWD, s, b.size, b.seq_tokens)) for s in range(first, S)]
             if not b.train:
-                infer.append((b.ready_s, fwd, False))
+                infer.append((ready, fwd, False))
             elif include_train:
                 bstart = b.bwd_next if b.fwd_done else S - 1
                 if b.fwd_done and b.running:
                     bstart -= 1
                 bwd = [(s, self.lat.predict(OpKind.BWD, s, b.size, b.seq_tokens)) for s in range(bstart, -1, -1)]
-                train.append((b.ready_s, fwd + bwd, True))
+                train.append((ready, fwd + bwd, True))
         for t in node.infer_wait[:_CHAIN_CAP]:
             fwd, _ = self._stage_times(t)
             infer.append((t.arrival_s, list(enumerate(fwd)), False))
@@ -324,6 +328,11 @@ class Scheduler(Dispatcher):
             train.extend(self._train_wait_chains(node))
         chains = infer + train if self.infer_first else sorted(infer + train, key=lambda c: c[0])
         return build_timeline(S, now, running, chains)
+
+    @staticmethod
+    def _running_end(node: NodeState, stage: int, ready: float) -> float:
+        d = node.devices[stage]
+        return ready if d.running is None else max(ready, d.running_start_s + d.running.predicted_s)
 
     def _train_wait_chains(self, node: NodeState) -> list[tuple[float, list[tuple[int, float]], bool]]:
         S = node.num_stages
