@@ -217,8 +217,8 @@ class Dispatcher:
         for b in node.batches.values():
             if not b.train or b.running or s not in b.stash_stages or s in b.offloaded_stages:
                 continue
-            if b.fwd_done and b.bwd_next == s:
-                continue
+            if b.fwd_done and b.bwd_next == s and self.pipe.can_bwd(node, b, s):
+                continue  # its backward runs next here (GPipe holds it until the round's forwards)
             key = (0 if not b.fwd_done else 1, -(b.bwd_next if b.fwd_done else node.num_stages) + s)
             key = (key[0], key[1], b.bid)
             if best_key is None or key < best_key:
