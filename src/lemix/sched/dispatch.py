@@ -146,8 +146,9 @@ class Dispatcher:
             return None  # another op is the one waiting on this device; it goes first
         if dev.wait_since_s is None:
             dev.wait_key, dev.wait_since_s = key, now
-        if now - dev.wait_since_s < self.params.t_max_s:
-            self._wakeups.add(dev.wait_since_s + self.params.t_max_s)
+        deadline = dev.wait_since_s + self.params.t_max_s  # the same float as the wake-up
+        if now < deadline:
+            self._wakeups.add(deadline)
             self._waiting_nodes.add(node.index)
             return None
         victim = self._pick_victim(node, s)
