@@ -195,7 +195,7 @@ class Scheduler(Dispatcher):
             task, since = self._deferred[0]
             starving = (self._placed_total > 0 and
                         self._placed_train / self._placed_total < self.params.min_train_share)
-            force = starving or now - since >= self.params.max_defer_s
+            force = starving or now >= since + self.params.max_defer_s  # the wake-up's float
             if not self._try_place(task, now, force=force):
                 self._wakeups.add(since + self.params.max_defer_s)
                 return
