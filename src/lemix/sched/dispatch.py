@@ -110,7 +110,11 @@ class Dispatcher:
 
     def _dispatch_device(self, node: NodeState, s: int, now: float) -> Op | None:
         dev = node.devices[s]
+        due = self._inference_due(node, s) if self.policy.lookahead else float("inf")
         for key, kind, obj in self._candidates(node, s, now):
+            if due < float("inf") and self._is_training(kind, obj) and \
+                    now + self._predict_candidate(node, s, kind, obj) > due:
+                continue  # inference reaches this stage before the training op would end
             if kind == "sync":
                 nbytes = self.profile.stages[s].weight_bytes
                 return self._start(node, s, OpKind.SYNC, -1, (), False, nbytes=nbytes, ctx=("sync",),
@@ -131,6 +135,30 @@ class Dispatcher:
                 return verdict  # an offload took the device
             # waiting on memory: an op that fits (a backward that frees memory) may go first
         return None
+
+    @staticmethod
+    def _is_training(kind: str, obj) -> bool:
+        return kind in ("optim", "train_new", "bwd") or (kind == "fwd" and obj.train)
+
+    def _inference_due(self, node: NodeState, s: int) -> float:
+        """Lookahead: when running inference work reaches stage s (its op on the stage before
+        ends; for stage 0, a decode iteration finishing the last stage). inf when none."""
+        prev = node.devices[s - 1] if s > 0 else node.devices[-1]
+        op = prev.running
+        if op is None or op.train:
+            return float("inf")
+        if s == 0 and op.kind is not OpKind.DECODE:
+            return float("inf")
+        return prev.running_start_s + op.predicted_s
+
+    def _predict_candidate(self, node: NodeState, s: int, kind: str, obj) -> float:
+        if kind == "optim":
+            return self.lat.predict(OpKind.OPTIM, s)
+        b = obj
+        if kind == "train_new":
+            t = node.train_wait[0]
+            return self.lat.predict(OpKind.FWD, s, t.batch_size, t.prompt_tokens)
+        return self.lat.predict(OpKind.BWD if kind == "bwd" else OpKind.FWD, s, b.size, b.seq_tokens)
 
     def _gate(self, node: NodeState, s: int, now: float, key, need: int):
         """'run' if `need` bytes fit; else wait up to T_max, then an OFFLOAD op; 'oom' when the

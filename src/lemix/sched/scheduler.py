@@ -61,6 +61,7 @@ class Scheduler(Dispatcher):
         self._tasks: dict[int, Task] = {}
         self._resolved: set[int] = set()
         self._slo: dict[int, float] = {}
+        self._raw_times: dict[int, tuple[list[float], list[float]]] = {}
         self._owed: list[float] = [0.0] * params.nodes
         self._timelines: dict[tuple[int, str], NodeTimeline] = {}
         self._infer_len = LengthStats()
@@ -251,11 +252,25 @@ class Scheduler(Dispatcher):
 
     # ------------------------------------------------------------------ forecasting helpers
     def _stage_times(self, task: Task) -> tuple[list[float], list[float]]:
+        """Predicted per-stage forward (and backward) times: raw model times cached per task,
+        times the current calibration factors."""
+        raw = self._raw_times.get(task.task_id) if task.task_id >= 0 else None
+        if raw is None:
+            S, b, l = self.params.stages, task.batch_size, task.prompt_tokens
+            p = self.lat.profile.stages
+            raw = ([p[s].fwd.a + p[s].fwd.b * b * l + p[s].fwd.c * b * l * l for s in range(S)],
+                   [p[s].bwd.a + p[s].bwd.b * b * l + p[s].bwd.c * b * l * l for s in range(S)]
+                   if task.is_train else [])
+            if task.task_id >= 0:
+                self._raw_times[task.task_id] = raw
+        cf, cb = self._corrections()
+        fwd = [t * c for t, c in zip(raw[0], cf)]
+        return fwd, [t * c for t, c in zip(raw[1], cb)]
+
+    def _corrections(self) -> tuple[list[float], list[float]]:
         S = self.params.stages
-        fwd = [self.lat.predict(OpKind.FWD, s, task.batch_size, task.prompt_tokens) for s in range(S)]
-        if not task.is_train:
-            return fwd, []
-        return fwd, [self.lat.predict(OpKind.BWD, s, task.batch_size, task.prompt_tokens) for s in range(S)]
+        return ([self.lat.correction(s, OpKind.FWD) for s in range(S)],
+                [self.lat.correction(s, OpKind.BWD) for s in range(S)])
 
     def _decode_iter_s(self, batch: int, kv: int) -> float:
         return sum(self.lat.predict(OpKind.DECODE, s, batch, 1, kv) for s in range(self.params.stages))
@@ -335,18 +350,19 @@ class Scheduler(Dispatcher):
         return ready if d.running is None else max(ready, d.running_start_s + d.running.predicted_s)
 
     def _train_wait_chains(self, node: NodeState) -> list[tuple[float, list[tuple[int, float]], bool]]:
+        """Queued training tasks as chains; beyond _CHAIN_CAP, one block per stage of their
+        estimated total (count x mean of the modeled ones), so long queues stay cheap."""
         S = node.num_stages
         out = []
-        rest = [0.0] * S
-        for i, t in enumerate(node.train_wait):
+        per_stage = [0.0] * S
+        for t in node.train_wait[:_CHAIN_CAP]:
             fwd, bwd = self._stage_times(t)
-            if i < _CHAIN_CAP:
-                out.append((t.arrival_s, list(enumerate(fwd)) + [(s, bwd[s]) for s in range(S - 1, -1, -1)], True))
-            else:
-                for s in range(S):
-                    rest[s] += fwd[s] + bwd[s]
-        if any(rest):
-            out.append((0.0, [(s, rest[s]) for s in range(S)], True))
+            out.append((t.arrival_s, list(enumerate(fwd)) + [(s, bwd[s]) for s in range(S - 1, -1, -1)], True))
+            for s in range(S):
+                per_stage[s] += fwd[s] + bwd[s]
+        extra = len(node.train_wait) - _CHAIN_CAP
+        if extra > 0:
+            out.append((0.0, [(s, per_stage[s] / _CHAIN_CAP * extra) for s in range(S)], True))
         return out
 
     # ------------------------------------------------------------------ records

@@ -30,6 +30,7 @@ class ClusterView(Protocol):
 class Policy(Protocol):
     name: str
     infer_first: bool        # dispatch inference ops before training ops on a device
+    lookahead: bool          # keep a device free for inference already on its way to it
     use_profile: bool        # False: start from a generic latency model, calibrate online
     memory_check: bool       # the wait-or-offload gate
     separate: bool           # serving and training on disjoint nodes, weights synced every K steps
@@ -47,6 +48,7 @@ class PolicyBase:
     """Defaults shared by the built-in policies: co-located, FCFS dispatch, all mechanisms on."""
 
     infer_first = False
+    lookahead = False
     use_profile = True
     memory_check = True
     separate = False

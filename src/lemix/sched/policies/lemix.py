@@ -36,6 +36,7 @@ class Lemix(PolicyBase):
         self.memory_check = not params.no_memory_check
         self.prioritize = not params.no_prioritization
         self.infer_first = self.prioritize
+        self.lookahead = self.prioritize
 
     def score(self, task: Task, node: int, view: ClusterView) -> float:
         p = self.params
@@ -72,6 +73,7 @@ class LemixNoPrioritization(Lemix):
         super().__init__(name, params)
         self.prioritize = False
         self.infer_first = False
+        self.lookahead = False
 
 
 @register("lemix/no-memory-check")
