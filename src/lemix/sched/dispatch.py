@@ -423,6 +423,8 @@ class Dispatcher:
             if self.params.generate and t.output_tokens > 1:
                 node.seqs[t.task_id] = Seq(t, generated=1)
             else:
+                if self.params.generate:
+                    self._free_kv(node, Seq(t, generated=1))  # its prefill KV, on every stage
                 self._finish_request(node, t, result.end_s)
 
     def _done_bwd(self, node: NodeState, op: Op, ctx: tuple, result: OpResult) -> None:
