@@ -191,10 +191,17 @@ class Dispatcher:
         dev.wait_key, dev.wait_since_s = None, None
         return "run"
 
-    @staticmethod
-    def _memory_will_free(node: NodeState, s: int) -> bool:
-        return any(d.running is not None for d in node.devices) or any(
-            b.train and s in b.stash_stages for b in node.batches.values())
+    def _memory_will_free(self, node: NodeState, s: int) -> bool:
+        """A running op will end, or a backward due on this device fits the gate now and will
+        free its stash. (A stash whose backward itself waits on memory frees nothing: waiting on
+        it deadlocked the node.)"""
+        if any(d.running is not None for d in node.devices):
+            return True
+        dev, st = node.devices[s], self.profile.stages[s]
+        room = self.params.kappa * dev.capacity_bytes - dev.used_bytes
+        return any(b.train and b.fwd_done and b.bwd_next == s and s in b.stash_stages
+                   and s not in b.offloaded_stages and b.tokens * st.tmp_bytes_per_token <= room
+                   for b in node.batches.values())
 
     # ------------------------------------------------------------------ memory figures
     def _decode_set(self, node: NodeState) -> list[int]:
