@@ -111,7 +111,10 @@ class Dispatcher:
     def _dispatch_device(self, node: NodeState, s: int, now: float) -> Op | None:
         dev = node.devices[s]
         due = self._inference_due(node, s) if self.policy.lookahead else float("inf")
-        for key, kind, obj in self._candidates(node, s, now):
+        candidates = self._candidates(node, s, now)
+        if dev.wait_key is not None and all(c[0] != dev.wait_key for c in candidates):
+            dev.wait_key, dev.wait_since_s = None, None  # the waiting op is no longer a candidate
+        for key, kind, obj in candidates:
             if due < float("inf") and self._is_training(kind, obj) and \
                     now + self._predict_candidate(node, s, kind, obj) > due:
                 continue  # inference reaches this stage before the training op would end
