@@ -91,3 +91,29 @@ def test_messages_pickle_and_results_carry_compute_time():
     mem = worker.handle(Memory())
     assert mem.allocated_bytes == mem.weights_bytes + mem.optim_bytes + mem.kv_bytes + mem.act_bytes
     assert mem.kv_bytes > 0 and mem.free_bytes is None
+
+
+def test_prefill_of_a_cached_sequence_is_refused_without_side_effects():
+    (worker,) = make_workers(build_builtin_tiny(seed=0), 1)
+    ids, _ = padded_batch([3, 3])
+    worker.handle(Forward(0, False, (0, 1), (3, 3), input_ids=ids, keep_kv=True))
+    before = worker.handle(Memory()).kv_bytes
+    with pytest.raises(ValueError, match="already held"):
+        worker.handle(Forward(1, False, (2, 1), (3, 3), input_ids=ids, keep_kv=True))
+    assert 2 not in worker.kv and worker.handle(Memory()).kv_bytes == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_worker_trains_offloads_and_reports_allocator_bytes():
+    from engine_factories import pipeline_backward, pipeline_forward
+    from lemix.engine.messages import Offload, Reload, Step
+    workers = make_workers(build_builtin_tiny(seed=0), 2, device="cuda:0")
+    ids, _ = padded_batch([6, 4])
+    pipeline_forward(workers, 0, ids, [6, 4], train=True, labels=ids)
+    w = workers[1]
+    dev_before = w.handle(Memory()).allocated_bytes
+    w.handle(Offload("act", (0,)))
+    assert w.handle(Memory()).allocated_bytes < dev_before
+    w.handle(Reload("act", (0,)))
+    pipeline_backward(workers, 0)
+    assert all(w.handle(Step()).version == 1 for w in workers)

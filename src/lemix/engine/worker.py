@@ -125,6 +125,11 @@ class StageWorker:
                              loss=None if loss is None else float(loss.detach()), compute_s=t.s)
 
     def _infer_forward(self, cmd: Forward, x, lengths, labels) -> ForwardResult:
+        if cmd.keep_kv:   # check before computing, so a bad prefill changes no cache entry
+            taken = [sid for sid in cmd.seq_ids if sid in self.kv]
+            if taken or len(set(cmd.seq_ids)) != len(cmd.seq_ids):
+                raise ValueError(f"prefill of {cmd.seq_ids}: duplicate ids or KV already held "
+                                 f"for {taken}; free them first")
         kv_out = [] if cmd.keep_kv else None
         seq_nll = next_tokens = None
         with torch.no_grad(), _Timer(self.device) as t:
