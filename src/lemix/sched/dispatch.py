@@ -133,7 +133,7 @@ class Dispatcher:
                 return self._start_work(node, s, kind, obj, now)
             if verdict == "oom":
                 self._oom(node, s, kind, obj, need)
-                continue
+                return self._dispatch_device(node, s, now)  # tasks were failed: look afresh
             if isinstance(verdict, Op):
                 return verdict  # an offload took the device
             # waiting on memory: an op that fits (a backward that frees memory) may go first
