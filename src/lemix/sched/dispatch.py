@@ -572,6 +572,8 @@ class Dispatcher:
                 if kv:
                     for j, d in enumerate(node.devices):
                         d.held_bytes -= kv[j]
+        if b.train and b.bid in node.batches and node.round_members.get(b.round, 0) > 0:
+            node.round_members[b.round] -= 1  # S-PP: the round's flush step stops waiting for it
         node.batches.pop(b.bid, None)
         for t in b.tasks:
             self._fail_task(t, node.index, why)
