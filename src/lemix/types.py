@@ -122,6 +122,10 @@ class OpRecord:
     task_ids: tuple[int, ...]
     train: bool
     predicted_s: float = 0.0
+    batch_size: int = 0
+    seq_tokens: int = 0
+    kv_tokens: int = 0
+    bytes: int = 0
 
 
 @dataclass(frozen=True)

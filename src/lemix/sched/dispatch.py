@@ -406,7 +406,8 @@ class Dispatcher:
         dev.running_extra_bytes = 0
         self._touch(node)
         self.result.ops.append(OpRecord(op.node, op.stage, op.kind, result.start_s, result.end_s, op.batch_id,
-                                        op.task_ids, op.train, op.predicted_s))
+                                        op.task_ids, op.train, op.predicted_s, op.batch_size,
+                                        op.seq_tokens, op.kv_tokens, op.bytes))
         if op.kind in (OpKind.FWD, OpKind.BWD):
             self._owed[op.node] = max(0.0, self._owed[op.node] - op.predicted_s)
         if result.error:
