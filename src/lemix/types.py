@@ -171,3 +171,4 @@ class RunResult:
     stages: int = 1
     wall_s: float = 0.0
     events: list[dict] = field(default_factory=list)   # notable events (failures, offloads) for reports
+    extras: dict = field(default_factory=dict)         # executor-specific figures, copied into the summary

@@ -76,6 +76,7 @@ def summarize(result: RunResult) -> dict:
         "sched_decision_us_p99": _percentile(result.decision_us, 99.0),
         "wall_s": float(result.wall_s),
     })
+    out.update(result.extras)   # executor-specific figures (e.g. the engine's compute fraction)
     return {k: _plain(v) for k, v in out.items()}
 
 

@@ -431,7 +431,7 @@ class Dispatcher:
         for t in b.tasks:
             v = self._served[t.task_id]
             self._served[t.task_id] = (v[0], v[1], v[2], result.end_s)
-            if self.params.generate and t.output_tokens > 1:
+            if self.params.generate and t.output_tokens > 1 and t.task_id not in result.stopped_task_ids:
                 node.seqs[t.task_id] = Seq(t, generated=1)
             else:
                 if self.params.generate:

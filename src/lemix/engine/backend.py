@@ -1,0 +1,104 @@
+"""Where stage workers run. The engine talks to every backend the same way: `submit` a command
+message to (node, stage) with a tag, and read `(tag, result_or_exception)` pairs from
+`completions`. The local backend runs each worker in its own thread with an inbox; the Ray
+backend (lemix.engine.ray_backend) runs the same StageWorker class as Ray actors.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from typing import Any, Callable, Protocol
+
+import torch
+
+from lemix.engine.stage import StageModule
+from lemix.engine.worker import StageWorker
+
+
+class Backend(Protocol):
+    completions: "queue.Queue[tuple[Any, Any]]"
+
+    def start(self, nodes: list[list[StageModule]], devices: list[str], *, lr: float, weight_decay: float,
+              memory_budget_bytes: int | None) -> None: ...
+    def submit(self, node: int, stage: int, cmd: Any, tag: Any) -> None: ...
+    def call(self, node: int, stage: int, cmd: Any) -> Any: ...
+    def shutdown(self) -> None: ...
+
+
+_STOP = object()
+
+
+class _WorkerThread(threading.Thread):
+    """One StageWorker in one thread: commands are handled one at a time, in submission order;
+    an exception is returned as the result (the engine decides what it means), never dropped."""
+
+    def __init__(self, worker: StageWorker, completions: queue.Queue, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self.worker = worker
+        self.inbox: queue.Queue = queue.Queue()
+        self.completions = completions
+
+    def run(self) -> None:
+        while True:
+            item = self.inbox.get()
+            if item is _STOP:
+                return
+            cmd, tag, reply = item
+            try:
+                result = self.worker.handle(cmd)
+            except Exception as exc:  # handed to the engine, which re-raises or fails the tasks
+                result = exc
+            (reply or self.completions).put((tag, result))
+
+
+class LocalBackend:
+    """Stage workers as threads of this process (torch releases the GIL inside kernels)."""
+
+    name = "local"
+
+    def __init__(self) -> None:
+        self.completions: queue.Queue = queue.Queue()
+        self._threads: dict[tuple[int, int], _WorkerThread] = {}
+
+    def start(self, nodes: list[list[StageModule]], devices: list[str], *, lr: float, weight_decay: float,
+              memory_budget_bytes: int | None) -> None:
+        workers = sum(len(stages) for stages in nodes)
+        # split the cores between workers so concurrent stages do not oversubscribe them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
+        for n, stages in enumerate(nodes):
+            for s, module in enumerate(stages):
+                w = StageWorker(module, s, len(stages), devices[s], lr=lr, weight_decay=weight_decay,
+                                memory_budget_bytes=memory_budget_bytes)
+                t = _WorkerThread(w, self.completions, f"lemix-n{n}s{s}")
+                t.start()
+                self._threads[(n, s)] = t
+
+    def submit(self, node: int, stage: int, cmd: Any, tag: Any) -> None:
+        self._threads[(node, stage)].inbox.put((cmd, tag, None))
+
+    def call(self, node: int, stage: int, cmd: Any) -> Any:
+        reply: queue.Queue = queue.Queue()
+        self._threads[(node, stage)].inbox.put((cmd, None, reply))
+        _, result = reply.get()
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def shutdown(self) -> None:
+        for t in self._threads.values():
+            t.inbox.put(_STOP)
+        for t in self._threads.values():
+            t.join(timeout=10)
+        self._threads.clear()
+
+
+BACKENDS: dict[str, Callable[..., Backend]] = {"local": LocalBackend}
+
+
+def make_backend(name: str, **kwargs) -> Backend:
+    if name == "ray" and "ray" not in BACKENDS:
+        from lemix.engine import ray_backend  # noqa: F401  (registers itself)
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; allowed: {', '.join(sorted(set(BACKENDS) | {'ray'}))}")
+    return BACKENDS[name](**kwargs)

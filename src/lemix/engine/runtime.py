@@ -1,0 +1,266 @@
+"""The torch executor: runs the scheduler's ops on real stage workers.
+
+The same Scheduler object the simulator drives is driven here with a WallClock: arrivals are
+replayed in real time, each planned op becomes a command message to the worker of its
+(node, stage), and each worker's reply becomes an OpResult with the measured start and end.
+Activations and gradients travel between stages through this driver, as messages.
+"""
+from __future__ import annotations
+
+import queue
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+
+from lemix.clock import WallClock
+from lemix.engine.backend import Backend
+from lemix.engine.data import TaskTexts
+from lemix.engine.messages import (Backward, Decode, Forward, Free, GetWeights, Offload, Reload,
+                                   SamplingParams, SetWeights, Step)
+from lemix.engine.stage import split_stages
+from lemix.sched.latency import Profile
+from lemix.sched.params import SchedParams
+from lemix.sched.scheduler import Scheduler
+from lemix.types import Op, OpKind, OpResult, RunResult, Task, TrainStepRecord
+
+
+class EngineError(RuntimeError):
+    """A worker failed an op; the original exception is the cause."""
+
+
+@dataclass
+class _Flight:
+    op: Op
+    start_s: float
+
+
+class Engine:
+    """One policy run on real model stages (build a fresh Engine per run)."""
+
+    def __init__(self, params: SchedParams, profile: Profile, hf_model: torch.nn.Module, tokenizer,
+                 texts: TaskTexts, backend: Backend, *, devices: list[str], lr: float = 3e-4,
+                 weight_decay: float = 0.0, memory_budget_bytes: int | None = None, strict: bool = True,
+                 sampling: Callable[[Task], SamplingParams | None] | None = None) -> None:
+        self.params = params
+        self.clock = WallClock()
+        self.sched = Scheduler(params, profile, self.clock, timer=time.perf_counter)
+        self.tok = tokenizer
+        self.texts = texts
+        self.backend = backend
+        self.strict = strict
+        self.sampling = sampling or (lambda task: None)
+        self.loss_scale = 1.0 / max(1, params.microbatches)
+        nodes = [split_stages(hf_model, params.stages) for _ in range(params.nodes)]
+        backend.start(nodes, devices, lr=lr, weight_decay=weight_decay, memory_budget_bytes=memory_budget_bytes)
+        self._tasks: dict[int, Task] = {}
+        self._flights: dict[int, _Flight] = {}
+        self._acts: dict[tuple[int, int], torch.Tensor] = {}      # (batch, stage) -> input hidden
+        self._grads: dict[tuple[int, int], torch.Tensor] = {}     # (batch, stage) -> grad of output
+        self._ids: dict[int, tuple[torch.Tensor, tuple[int, ...]]] = {}   # batch -> (ids, lengths)
+        self.generated: dict[int, list[int]] = {}
+        self.inference_loss: dict[int, float] = {}
+        self._train_losses: list[tuple[int, float, float]] = []   # (node, time, loss)
+        self._compute_s = 0.0
+        self._busy_s = 0.0
+        self._failed_seen = 0
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, tasks: list[Task], *, progress: Callable[[int], None] | None = None,
+            horizon_s: float = float("inf")) -> RunResult:
+        tasks = sorted(tasks, key=lambda t: (t.arrival_s, t.task_id))
+        self._tasks = {t.task_id: t for t in tasks}
+        nxt = 0
+        try:
+            while True:
+                now = self.clock.now()
+                arrived = 0
+                while nxt < len(tasks) and tasks[nxt].arrival_s <= now:
+                    self.texts.tokens(tasks[nxt])  # tokenize before the clock matters for it
+                    self.sched.on_arrival(tasks[nxt])
+                    nxt += 1
+                    arrived += 1
+                if progress and arrived:
+                    progress(arrived)
+                plan = self.sched.plan()
+                for op in plan.ops:
+                    self._launch(op)
+                self._release_failed()
+                if nxt == len(tasks) and not self._flights and (self.sched.idle or plan.wakeup_s is None):
+                    break
+                if now > horizon_s:
+                    break
+                wake = min(tasks[nxt].arrival_s if nxt < len(tasks) else float("inf"),
+                           plan.wakeup_s if plan.wakeup_s is not None else float("inf"))
+                timeout = None if wake == float("inf") else max(0.0, wake - self.clock.now())
+                if not self._flights and timeout is None:
+                    break  # nothing can happen any more; finalize counts the rest as unfinished
+                self._wait(timeout)
+        finally:
+            self.backend.shutdown()
+        return self._result()
+
+    def _wait(self, timeout: float | None) -> None:
+        try:
+            tag, res = self.backend.completions.get(timeout=timeout)
+        except queue.Empty:
+            return
+        self._complete(tag, res)
+        while True:  # absorb everything that is already done before planning again
+            try:
+                tag, res = self.backend.completions.get_nowait()
+            except queue.Empty:
+                return
+            self._complete(tag, res)
+
+    # ------------------------------------------------------------------ ops -> commands
+    def _launch(self, op: Op) -> None:
+        self._flights[op.op_id] = _Flight(op, self.clock.now())
+        if op.kind is OpKind.SYNC:  # fetch the source stage's weights first, then overwrite
+            self.backend.submit(op.peer, op.stage, GetWeights(), ("sync_get", op.op_id))
+            return
+        self.backend.submit(op.node, op.stage, self._command(op), op.op_id)
+
+    def _command(self, op: Op) -> Any:
+        last = op.stage == self.params.stages - 1
+        if op.kind is OpKind.FWD:
+            return self._forward(op, last)
+        if op.kind is OpKind.BWD:
+            return Backward(op.batch_id, None if last else self._grads.pop((op.batch_id, op.stage)))
+        if op.kind is OpKind.DECODE:
+            sampling = tuple(self.sampling(self._tasks[t]) or SamplingParams() for t in op.task_ids)
+            if op.stage == 0:
+                ids = torch.tensor([self.generated[t][-1] for t in op.task_ids], dtype=torch.long)
+                return Decode(op.batch_id, op.task_ids, token_ids=ids, sampling=sampling)
+            return Decode(op.batch_id, op.task_ids, hidden=self._acts.pop((op.batch_id, op.stage)),
+                          sampling=sampling)
+        if op.kind is OpKind.OPTIM:
+            return Step()
+        if op.kind in (OpKind.OFFLOAD, OpKind.RELOAD):
+            kind, keys = ("act", (op.batch_id,)) if op.train else ("kv", op.task_ids)
+            return Offload(kind, keys) if op.kind is OpKind.OFFLOAD else Reload(kind, keys)
+        raise ValueError(f"no command for {op.kind}")
+
+    def _forward(self, op: Op, last: bool) -> Forward:
+        if op.stage == 0:
+            rows = [row for t in op.task_ids for row in self.texts.tokens(self._tasks[t]).samples]
+            lengths = tuple(len(r) for r in rows)
+            ids = torch.full((len(rows), max(lengths)), self.tok.pad_id, dtype=torch.long)   # [B,T]
+            for i, r in enumerate(rows):
+                ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            self._ids[op.batch_id] = (ids, lengths)
+        ids, lengths = self._ids[op.batch_id]
+        if last:
+            self._ids.pop(op.batch_id)
+        keep_kv = self.params.generate and not op.train
+        seq_ids = op.task_ids if not op.train else tuple(range(len(lengths)))
+        sampling = (tuple(self.sampling(self._tasks[t]) or SamplingParams() for t in op.task_ids)
+                    if keep_kv else None)
+        return Forward(op.batch_id, op.train, seq_ids, lengths,
+                       input_ids=ids if op.stage == 0 else None,
+                       hidden=None if op.stage == 0 else self._acts.pop((op.batch_id, op.stage)),
+                       labels=ids if last else None, keep_kv=keep_kv, sampling=sampling,
+                       loss_scale=self.loss_scale)
+
+    # ------------------------------------------------------------------ results -> OpResults
+    def _complete(self, tag: Any, res: Any) -> None:
+        if isinstance(tag, tuple) and tag[0] == "sync_get":
+            if isinstance(res, Exception):
+                return self._op_error(self._flights[tag[1]].op, res)
+            op = self._flights[tag[1]].op
+            self.backend.submit(op.node, op.stage, SetWeights(res.state_dict), op.op_id)
+            return
+        if isinstance(tag, tuple):  # auxiliary command (Free): it must not fail silently
+            if isinstance(res, Exception):
+                raise EngineError(f"auxiliary command {tag} failed: {res}") from res
+            return
+        flight = self._flights.pop(tag)
+        op, end = flight.op, self.clock.now()
+        if isinstance(res, Exception):
+            return self._op_error(op, res, flight.start_s, end)
+        self._compute_s += getattr(res, "compute_s", 0.0)
+        self._busy_s += end - flight.start_s
+        stopped = self._absorb(op, res, end)
+        self.sched.on_op_finished(OpResult(op.op_id, flight.start_s, end, stopped))
+        self._free_finished(op, stopped)
+
+    def _absorb(self, op: Op, res: Any, end: float) -> tuple[int, ...]:
+        """Keep what the next stage needs; return the sequences that stopped (EOS)."""
+        last = op.stage == self.params.stages - 1
+        if op.kind is OpKind.FWD:
+            if not last:
+                self._acts[(op.batch_id, op.stage + 1)] = res.hidden
+                return ()
+            if op.train:
+                self._train_losses.append((op.node, end, res.loss))
+                return ()
+            for tid, nll in zip(op.task_ids, res.seq_nll or ()):
+                self.inference_loss[tid] = nll
+            if res.next_tokens is not None:
+                for tid, tok in zip(op.task_ids, res.next_tokens):
+                    self.generated[tid] = [tok]
+                return tuple(t for t, tok in zip(op.task_ids, res.next_tokens) if tok == self.tok.eos_id)
+            return ()
+        if op.kind is OpKind.BWD and op.stage > 0:
+            self._grads[(op.batch_id, op.stage - 1)] = res.grad_input
+        if op.kind is OpKind.DECODE:
+            if not last:
+                self._acts[(op.batch_id, op.stage + 1)] = res.hidden
+                return ()
+            for tid, tok in zip(op.task_ids, res.next_tokens):
+                self.generated[tid].append(tok)
+            return tuple(t for t, tok in zip(op.task_ids, res.next_tokens) if tok == self.tok.eos_id)
+        return ()
+
+    def _free_finished(self, op: Op, stopped: tuple[int, ...]) -> None:
+        """Release the KV of sequences the scheduler just finished (generate mode)."""
+        if not self.params.generate or op.stage != self.params.stages - 1:
+            return
+        if op.kind not in (OpKind.DECODE, OpKind.FWD) or op.train:
+            return
+        done = tuple(t for t in op.task_ids
+                     if t in stopped or len(self.generated.get(t, ())) >= max(1, self._tasks[t].output_tokens))
+        if done:
+            for s in range(self.params.stages):
+                self.backend.submit(op.node, s, Free(seq_ids=done), ("free", op.node, s))
+
+    def _release_failed(self) -> None:
+        """Tasks the scheduler failed (e.g. OOM without the memory gate) may hold worker state."""
+        events = self.sched.result.events
+        while self._failed_seen < len(events):
+            ev = events[self._failed_seen]
+            self._failed_seen += 1
+            if ev.get("event") == "task_failed" and ev.get("node", -1) >= 0:
+                for s in range(self.params.stages):
+                    self.backend.submit(ev["node"], s, Free(seq_ids=(ev["task_id"],)), ("free", ev["node"], s))
+
+    def _op_error(self, op: Op, exc: Exception, start: float | None = None, end: float | None = None) -> None:
+        if self.strict:
+            raise EngineError(f"{op.kind.value} on node {op.node} stage {op.stage} (tasks {op.task_ids}) "
+                              f"failed: {exc!r}") from exc
+        self._flights.pop(op.op_id, None)
+        now = self.clock.now()
+        self.sched.on_op_finished(OpResult(op.op_id, start or now, end or now, error=repr(exc)))
+
+    # ------------------------------------------------------------------ outputs
+    def _result(self) -> RunResult:
+        result = self.sched.finalize()
+        result.requests = [replace(r, inference_loss=self.inference_loss.get(r.task_id)) for r in result.requests]
+        result.train_steps = self._step_losses(result.train_steps)
+        result.extras["compute_fraction"] = self._compute_s / self._busy_s if self._busy_s else None
+        return result
+
+    def _step_losses(self, steps: list[TrainStepRecord]) -> list[TrainStepRecord]:
+        """Each node step gets the mean loss of the micro-batches that node finished before it."""
+        out = []
+        by_node: dict[int, list[tuple[float, float]]] = {}
+        for node, t, loss in self._train_losses:
+            by_node.setdefault(node, []).append((t, loss))
+        prev: dict[int, float] = {}
+        for st in sorted(steps, key=lambda s: (s.node, s.time_s)):
+            lo = prev.get(st.node, -1.0)
+            losses = [l for t, l in by_node.get(st.node, []) if lo < t <= st.time_s]
+            prev[st.node] = st.time_s
+            out.append(replace(st, loss=sum(losses) / len(losses) if losses else None))
+        return sorted(out, key=lambda s: s.time_s)
