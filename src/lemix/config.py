@@ -15,6 +15,23 @@ from lemix.sched.params import SchedParams
 from lemix.sched.registry import policy_names
 
 
+# Defaults of `lemix run` where they differ from `lemix simulate`: a real tiny model on a
+# 2-core CPU, so fewer workers, short sequences and a short run (under 3 minutes for 3 policies).
+RUN_DEFAULTS: dict[str, Any] = {
+    "cluster.nodes": 2,
+    "cluster.stages": 2,
+    "workload.rate": 8.0,
+    "workload.duration_s": 30.0,
+    "workload.train_batch_size": 4,
+    "workload.train_seq_tokens": 128,
+    "workload.max_prompt_tokens": 256,
+    "workload.max_output_tokens": 32,
+    "policy.names": ["lemix", "naivemix", "separate"],
+    "policy.microbatches": 2,
+    "policy.sync_every": 4,
+}
+
+
 class ConfigError(ValueError):
     """An invalid configuration; the message names the field and what is allowed."""
 
@@ -172,8 +189,22 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> LemixConfig:
-    """Read YAML (optional), apply dotted overrides (`workload.rate` -> value), validate."""
+def _set_default(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            return
+    node.setdefault(parts[-1], value)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                base: dict[str, Any] | None = None) -> LemixConfig:
+    """Read YAML (optional), apply dotted overrides (`workload.rate` -> value), validate.
+
+    `base` holds a command's own defaults (dotted keys); the YAML and the overrides win over it.
+    """
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -186,6 +217,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
         tree = loaded or {}
+    for key, value in (base or {}).items():
+        _set_default(tree, key, value)
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(tree, key, value)

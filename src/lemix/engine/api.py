@@ -1,0 +1,95 @@
+"""Library API behind `lemix run`: config -> model, texts, tasks, profile -> one engine run per
+policy on the same workload and the same initial weights."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from lemix.config import RUN_DEFAULTS, LemixConfig  # noqa: F401  (re-exported)
+from lemix.engine.backend import make_backend
+from lemix.engine.data import TaskTexts
+from lemix.engine.model import load_model, split_stages
+from lemix.engine.runtime import Engine
+from lemix.sched.latency import Profile
+from lemix.types import RunResult, Task
+from lemix.workload import (DatasetSource, LognormalLengths, TextSource, TopicDrift, builtin_corpus,
+                            load_jsonl)
+
+def stage_devices(cfg: LemixConfig) -> list[str]:
+    """One device per stage: 'cpu', 'cuda' (cuda:0..k round-robin) or an explicit comma list."""
+    spec, S = cfg.cluster.device, cfg.cluster.stages
+    if spec == "cpu":
+        return ["cpu"] * S
+    if spec == "cuda":
+        import torch
+
+        k = torch.cuda.device_count()
+        if k == 0:
+            raise ValueError("cluster.device is 'cuda' but no CUDA device is visible")
+        return [f"cuda:{s % k}" for s in range(S)]
+    devices = [d.strip() for d in spec.split(",")]
+    if len(devices) != S:
+        raise ValueError(f"cluster.device lists {len(devices)} devices for {S} stages")
+    return devices
+
+
+def engine_tasks(cfg: LemixConfig) -> list[Task]:
+    """The workload with lengths scaled to the real (small) model."""
+    from lemix.experiment import build_tasks
+
+    w = cfg.workload
+    lengths = LognormalLengths(prompt_median=min(64, w.max_prompt_tokens), max_prompt=w.max_prompt_tokens,
+                               output_median=min(16, w.max_output_tokens), max_output=w.max_output_tokens,
+                               min_prompt=min(8, w.max_prompt_tokens))
+    return build_tasks(cfg, length_model=lengths)
+
+
+def text_source(cfg: LemixConfig) -> TextSource:
+    if cfg.workload.dataset:
+        return DatasetSource(load_jsonl(cfg.workload.dataset))
+    return TopicDrift(builtin_corpus(), cfg.workload.drift_groups, duration_s=cfg.workload.duration_s,
+                      rng=np.random.default_rng(cfg.seed))
+
+
+def engine_profile(cfg: LemixConfig, hf_model, progress: Callable[[int], None] | None = None) -> Profile:
+    """The profile the scheduler predicts with: `--profile FILE`, else a quick measurement of
+    this model on these devices (a few seconds), calibrated online during the run."""
+    from lemix.profiling import load_profile, measure_profile
+    from lemix.engine.worker import StageWorker
+
+    capacity = int(cfg.cluster.device_memory_gb * 1e9)
+    if cfg.model.profile:
+        return load_profile(cfg.model.profile, stages=cfg.cluster.stages, force=cfg.model.force_profile,
+                            capacity_bytes=capacity, model=cfg.model.name, device=cfg.cluster.device)
+    devices = stage_devices(cfg)
+    workers = [StageWorker(m, s, cfg.cluster.stages, devices[s], lr=cfg.model.lr)
+               for s, m in enumerate(split_stages(hf_model, cfg.cluster.stages))]
+    profile, _ = measure_profile(workers, model_name=cfg.model.name, device=cfg.cluster.device, quick=True,
+                                 capacity_bytes=capacity, progress=progress, seed=cfg.seed)
+    return profile
+
+
+def run_engine(cfg: LemixConfig, *, progress: Callable[[str, int], Callable[[int], None]] | None = None,
+               profile: Profile | None = None, tasks: list[Task] | None = None) -> list[RunResult]:
+    """Run every policy of cfg.policy.names on the real engine, same tasks, same initial weights."""
+    import time
+
+    hf_model, tokenizer, _ = load_model(cfg.model.name, seed=cfg.seed)
+    tasks = engine_tasks(cfg) if tasks is None else tasks
+    profile = profile or engine_profile(cfg, hf_model)
+    source = text_source(cfg)
+    results = []
+    for name in cfg.policy.names:
+        texts = TaskTexts(tokenizer, source, seed=cfg.seed)
+        backend = make_backend(cfg.cluster.backend, **({"address": cfg.cluster.ray_address}
+                                                       if cfg.cluster.backend == "ray" else {}))
+        engine = Engine(cfg.sched_params(name), profile, hf_model, tokenizer, texts, backend,
+                        devices=stage_devices(cfg), lr=cfg.model.lr, weight_decay=cfg.model.weight_decay,
+                        memory_budget_bytes=int(cfg.cluster.device_memory_gb * 1e9))
+        tick = progress(name, len(tasks)) if progress else None
+        t0 = time.perf_counter()
+        result = engine.run(tasks, progress=tick, horizon_s=cfg.workload.duration_s * 10 + 60)
+        result.wall_s = time.perf_counter() - t0
+        results.append(result)
+    return results
