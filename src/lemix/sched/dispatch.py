@@ -409,7 +409,8 @@ class Dispatcher:
                                         op.task_ids, op.train, op.predicted_s, op.batch_size,
                                         op.seq_tokens, op.kv_tokens, op.bytes))
         if op.kind in (OpKind.FWD, OpKind.BWD):
-            self._owed[op.node] = max(0.0, self._owed[op.node] - op.predicted_s)
+            rest = self._owed[op.node] - op.predicted_s
+            self._owed[op.node] = rest if rest > 1e-9 else 0.0  # no float residue (luf ties)
         if result.error:
             self._op_failed(node, op, ctx, result.error)
             return
