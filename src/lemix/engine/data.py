@@ -46,5 +46,9 @@ class TaskTexts:
             chars *= 2
         raise ValueError(f"could not draw {n_tokens} tokens of text at t={t_s:.1f}s")
 
+    def put(self, task_id: int, tokens: TaskTokens) -> None:
+        """Tokens given by the caller (online requests) instead of drawn from the source."""
+        self._cache[task_id] = tokens
+
     def drop(self, task_id: int) -> None:
         self._cache.pop(task_id, None)

@@ -8,26 +8,45 @@ Activations and gradients travel between stages through this driver, as messages
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
 from lemix.clock import WallClock
 from lemix.engine.backend import Backend
-from lemix.engine.data import TaskTexts
+from lemix.engine.data import TaskTexts, TaskTokens
 from lemix.engine.messages import (Backward, Decode, Forward, Free, GetWeights, Offload, Reload,
                                    SamplingParams, SetWeights, Step)
 from lemix.engine.stage import split_stages
 from lemix.sched.latency import Profile
 from lemix.sched.params import SchedParams
 from lemix.sched.scheduler import Scheduler
-from lemix.types import Op, OpKind, OpResult, RunResult, Task, TrainStepRecord
+from lemix.types import (Op, OpKind, OpResult, RequestRecord, RunResult, Task, TrainStepRecord,
+                         TrainTaskRecord)
 
 
 class EngineError(RuntimeError):
     """A worker failed an op; the original exception is the cause."""
+
+
+class Listener(Protocol):
+    """What an online user of the engine (the HTTP server) hears, on the engine's thread."""
+
+    def on_token(self, task_id: int, token: int) -> bool:
+        """A generated token; return True to stop the sequence here (a stop string matched)."""
+        ...
+
+    def on_finish(self, record: RequestRecord | TrainTaskRecord) -> None: ...
+
+    def on_applied(self, task_ids: tuple[int, ...], node: int, version: int) -> None:
+        """Training tasks whose gradients an optimizer step of `node` just applied."""
+        ...
+
+
+_SUBMIT = ("submit",)
 
 
 @dataclass
@@ -42,7 +61,8 @@ class Engine:
     def __init__(self, params: SchedParams, profile: Profile, hf_model: torch.nn.Module, tokenizer,
                  texts: TaskTexts, backend: Backend, *, devices: list[str], lr: float = 3e-4,
                  weight_decay: float = 0.0, memory_budget_bytes: int | None = None, strict: bool = True,
-                 sampling: Callable[[Task], SamplingParams | None] | None = None) -> None:
+                 sampling: Callable[[Task], SamplingParams | None] | None = None,
+                 listener: Listener | None = None) -> None:
         self.params = params
         self.clock = WallClock()
         self.sched = Scheduler(params, profile, self.clock, timer=time.perf_counter)
@@ -50,7 +70,7 @@ class Engine:
         self.texts = texts
         self.backend = backend
         self.strict = strict
-        self.sampling = sampling or (lambda task: None)
+        self._sampling_fn = sampling or (lambda task: None)
         self.loss_scale = 1.0 / max(1, params.microbatches)
         nodes = [split_stages(hf_model, params.stages) for _ in range(params.nodes)]
         backend.start(nodes, devices, lr=lr, weight_decay=weight_decay, memory_budget_bytes=memory_budget_bytes)
@@ -64,42 +84,70 @@ class Engine:
         self._train_losses: list[tuple[int, float, float]] = []   # (node, time, loss)
         self._compute_s = 0.0
         self._busy_s = 0.0
-        self._failed_seen = 0
+        self.listener = listener
+        self._seen = {"requests": 0, "train_tasks": 0, "train_steps": 0, "events": 0}
+        self._unapplied: dict[int, list[int]] = {}               # node -> finished, not yet stepped
+        self._stop_requested: set[int] = set()
+        self._sampling: dict[int, SamplingParams] = {}
 
-    # ------------------------------------------------------------------ main loop
+    # ------------------------------------------------------------------ main loops
     def run(self, tasks: list[Task], *, progress: Callable[[int], None] | None = None,
             horizon_s: float = float("inf")) -> RunResult:
+        """Offline: replay `tasks` at their arrival times (seconds from now) until all resolve."""
         tasks = sorted(tasks, key=lambda t: (t.arrival_s, t.task_id))
-        self._tasks = {t.task_id: t for t in tasks}
         nxt = 0
         try:
             while True:
                 now = self.clock.now()
                 arrived = 0
                 while nxt < len(tasks) and tasks[nxt].arrival_s <= now:
-                    self.texts.tokens(tasks[nxt])  # tokenize before the clock matters for it
-                    self.sched.on_arrival(tasks[nxt])
+                    self._arrive(tasks[nxt])
                     nxt += 1
                     arrived += 1
                 if progress and arrived:
                     progress(arrived)
-                plan = self.sched.plan()
-                for op in plan.ops:
-                    self._launch(op)
-                self._release_failed()
-                if nxt == len(tasks) and not self._flights and (self.sched.idle or plan.wakeup_s is None):
+                wakeup = self._plan()
+                if nxt == len(tasks) and not self._flights and (self.sched.idle or wakeup is None):
                     break
                 if now > horizon_s:
                     break
                 wake = min(tasks[nxt].arrival_s if nxt < len(tasks) else float("inf"),
-                           plan.wakeup_s if plan.wakeup_s is not None else float("inf"))
-                timeout = None if wake == float("inf") else max(0.0, wake - self.clock.now())
-                if not self._flights and timeout is None:
+                           wakeup if wakeup is not None else float("inf"))
+                if not self._flights and wake == float("inf"):
                     break  # nothing can happen any more; finalize counts the rest as unfinished
+                self._wait(None if wake == float("inf") else max(0.0, wake - self.clock.now()))
+        finally:
+            self.backend.shutdown()
+        return self._result()
+
+    def submit(self, task: Task, tokens: TaskTokens, sampling: SamplingParams | None = None) -> None:
+        """Online, thread-safe: offer a task (arrival_s should be self.clock.now())."""
+        self.backend.completions.put((_SUBMIT, (task, tokens, sampling)))
+
+    def serve(self, stop: threading.Event, *, drain: bool = True, poll_s: float = 0.5) -> RunResult:
+        """Online: run until `stop` is set (then, with drain, until in-flight work resolves)."""
+        try:
+            while True:
+                wakeup = self._plan()
+                if stop.is_set() and (not drain or (not self._flights and self.sched.idle)):
+                    break
+                timeout = poll_s if wakeup is None else min(poll_s, max(0.0, wakeup - self.clock.now()))
                 self._wait(timeout)
         finally:
             self.backend.shutdown()
         return self._result()
+
+    def _arrive(self, task: Task) -> None:
+        self.texts.tokens(task)  # tokenize before the task competes for devices
+        self._tasks[task.task_id] = task
+        self.sched.on_arrival(task)
+
+    def _plan(self) -> float | None:
+        plan = self.sched.plan()
+        for op in plan.ops:
+            self._launch(op)
+        self._watch_records()
+        return plan.wakeup_s
 
     def _wait(self, timeout: float | None) -> None:
         try:
@@ -115,6 +163,9 @@ class Engine:
             self._complete(tag, res)
 
     # ------------------------------------------------------------------ ops -> commands
+    def sampling(self, task: Task) -> SamplingParams | None:
+        return self._sampling.get(task.task_id) or self._sampling_fn(task)
+
     def _launch(self, op: Op) -> None:
         self._flights[op.op_id] = _Flight(op, self.clock.now())
         if op.kind is OpKind.SYNC:  # fetch the source stage's weights first, then overwrite
@@ -165,6 +216,13 @@ class Engine:
 
     # ------------------------------------------------------------------ results -> OpResults
     def _complete(self, tag: Any, res: Any) -> None:
+        if tag == _SUBMIT:
+            task, tokens, sampling = res
+            self.texts.put(task.task_id, tokens)
+            if sampling is not None:
+                self._sampling[task.task_id] = sampling
+            self._arrive(task)
+            return
         if isinstance(tag, tuple) and tag[0] == "sync_get":
             if isinstance(res, Exception):
                 return self._op_error(self._flights[tag[1]].op, res)
@@ -199,8 +257,8 @@ class Engine:
                 self.inference_loss[tid] = nll
             if res.next_tokens is not None:
                 for tid, tok in zip(op.task_ids, res.next_tokens):
-                    self.generated[tid] = [tok]
-                return tuple(t for t, tok in zip(op.task_ids, res.next_tokens) if tok == self.tok.eos_id)
+                    self.generated[tid] = []
+                return self._emit(op.task_ids, res.next_tokens)
             return ()
         if op.kind is OpKind.BWD and op.stage > 0:
             self._grads[(op.batch_id, op.stage - 1)] = res.grad_input
@@ -208,10 +266,21 @@ class Engine:
             if not last:
                 self._acts[(op.batch_id, op.stage + 1)] = res.hidden
                 return ()
-            for tid, tok in zip(op.task_ids, res.next_tokens):
-                self.generated[tid].append(tok)
-            return tuple(t for t, tok in zip(op.task_ids, res.next_tokens) if tok == self.tok.eos_id)
+            return self._emit(op.task_ids, res.next_tokens)
         return ()
+
+    def _emit(self, task_ids: tuple[int, ...], tokens: tuple[int, ...]) -> tuple[int, ...]:
+        """Append generated tokens; the sequences that stop here (EOS, or the listener says so)."""
+        stopped = []
+        for tid, tok in zip(task_ids, tokens):
+            self.generated[tid].append(tok)
+            stop = tok == self.tok.eos_id
+            if self.listener is not None and not stop:
+                stop = bool(self.listener.on_token(tid, tok))
+            if stop:
+                stopped.append(tid)
+                self._stop_requested.add(tid)
+        return tuple(stopped)
 
     def _free_finished(self, op: Op, stopped: tuple[int, ...]) -> None:
         """Release the KV of sequences the scheduler just finished (generate mode)."""
@@ -220,20 +289,39 @@ class Engine:
         if op.kind not in (OpKind.DECODE, OpKind.FWD) or op.train:
             return
         done = tuple(t for t in op.task_ids
-                     if t in stopped or len(self.generated.get(t, ())) >= max(1, self._tasks[t].output_tokens))
+                     if t in self._stop_requested
+                     or len(self.generated.get(t, ())) >= max(1, self._tasks[t].output_tokens))
         if done:
             for s in range(self.params.stages):
                 self.backend.submit(op.node, s, Free(seq_ids=done), ("free", op.node, s))
 
-    def _release_failed(self) -> None:
-        """Tasks the scheduler failed (e.g. OOM without the memory gate) may hold worker state."""
-        events = self.sched.result.events
-        while self._failed_seen < len(events):
-            ev = events[self._failed_seen]
-            self._failed_seen += 1
+    def _watch_records(self) -> None:
+        """Follow what the scheduler recorded since last time: free the worker state of failed
+        tasks, tell the listener about finished tasks and about training samples applied."""
+        res, seen = self.sched.result, self._seen
+        for ev in res.events[seen["events"]:]:
             if ev.get("event") == "task_failed" and ev.get("node", -1) >= 0:
                 for s in range(self.params.stages):
                     self.backend.submit(ev["node"], s, Free(seq_ids=(ev["task_id"],)), ("free", ev["node"], s))
+        seen["events"] = len(res.events)
+        new_reqs = res.requests[seen["requests"]:]
+        new_train = res.train_tasks[seen["train_tasks"]:]
+        new_steps = res.train_steps[seen["train_steps"]:]
+        seen["requests"], seen["train_tasks"] = len(res.requests), len(res.train_tasks)
+        seen["train_steps"] = len(res.train_steps)
+        for rec in new_train:
+            if not rec.failed:
+                self._unapplied.setdefault(rec.node, []).append(rec.task_id)
+        if self.listener is None:
+            return
+        for rec in new_reqs:
+            self.listener.on_finish(replace(rec, inference_loss=self.inference_loss.get(rec.task_id)))
+        for rec in new_train:
+            self.listener.on_finish(rec)
+        for step in new_steps:
+            ids = tuple(self._unapplied.pop(step.node, []))
+            if ids:
+                self.listener.on_applied(ids, step.node, step.step)
 
     def _op_error(self, op: Op, exc: Exception, start: float | None = None, end: float | None = None) -> None:
         if self.strict:
