@@ -35,6 +35,8 @@ class Dispatcher:
         self._served: dict[int, tuple] = {}          # task_id -> (version, stale_steps, stale_s, first_token_s)
         self._deferred_s: dict[int, float] = {}
         self._kv: dict[int, list[int]] = {}          # task_id -> KV bytes held per stage
+        self._unstepped: dict[int, list[Task]] = {}  # node -> trained tasks its next step applies
+        self._cancelled: set[int] = set()            # ops of failed nodes; their results are ignored
 
     def _touch(self, node: NodeState) -> None:
         node.dirty = True
@@ -398,6 +400,9 @@ class Dispatcher:
     def _finish_op(self, result: OpResult) -> None:
         entry = self._running.pop(result.op_id, None)
         if entry is None:
+            if result.op_id in self._cancelled:
+                self._cancelled.discard(result.op_id)
+                return
             raise ValueError(f"op {result.op_id} is not running")
         op, ctx = entry
         node = self.nodes[op.node]
@@ -454,6 +459,7 @@ class Dispatcher:
             return
         del node.batches[b.bid]
         node.step_samples += b.size
+        self._unstepped.setdefault(node.index, []).extend(b.tasks)
         node.step_tokens += b.tokens
         for t in b.tasks:
             self._resolved.add(t.task_id)
@@ -487,6 +493,7 @@ class Dispatcher:
         if version <= node.version:
             return
         node.version = version
+        self._unstepped.pop(node.index, None)
         now = result.end_s
         self.result.train_steps.append(TrainStepRecord(node.index, version, now, node.step_samples,
                                                        node.step_tokens))

@@ -61,7 +61,9 @@ class Scheduler(Dispatcher):
         self._tasks: dict[int, Task] = {}
         self._resolved: set[int] = set()
         self._slo: dict[int, float] = {}
-        self._raw_times: dict[int, tuple[list[float], list[float]]] = {}
+        self._raw_times: dict[tuple[int, int, bool], tuple[list[float], list[float]]] = {}
+        self._times: dict[tuple[int, int, bool], tuple[int, list[float], list[float]]] = {}
+        self._corr: tuple[int, list[float], list[float]] = (-1, [], [])
         self._owed: list[float] = [0.0] * params.nodes
         self._timelines: dict[tuple[int, str], NodeTimeline] = {}
         self._infer_len = LengthStats()
@@ -105,6 +107,58 @@ class Scheduler(Dispatcher):
 
     def on_op_finished(self, result: OpResult) -> None:
         self._finish_op(result)
+
+    def on_node_failed(self, node_idx: int, why: str = "node failed") -> list[int]:
+        """A node died: take it out of placement, cancel its ops, and offer every task it held
+        again (inference restarts from its prompt; training tasks whose gradients died with the
+        node, applied or not, are trained again). Returns the re-queued task ids."""
+        node = self.nodes[node_idx]
+        now = self.clock.now()
+        node.healthy = False
+        for op_id, (op, _) in list(self._running.items()):
+            if op.node == node_idx:
+                del self._running[op_id]
+                self._cancelled.add(op_id)
+        tasks = list(node.infer_wait) + list(node.train_wait)
+        tasks += [t for b in node.batches.values() for t in b.tasks]
+        tasks += [q.task for q in node.seqs.values()]
+        lost = self._unstepped.pop(node_idx, [])
+        lost_ids = {t.task_id for t in lost}
+        self.result.train_tasks = [r for r in self.result.train_tasks if r.task_id not in lost_ids]
+        tasks += lost
+        node.infer_wait, node.train_wait, node.batches, node.seqs = [], [], {}, {}
+        node.decode = None
+        for d in node.devices:
+            d.running, d.held_bytes, d.host_bytes, d.running_extra_bytes = None, 0, 0, 0
+            d.grads_pending, d.wait_since_s, d.wait_key, d.sync_pending = 0, None, None, -1
+        self._owed[node_idx] = 0.0
+        for other in self.nodes:   # a sync from the dead node is re-sourced
+            if other.healthy and any(d.sync_pending == node_idx for d in other.devices):
+                for d in other.devices:
+                    d.sync_pending = -1
+                self._request_sync(other)
+        requeued = []
+        for t in sorted(tasks, key=lambda t: (t.arrival_s, t.task_id)):
+            self._resolved.discard(t.task_id)
+            self._served.pop(t.task_id, None)
+            self._kv.pop(t.task_id, None)
+            self._incoming.append(t)
+            requeued.append(t.task_id)
+        self.result.events.append({"time_s": now, "event": "node_failed", "node": node_idx, "error": why,
+                                   "requeued": requeued})
+        self._touch(node)
+        return requeued
+
+    def on_node_restored(self, node_idx: int, version: int) -> None:
+        """A failed node is back, with weights of `version` copied from a healthy peer."""
+        node = self.nodes[node_idx]
+        node.healthy = True
+        node.version = version
+        for d in node.devices:
+            d.step_count = version
+        self.result.events.append({"time_s": self.clock.now(), "event": "node_restored",
+                                   "node": node_idx, "version": version})
+        self._touch(node)
 
     @property
     def idle(self) -> bool:
@@ -252,25 +306,39 @@ class Scheduler(Dispatcher):
 
     # ------------------------------------------------------------------ forecasting helpers
     def _stage_times(self, task: Task) -> tuple[list[float], list[float]]:
-        """Predicted per-stage forward (and backward) times: raw model times cached per task,
-        times the current calibration factors."""
-        raw = self._raw_times.get(task.task_id) if task.task_id >= 0 else None
+        """Predicted per-stage forward (and backward) times of a task (shared lists: read only)."""
+        return self._shape_times(task.batch_size, task.prompt_tokens, task.is_train)
+
+    def _shape_times(self, batch: int, tokens: int, train: bool) -> tuple[list[float], list[float]]:
+        """Per-stage forward (and, for training, backward) times of a (batch x tokens) micro-batch:
+        the raw model times cached per shape, times the current calibration factors, cached until
+        the calibration changes. The same floats as LatencyModel.predict."""
+        key = (batch, tokens, train)
+        version = self.lat.version
+        hit = self._times.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1], hit[2]
+        raw = self._raw_times.get(key)
         if raw is None:
-            S, b, l = self.params.stages, task.batch_size, task.prompt_tokens
+            S, b, l = self.params.stages, batch, tokens
             p = self.lat.profile.stages
             raw = ([p[s].fwd.a + p[s].fwd.b * b * l + p[s].fwd.c * b * l * l for s in range(S)],
                    [p[s].bwd.a + p[s].bwd.b * b * l + p[s].bwd.c * b * l * l for s in range(S)]
-                   if task.is_train else [])
-            if task.task_id >= 0:
-                self._raw_times[task.task_id] = raw
+                   if train else [])
+            self._raw_times[key] = raw
         cf, cb = self._corrections()
         fwd = [t * c for t, c in zip(raw[0], cf)]
-        return fwd, [t * c for t, c in zip(raw[1], cb)]
+        bwd = [t * c for t, c in zip(raw[1], cb)]
+        self._times[key] = (version, fwd, bwd)
+        return fwd, bwd
 
     def _corrections(self) -> tuple[list[float], list[float]]:
-        S = self.params.stages
-        return ([self.lat.correction(s, OpKind.FWD) for s in range(S)],
-                [self.lat.correction(s, OpKind.BWD) for s in range(S)])
+        version = self.lat.version
+        if self._corr[0] != version:
+            S = self.params.stages
+            self._corr = (version, [self.lat.correction(s, OpKind.FWD) for s in range(S)],
+                          [self.lat.correction(s, OpKind.BWD) for s in range(S)])
+        return self._corr[1], self._corr[2]
 
     def _decode_iter_s(self, batch: int, kv: int) -> float:
         return sum(self.lat.predict(OpKind.DECODE, s, batch, 1, kv) for s in range(self.params.stages))
@@ -327,14 +395,15 @@ class Scheduler(Dispatcher):
             ready = b.ready_s
             if b.running:  # the rest of its chain waits for its running op
                 ready = self._running_end(node, b.bwd_next if b.fwd_done else b.fwd_next, ready)
-            fwd = [(s, self.lat.predict(OpKind.FWD, s, b.size, b.seq_tokens)) for s in range(first, S)]
+            tf, tb = self._shape_times(b.size, b.seq_tokens, b.train)
+            fwd = [(s, tf[s]) for s in range(first, S)]
             if not b.train:
                 infer.append((ready, fwd, False))
             elif include_train:
                 bstart = b.bwd_next if b.fwd_done else S - 1
                 if b.fwd_done and b.running:
                     bstart -= 1
-                bwd = [(s, self.lat.predict(OpKind.BWD, s, b.size, b.seq_tokens)) for s in range(bstart, -1, -1)]
+                bwd = [(s, tb[s]) for s in range(bstart, -1, -1)]
                 train.append((ready, fwd + bwd, True))
         for t in node.infer_wait[:_CHAIN_CAP]:
             fwd, _ = self._stage_times(t)
