@@ -31,14 +31,39 @@ class Forecast:
 
 
 class NodeTimeline:
-    """Predicted busy intervals per stage of one node, built at `built_s`."""
+    """Predicted busy intervals per stage of one node, built at `built_s`.
+
+    `iv[stage]` holds (start, end, train) sorted. Intervals committed by `chain` never overlap,
+    so their ends are sorted too: `earliest` bisects to the first interval ending after `ready`
+    instead of scanning from the start, and a query that jumps queued training walks only the
+    inference intervals. An `add` that overlaps what is there (possible only through a direct
+    call) switches the timeline to the plain scan, which gives the same answers for any input.
+    """
+
+    __slots__ = ("built_s", "iv", "_ends", "_inf", "_inf_ends", "_disjoint")
 
     def __init__(self, num_stages: int, built_s: float) -> None:
         self.built_s = built_s
         self.iv: list[list[Interval]] = [[] for _ in range(num_stages)]
+        self._ends: list[list[float]] = [[] for _ in range(num_stages)]        # ends of iv[stage]
+        self._inf: list[list[tuple[float, float]]] = [[] for _ in range(num_stages)]  # non-training
+        self._inf_ends: list[list[float]] = [[] for _ in range(num_stages)]
+        self._disjoint = True
 
     def add(self, stage: int, start: float, end: float, train: bool) -> None:
-        bisect.insort(self.iv[stage], (start, end, train))
+        iv = self.iv[stage]
+        item = (start, end, train)
+        i = bisect.bisect_right(iv, item)
+        if self._disjoint and (end < start or (i > 0 and iv[i - 1][1] > start)
+                               or (i < len(iv) and end > iv[i][0])):
+            self._disjoint = False
+        iv.insert(i, item)
+        self._ends[stage].insert(i, end)
+        if not train:
+            inf = self._inf[stage]
+            j = bisect.bisect_right(inf, (start, end))
+            inf.insert(j, (start, end))
+            self._inf_ends[stage].insert(j, end)
 
     def earliest(self, stage: int, ready: float, dur: float, jump_training: bool) -> tuple[float, float]:
         """Earliest start >= ready with `dur` free on `stage`, and the end of the op before it.
@@ -46,6 +71,54 @@ class NodeTimeline:
         With jump_training (inference under inference-first dispatch), queued training ops that
         would not have started by then do not block: the inference op is dispatched first.
         """
+        if not self._disjoint:
+            return self._earliest_scan(stage, ready, dur, jump_training)
+        # Intervals ending by `ready` only raise prev_end; ends are sorted, so that is the last.
+        ends = self._ends[stage]
+        i = bisect.bisect_right(ends, ready)
+        prev_end = ends[i - 1] if i and ends[i - 1] > -1.0 else -1.0
+        t = ready
+        iv = self.iv[stage]
+        n = len(iv)
+        if jump_training:
+            # Only the first interval ending after `ready` can be training that blocks (one that
+            # already covers `ready`); every later one starts after t and is jumped.
+            if i < n:
+                start, end, train = iv[i]
+                if not (train and start >= t):
+                    if start >= t + dur:
+                        return t, prev_end
+                    if end > prev_end:
+                        prev_end = end
+                    t = end
+            inf = self._inf[stage]
+            j = bisect.bisect_right(self._inf_ends[stage], t)
+            for k in range(j, len(inf)):
+                start, end = inf[k]
+                if end <= t:
+                    continue  # a zero-length op at t: prev_end is t already
+                if start >= t + dur:
+                    break
+                if end > prev_end:
+                    prev_end = end
+                t = end
+            return t, prev_end
+        while i < n:
+            start, end, _ = iv[i]
+            i += 1
+            if end <= t:
+                if end > prev_end:
+                    prev_end = end
+                continue
+            if start >= t + dur:
+                break
+            if end > prev_end:
+                prev_end = end
+            t = end
+        return t, prev_end
+
+    def _earliest_scan(self, stage: int, ready: float, dur: float, jump_training: bool) -> tuple[float, float]:
+        """The reference walk over every interval (any input, overlapping or not)."""
         t = ready
         prev_end = -1.0
         for start, end, train in self.iv[stage]:
@@ -65,8 +138,9 @@ class NodeTimeline:
         """Commit a dependent chain of (stage, duration) ops; return the end of the last."""
         for stage, dur in stage_ops:
             start, _ = self.earliest(stage, ready, dur, False)
-            self.add(stage, start, start + dur, train)
-            ready = start + dur
+            end = start + dur
+            self.add(stage, start, end, train)
+            ready = end
         return ready
 
 

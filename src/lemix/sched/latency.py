@@ -142,6 +142,7 @@ class LatencyModel:
         self.calibrate = calibrate
         self.alpha = alpha
         self._ratio: dict[tuple[int, OpKind], float] = {}
+        self.version = 0  # bumped whenever a correction changes (callers cache on it)
 
     def predict(self, kind: OpKind, stage: int, batch: int = 1, seq: int = 0, kv: int = 0,
                 nbytes: int = 0) -> float:
@@ -162,6 +163,7 @@ class LatencyModel:
         obs = measured_s / raw
         old = self._ratio.get(key)
         self._ratio[key] = obs if old is None else (1 - self.alpha) * old + self.alpha * obs
+        self.version += 1
 
     def correction(self, stage: int, kind: OpKind) -> float:
         return self._ratio.get((stage, kind), 1.0)
