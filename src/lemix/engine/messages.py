@@ -114,6 +114,21 @@ class SetWeights:
 
 
 @dataclass(frozen=True)
+class GetState:
+    """Ask for this stage's weights and optimizer state (CPU copies), for a checkpoint."""
+
+
+@dataclass(frozen=True)
+class SetState:
+    """Restore weights and optimizer state from a checkpoint (GetState's StateResult fields);
+    version None keeps the current version number."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer: dict
+    version: int | None = None
+
+
+@dataclass(frozen=True)
 class Memory:
     """Ask for the stage's memory state."""
 
@@ -172,6 +187,16 @@ class MoveResult:
 @dataclass(frozen=True)
 class WeightsResult:
     state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
+    version: int = 0
+    compute_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class StateResult:
+    """After GetState: the stage's weights and its optimizer's state_dict, as CPU copies."""
+
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: dict = field(default_factory=dict)
     version: int = 0
     compute_s: float = 0.0
 

@@ -45,6 +45,9 @@ class Listener(Protocol):
         """Training tasks whose gradients an optimizer step of `node` just applied."""
         ...
 
+    # Optional: on_train_loss(node, loss) -- a training micro-batch's mean token NLL, as soon as
+    # its forward reached the last stage (called only when the listener has the method).
+
 
 _SUBMIT = ("submit",)
 
@@ -252,6 +255,9 @@ class Engine:
                 return ()
             if op.train:
                 self._train_losses.append((op.node, end, res.loss))
+                hook = getattr(self.listener, "on_train_loss", None)   # optional listener method
+                if hook is not None:
+                    hook(op.node, res.loss)
                 return ()
             for tid, nll in zip(op.task_ids, res.seq_nll or ()):
                 self.inference_loss[tid] = nll

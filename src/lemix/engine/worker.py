@@ -10,6 +10,7 @@ SetWeights raise instead.
 """
 from __future__ import annotations
 
+import copy
 import time
 from itertools import chain
 
@@ -17,9 +18,9 @@ import torch
 
 from lemix.engine.kvcache import KVCache
 from lemix.engine.messages import (Backward, BackwardResult, Decode, DecodeResult, Forward,
-                                   ForwardResult, Free, FreeResult, GetWeights, Memory,
-                                   MemoryState, MoveResult, Offload, Reload, SetWeights, Step,
-                                   VersionResult, WeightsResult)
+                                   ForwardResult, Free, FreeResult, GetState, GetWeights, Memory,
+                                   MemoryState, MoveResult, Offload, Reload, SetState, SetWeights,
+                                   StateResult, Step, VersionResult, WeightsResult)
 from lemix.engine.sampling import sample_tokens
 from lemix.engine.stage import StageModule, causal_lm_loss, mask_labels, sequence_nll
 from lemix.engine.stash import ActivationStash
@@ -61,6 +62,7 @@ class StageWorker:
             Forward: self._forward, Backward: self._backward, Decode: self._decode,
             Free: self._free, Step: self._step, Offload: self._offload, Reload: self._reload,
             GetWeights: self._get_weights, SetWeights: self._set_weights, Memory: self._memory,
+            GetState: self._get_state, SetState: self._set_state,
         }
 
     def handle(self, cmd):
@@ -235,6 +237,29 @@ class StageWorker:
                 tensor.copy_(cmd.state_dict[key])
         if cmd.version is not None:
             self.version = cmd.version
+        return VersionResult(self.version, compute_s=t.s)
+
+    def _get_state(self, cmd: GetState) -> StateResult:
+        """Weights + optimizer state; gradients accumulated but not yet stepped are not included."""
+        def cpu(x):
+            if torch.is_tensor(x):
+                return x.detach().to("cpu", copy=True)
+            if isinstance(x, dict):
+                return {k: cpu(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return type(x)(cpu(v) for v in x)
+            return x
+        with _Timer(self.device) as t:
+            weights = cpu(self.stage.state_dict())
+            optim = cpu(self.optimizer.state_dict())
+        return StateResult(weights, optim, self.version, compute_s=t.s)
+
+    def _set_state(self, cmd: SetState) -> VersionResult:
+        self._set_weights(SetWeights(cmd.weights, cmd.version))
+        with _Timer(self.device) as t:
+            # a private copy (the caller keeps its own); load_state_dict moves it onto the device
+            self.optimizer.load_state_dict(copy.deepcopy(cmd.optimizer))
+            self.optimizer.zero_grad(set_to_none=True)
         return VersionResult(self.version, compute_s=t.s)
 
     def _memory(self, cmd: Memory) -> MemoryState:
