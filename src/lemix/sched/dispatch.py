@@ -48,7 +48,18 @@ class Dispatcher:
             return _INF, _BWD, _FWD, _NEW
         return _INF, _INF, _INF, _INF
 
-    def _candidates(self, node: NodeState, s: int, now: float) -> list[tuple]:
+    @staticmethod
+    def _due_stages(node: NodeState) -> dict[int, list[Batch]]:
+        """The node's batches by the stage their next op is due on (one pass per dispatch,
+        so a device looks only at its own)."""
+        due: dict[int, list[Batch]] = {}
+        for b in node.batches.values():
+            s = b.bwd_next if b.train and b.fwd_done else b.fwd_next
+            due.setdefault(s, []).append(b)
+        return due
+
+    def _candidates(self, node: NodeState, s: int, now: float,
+                    due: dict[int, list[Batch]] | None = None) -> list[tuple]:
         dev = node.devices[s]
         syncing = dev.sync_pending >= 0
         if syncing and not self._stash_on(node, s):
@@ -62,7 +73,7 @@ class Dispatcher:
             out.append(((c_inf, it.ready_s, 0, it.bid), "decode", it))
         elif s == 0 and it is None and node.seqs:
             out.append(((c_inf, node.last_decode_end_s, 0, -1), "decode_new", None))
-        for b in node.batches.values():
+        for b in (node.batches.values() if due is None else due.get(s, ())):
             if b.running:
                 continue
             if not b.train:
@@ -103,17 +114,19 @@ class Dispatcher:
     def _dispatch_node(self, node: NodeState, now: float) -> list[Op]:
         self._waiting_nodes.discard(node.index)
         ops = []
+        by_stage = self._due_stages(node)
         for s, dev in enumerate(node.devices):
             if dev.running is None:
-                op = self._dispatch_device(node, s, now)
+                op = self._dispatch_device(node, s, now, by_stage)
                 if op is not None:
                     ops.append(op)
         return ops
 
-    def _dispatch_device(self, node: NodeState, s: int, now: float) -> Op | None:
+    def _dispatch_device(self, node: NodeState, s: int, now: float,
+                         by_stage: dict[int, list[Batch]] | None = None) -> Op | None:
         dev = node.devices[s]
         due = self._inference_due(node, s) if self.policy.lookahead else float("inf")
-        candidates = self._candidates(node, s, now)
+        candidates = self._candidates(node, s, now, by_stage)
         if dev.wait_key is not None and all(c[0] != dev.wait_key for c in candidates):
             dev.wait_key, dev.wait_since_s = None, None  # the waiting op is no longer a candidate
         for key, kind, obj in candidates:

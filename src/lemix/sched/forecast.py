@@ -137,6 +137,17 @@ class NodeTimeline:
     def chain(self, stage_ops: list[tuple[int, float]], ready: float, train: bool) -> float:
         """Commit a dependent chain of (stage, duration) ops; return the end of the last."""
         for stage, dur in stage_ops:
+            iv = self.iv[stage]
+            item = (ready, ready + dur, train)
+            if self._disjoint and (not iv or (ready >= self._ends[stage][-1] and iv[-1] <= item)):
+                # the stage is free from `ready` on: the op goes last (what earliest + add do)
+                iv.append(item)
+                self._ends[stage].append(item[1])
+                if not train:
+                    self._inf[stage].append((ready, item[1]))
+                    self._inf_ends[stage].append(item[1])
+                ready = item[1]
+                continue
             start, _ = self.earliest(stage, ready, dur, False)
             end = start + dur
             self.add(stage, start, end, train)

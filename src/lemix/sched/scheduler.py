@@ -62,7 +62,7 @@ class Scheduler(Dispatcher):
         self._resolved: set[int] = set()
         self._slo: dict[int, float] = {}
         self._raw_times: dict[tuple[int, int, bool], tuple[list[float], list[float]]] = {}
-        self._times: dict[tuple[int, int, bool], tuple[int, list[float], list[float]]] = {}
+        self._times: dict[tuple[int, int, bool], tuple] = {}   # shape -> (version, fwd, bwd, chain)
         self._corr: tuple[int, list[float], list[float]] = (-1, [], [])
         self._owed: list[float] = [0.0] * params.nodes
         self._timelines: dict[tuple[int, str], NodeTimeline] = {}
@@ -329,8 +329,18 @@ class Scheduler(Dispatcher):
         cf, cb = self._corrections()
         fwd = [t * c for t, c in zip(raw[0], cf)]
         bwd = [t * c for t, c in zip(raw[1], cb)]
-        self._times[key] = (version, fwd, bwd)
+        ops = list(enumerate(fwd)) + [(s, bwd[s]) for s in range(len(bwd) - 1, -1, -1)]
+        self._times[key] = (version, fwd, bwd, ops)
         return fwd, bwd
+
+    def _shape_chain(self, batch: int, tokens: int, train: bool) -> list[tuple[int, float]]:
+        """The whole chain of a fresh task of that shape as (stage, duration) ops: forwards
+        0..S-1, then (training) backwards S-1..0. Cached like _shape_times; read only."""
+        hit = self._times.get((batch, tokens, train))
+        if hit is None or hit[0] != self.lat.version:
+            self._shape_times(batch, tokens, train)
+            hit = self._times[(batch, tokens, train)]
+        return hit[3]
 
     def _corrections(self) -> tuple[list[float], list[float]]:
         version = self.lat.version
@@ -406,8 +416,7 @@ class Scheduler(Dispatcher):
                 bwd = [(s, tb[s]) for s in range(bstart, -1, -1)]
                 train.append((ready, fwd + bwd, True))
         for t in node.infer_wait[:_CHAIN_CAP]:
-            fwd, _ = self._stage_times(t)
-            infer.append((t.arrival_s, list(enumerate(fwd)), False))
+            infer.append((t.arrival_s, self._shape_chain(t.batch_size, t.prompt_tokens, False), False))
         if include_train:
             train.extend(self._train_wait_chains(node))
         chains = infer + train if self.infer_first else sorted(infer + train, key=lambda c: c[0])
@@ -425,12 +434,13 @@ class Scheduler(Dispatcher):
         out = []
         per_stage = [0.0] * S
         for t in node.train_wait[:_CHAIN_CAP]:
-            fwd, bwd = self._stage_times(t)
-            out.append((t.arrival_s, list(enumerate(fwd)) + [(s, bwd[s]) for s in range(S - 1, -1, -1)], True))
-            for s in range(S):
-                per_stage[s] += fwd[s] + bwd[s]
+            out.append((t.arrival_s, self._shape_chain(t.batch_size, t.prompt_tokens, True), True))
         extra = len(node.train_wait) - _CHAIN_CAP
         if extra > 0:
+            for t in node.train_wait[:_CHAIN_CAP]:
+                fwd, bwd = self._stage_times(t)
+                for s in range(S):
+                    per_stage[s] += fwd[s] + bwd[s]
             out.append((0.0, [(s, per_stage[s] / _CHAIN_CAP * extra) for s in range(S)], True))
         return out
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from lemix.types import Op, Task
 
@@ -28,11 +29,11 @@ class Batch:
     stash_stages: set[int] = field(default_factory=set)      # stages holding its activations
     offloaded_stages: set[int] = field(default_factory=set)  # ... of which moved to host
 
-    @property
-    def size(self) -> int:
+    @cached_property
+    def size(self) -> int:  # tasks and seq_tokens never change after the batch is formed
         return sum(t.batch_size for t in self.tasks)
 
-    @property
+    @cached_property
     def tokens(self) -> int:
         return self.size * self.seq_tokens
 
