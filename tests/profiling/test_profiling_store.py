@@ -98,3 +98,13 @@ def test_remap_keeps_model_totals():
         a_range = (min(s.fwd.a for s in p.stages), max(s.fwd.a for s in p.stages))
         assert all(a_range[0] - 1e-15 <= s.fwd.a <= a_range[1] + 1e-15 for s in q.stages)
     assert remap_stages(p, 2) == p
+
+
+def test_reading_a_profile_does_not_import_torch():
+    """The simulator reads profiles: lemix.profiling loads torch / matplotlib only to measure/plot."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lemix.profiling as p; p.load_profile; "
+            "bad = [m for m in ('torch', 'matplotlib') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
