@@ -45,6 +45,7 @@ _COMMON = [
     ("--pipeline", "policy.pipeline", str, "apipe | gpipe | 1f1b"),
     ("--microbatches", "policy.microbatches", int, ""),
     ("--sync-every", "policy.sync_every", int, ""),
+    ("--average-every", "policy.average_every", int, ""),
     ("--slo-scale", "slo.scale", float, ""),
     ("--slo-ttft", "slo.ttft_s", float, ""),
     ("--slo-e2e", "slo.e2e_s", float, ""),

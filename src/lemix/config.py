@@ -29,6 +29,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "policy.names": ["lemix", "naivemix", "separate"],
     "policy.microbatches": 2,
     "policy.sync_every": 4,
+    "policy.average_every": 4,
 }
 
 
@@ -110,7 +111,9 @@ class PolicyConfig(_Strict):
     max_wait_s: float = Field(0.0, ge=0, description="T_w: max time a request waits to fill a batch")
     pipeline: Literal["apipe", "gpipe", "1f1b"] = "apipe"
     microbatches: int = Field(4, ge=1, description="M: micro-batches per S-PP round")
-    sync_every: int = Field(8, ge=1, description="K: training steps between weight syncs")
+    sync_every: int = Field(8, ge=1, description="K: training steps between weight syncs (separate)")
+    average_every: int = Field(0, ge=0, description="co-located: average weights across training "
+                               "nodes every K of a node's steps (0 = never)")
     no_profile: bool = False
     no_prioritization: bool = False
     no_memory_check: bool = False
@@ -155,7 +158,8 @@ class LemixConfig(_Strict):
             lambda1=p.lambda1, lambda2=p.lambda2, tau=p.tau, tau_r=p.tau_r, t_max_s=p.t_max_s,
             kappa=p.kappa, min_train_share=p.min_train_share, max_defer_s=p.max_defer_s,
             max_batch=p.max_batch, max_wait_s=p.max_wait_s, pipeline=p.pipeline,
-            microbatches=p.microbatches, sync_every=p.sync_every, generate=self.workload.mode == "generate",
+            microbatches=p.microbatches, sync_every=p.sync_every, average_every=p.average_every,
+            generate=self.workload.mode == "generate",
             train_share=self.workload.effective_train_share,
             no_profile=p.no_profile, no_prioritization=p.no_prioritization,
             no_memory_check=p.no_memory_check, slo_scale=self.slo.scale, slo_ttft_s=self.slo.ttft_s,

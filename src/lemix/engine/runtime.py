@@ -24,6 +24,7 @@ from lemix.engine.stage import split_stages
 from lemix.sched.latency import Profile
 from lemix.sched.params import SchedParams
 from lemix.sched.scheduler import Scheduler
+from lemix.sched.state import SYNC_AVERAGE
 from lemix.types import (Op, OpKind, OpResult, RequestRecord, RunResult, Task, TrainStepRecord,
                          TrainTaskRecord)
 
@@ -88,6 +89,7 @@ class Engine:
         self._compute_s = 0.0
         self._busy_s = 0.0
         self.listener = listener
+        self._gather: dict[int, tuple[int, list]] = {}            # SYNC_AVERAGE op -> (copies, got)
         self._seen = {"requests": 0, "train_tasks": 0, "train_steps": 0, "events": 0}
         self._unapplied: dict[int, list[int]] = {}               # node -> finished, not yet stepped
         self._stop_requested: set[int] = set()
@@ -171,6 +173,14 @@ class Engine:
 
     def _launch(self, op: Op) -> None:
         self._flights[op.op_id] = _Flight(op, self.clock.now())
+        if op.kind is OpKind.SYNC and op.peer == SYNC_AVERAGE:   # gather every copy, then average
+            nodes = [n.index for n in self.sched.nodes if n.healthy and n.trains]
+            if op.node not in nodes:
+                nodes.append(op.node)
+            self._gather[op.op_id] = (len(nodes), [])
+            for n in nodes:
+                self.backend.submit(n, op.stage, GetWeights(), ("avg_get", op.op_id))
+            return
         if op.kind is OpKind.SYNC:  # fetch the source stage's weights first, then overwrite
             self.backend.submit(op.peer, op.stage, GetWeights(), ("sync_get", op.op_id))
             return
@@ -225,6 +235,17 @@ class Engine:
             if sampling is not None:
                 self._sampling[task.task_id] = sampling
             self._arrive(task)
+            return
+        if isinstance(tag, tuple) and tag[0] == "avg_get":
+            if isinstance(res, Exception):
+                return self._op_error(self._flights[tag[1]].op, res)
+            want, got = self._gather[tag[1]]
+            got.append(res.state_dict)
+            if len(got) == want:
+                del self._gather[tag[1]]
+                op = self._flights[tag[1]].op
+                avg = {k: torch.stack([sd[k] for sd in got]).mean(dim=0) for k in got[0]}
+                self.backend.submit(op.node, op.stage, SetWeights(avg), op.op_id)
             return
         if isinstance(tag, tuple) and tag[0] == "sync_get":
             if isinstance(res, Exception):

@@ -14,7 +14,7 @@ on a real device.
 """
 from __future__ import annotations
 
-from lemix.sched.state import Batch, DecodeIter, NodeState, Seq
+from lemix.sched.state import SYNC_AVERAGE, SYNC_NONE, Batch, DecodeIter, NodeState, Seq
 from lemix.types import (Op, OpKind, OpRecord, OpResult, RequestRecord, Task, TrainStepRecord,
                          TrainTaskRecord)
 
@@ -61,7 +61,7 @@ class Dispatcher:
     def _candidates(self, node: NodeState, s: int, now: float,
                     due: dict[int, list[Batch]] | None = None) -> list[tuple]:
         dev = node.devices[s]
-        syncing = dev.sync_pending >= 0
+        syncing = dev.sync_pending != SYNC_NONE
         if syncing and not self._stash_on(node, s):
             return [((_SYNC, 0.0, 0, 0), "sync", None)]  # never under a pending backward
         c_inf, c_bwd, c_fwd, c_new = self._classes()
@@ -135,6 +135,8 @@ class Dispatcher:
                 continue  # inference reaches this stage before the training op would end
             if kind == "sync":
                 nbytes = self.profile.stages[s].weight_bytes
+                if dev.sync_pending == SYNC_AVERAGE:  # pull every peer's copy
+                    nbytes *= max(1, sum(1 for n in self.nodes if n.healthy and n.trains) - 1)
                 return self._start(node, s, OpKind.SYNC, -1, (), False, nbytes=nbytes, ctx=("sync",),
                                    peer=dev.sync_pending)
             if kind == "optim":
@@ -521,6 +523,19 @@ class Dispatcher:
                 for n in self.nodes:
                     if n.serves and not n.trains:
                         self._request_sync(n)
+        elif self.params.average_every and version % self.params.average_every == 0:
+            self._request_average(node)
+
+    def _request_average(self, node: NodeState) -> None:
+        """Co-located nodes train on different data; every K steps a node averages its weights
+        with the other training nodes' (gossip-style FedAvg; counts as the freshest version)."""
+        peers = [n for n in self.nodes if n.trains and n.healthy]
+        if len(peers) < 2:
+            return
+        for d in node.devices:
+            d.sync_pending = SYNC_AVERAGE
+            d.sync_version = max(n.version for n in peers)
+        self._touch(node)
 
     def _request_sync(self, node: NodeState) -> None:
         """Copy weights into every stage of `node` from the freshest training node."""
@@ -535,8 +550,8 @@ class Dispatcher:
 
     def _done_sync(self, node: NodeState, op: Op, ctx: tuple, result: OpResult) -> None:
         dev = node.devices[op.stage]
-        dev.sync_pending = -1
-        if all(d.sync_pending < 0 for d in node.devices):
+        dev.sync_pending = SYNC_NONE
+        if all(d.sync_pending == SYNC_NONE for d in node.devices):
             node.version = max(node.version, dev.sync_version)
             for d in node.devices:
                 d.step_count = node.version

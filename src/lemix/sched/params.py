@@ -22,6 +22,7 @@ class SchedParams:
     pipeline: str = "apipe"
     microbatches: int = 4
     sync_every: int = 8
+    average_every: int = 0
     generate: bool = False
     train_share: float | None = 0.5
     no_profile: bool = False

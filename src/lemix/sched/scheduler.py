@@ -25,7 +25,7 @@ from lemix.sched.latency import LatencyModel, Profile, generic_profile
 from lemix.sched.params import SchedParams
 from lemix.sched.pipeline import make_pipeline
 from lemix.sched.registry import make_policy
-from lemix.sched.state import Device, LengthStats, NodeState
+from lemix.sched.state import SYNC_NONE, Device, LengthStats, NodeState
 from lemix.types import Op, OpKind, OpResult, RequestRecord, RunResult, Task, TaskKind, TrainTaskRecord
 
 _UNSET = object()
@@ -165,7 +165,7 @@ class Scheduler(Dispatcher):
         """Nothing queued, nothing running, nothing deferred."""
         return (not self._incoming and not self._deferred and not self._running
                 and all(not n.infer_wait and not n.train_wait and not n.batches and not n.seqs
-                        and not any(d.grads_pending or d.sync_pending >= 0 for d in n.devices)
+                        and not any(d.grads_pending or d.sync_pending != SYNC_NONE for d in n.devices)
                         for n in self.nodes))
 
     def finalize(self) -> RunResult:

@@ -71,6 +71,10 @@ class DecodeIter:
     running: bool = False
 
 
+SYNC_NONE = -1      # Device.sync_pending: no weight sync due
+SYNC_AVERAGE = -2   # ... average this stage's weights with every other healthy training node's
+
+
 @dataclass
 class Device:
     """One stage device of a node: the op it runs and the memory it holds."""
@@ -86,7 +90,7 @@ class Device:
     wait_key: tuple | None = None       # ... and which op that is
     grads_pending: int = 0           # micro-batches whose gradients are accumulated, not stepped
     step_count: int = 0
-    sync_pending: int = -1           # SYNC: source node, -1 when none
+    sync_pending: int = -1           # SYNC: source node; SYNC_NONE (-1); SYNC_AVERAGE (-2)
     sync_version: int = 0
 
     @property
