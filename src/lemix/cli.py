@@ -153,6 +153,77 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from lemix.engine.api import stage_devices
+    from lemix.engine.model import load_model, split_stages
+    from lemix.engine.worker import StageWorker
+    from lemix.profiling import measure_profile, plot_profile, save_profile
+    from lemix.profiling.measure import grid_size
+
+    cfg = _config(args, RUN_DEFAULTS)
+    S = cfg.cluster.stages
+    hf_model, _, _ = load_model(cfg.model.name, seed=cfg.seed)
+    devices = stage_devices(cfg)
+    workers = [StageWorker(m, s, S, devices[s], lr=cfg.model.lr) for s, m in enumerate(split_stages(hf_model, S))]
+    print(f"lemix profile: {cfg.model.name}, {S} stages on {cfg.cluster.device}"
+          f"{' (quick)' if args.quick else ''}")
+    tick = None
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=grid_size(quick=args.quick, num_stages=S), desc="profiling", unit="point",
+                   disable=None, mininterval=0.5)
+        tick = bar.update
+    profile, samples = measure_profile(workers, model_name=cfg.model.name, device=cfg.cluster.device,
+                                       quick=args.quick, capacity_bytes=int(cfg.cluster.device_memory_gb * 1e9),
+                                       progress=tick, seed=cfg.seed)
+    if bar is not None:
+        bar.close()
+    out = Path(args.out or "profile.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_profile(profile, out, samples)
+    plot = plot_profile(profile, samples, out.with_suffix(".png"))
+    for key, err in sorted(profile.fit_error.items()):
+        print(f"  {key:<18} fit MAPE {100 * err:5.1f}%")
+    print(f"profile written to {out} (plot: {plot})")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from lemix.engine.api import engine_tasks, run_engine
+    from lemix.profiling import load_profile
+    from lemix.sim import simulate_policy
+    from lemix.validate import compare, plot_validation, write_validation
+
+    cfg = _config(args, {**RUN_DEFAULTS, "policy.names": ["lemix"]})
+    if not cfg.model.profile:
+        raise ConfigError("lemix validate needs --profile FILE (make one with `lemix profile`)")
+    profile = load_profile(cfg.model.profile, stages=cfg.cluster.stages, force=cfg.model.force_profile,
+                           capacity_bytes=int(cfg.cluster.device_memory_gb * 1e9), model=cfg.model.name,
+                           device=cfg.cluster.device)
+    policy = cfg.policy.names[0]
+    cfg.policy.names = [policy]
+    tasks = engine_tasks(cfg)
+    print(f"lemix validate: {len(tasks)} tasks, policy {policy}: real engine, then simulator")
+    (real,) = run_engine(cfg, profile=profile, tasks=tasks, progress=_progress(not args.no_progress))
+    sim, _ = simulate_policy(cfg.sched_params(policy), profile, tasks, noise=0.0)
+    report = compare(real, sim, profile)
+    for name in ("op", "e2e", "ttft"):
+        r = report[name]
+        if r["mape"] is not None:
+            print(f"  {name:<5} MAPE {100 * r['mape']:5.1f}%   |err| p50 {1e3 * r['abs_err_p50_s']:7.2f} ms"
+                  f"   p90 {1e3 * r['abs_err_p90_s']:7.2f} ms   (n={r['n']})")
+    for kind, r in report["op_by_kind"].items():
+        print(f"    {kind:<7} MAPE {100 * r['mape']:5.1f}%  (n={r['n']})")
+    if args.out:
+        out = Path(args.out)
+        write_validation(report, out)
+        plot_validation(real, sim, profile, out / "validation.png")
+        print(f"report in {out}/ (validation.json, validation.png)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lemix",
@@ -176,6 +247,31 @@ def build_parser() -> argparse.ArgumentParser:
                                    f"inference loss. Defaults differ from simulate: {shown}.")
     _add_options(p, _COMMON + _ENGINE, _FLAGS)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("profile", help="measure per-stage op latencies and memory of a model",
+                       description="Runs the real stages over a grid of batch sizes and lengths (and KV "
+                                   "lengths for decode), fits t = a + b*C*l + c*C*l^2 (forward, backward), "
+                                   "a + b*C + c*K (decode) and the optimizer step per stage, measures "
+                                   "memory per token and host copy bandwidth, and writes a versioned "
+                                   "JSON profile plus a plot of measured points against the fits.")
+    for flag, dotted, typ, extra in [t for t in _COMMON + _ENGINE
+                                     if t[0] in ("--stages", "--device-memory", "--seed", "--model",
+                                                 "--device", "--lr")]:
+        p.add_argument(flag, dest=dotted, type=typ, default=None, metavar=typ.__name__.upper(),
+                       help=f"{_describe(dotted)} [{dotted}]")
+    p.add_argument("--quick", action="store_true", help="a small grid (under a minute on 2 cores)")
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--out", help="profile JSON path (default profile.json; the plot goes beside it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("validate", help="compare a profile's predictions with the real engine",
+                       description="Runs the same workload (same seed, same arrivals) on the real engine "
+                                   "and in the simulator with --profile, and reports the error of per-op "
+                                   "durations and of per-request E2E/TTFT (MAPE, p50/p90 absolute error). "
+                                   "With --out DIR writes validation.json and validation.png.")
+    _add_options(p, _COMMON + _ENGINE, _FLAGS)
+    p.set_defaults(func=cmd_validate)
     return parser
 
 
