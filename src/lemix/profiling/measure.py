@@ -6,7 +6,8 @@ which include copying the input onto the device and the output back to host memo
 copies are a fixed plus per-token cost that the a and b terms absorb. compute_s would leave
 them out and make every forecast short by the same amount.
 
-The order of work, with warm-up calls first and medians of several repeats per point:
+The order of work; each phase runs a warm-up round, then several timed rounds over its grid
+(round-robin, see _Run), and keeps the median per point and stage:
   1. Step on a deep copy of each stage (fake gradients), so the real optimizer and weights are
      never touched; the copy also gives the grads + AdamW state bytes.
   2. Inference forward (prefill with keep_kv, the common case) over a (batch C, length l) grid;
@@ -14,9 +15,10 @@ The order of work, with warm-up calls first and medians of several repeats per p
   3. Training forward + backward over the same grid (backward timed separately); the stashed
      activation bytes per token come from Memory() after the forward, and at the largest point
      each stash is offloaded and reloaded to measure the host copy bandwidth.
-  4. Decode: prefill C sequences of P tokens, then decode steps; K = the summed attended length
-     (cached tokens + the new one), as the scheduler counts it. KV bytes per token come from
-     Memory() after the prefill (P a multiple of the KV block, so the count is exact).
+  4. Decode: prefill C sequences of P tokens, one untimed decode, then timed decode steps;
+     K = the summed attended length (cached tokens + the new one), as the scheduler counts it.
+     KV bytes per token come from Memory() after the prefill (P a multiple of the KV block, so
+     the count is exact).
 The training backward accumulates gradients; they are put back as they were at the end (None
 for an idle worker), so the workers leave bit-identical, with no stash and no KV.
 """
@@ -44,22 +46,25 @@ class Grid:
     decode: tuple[tuple[int, int], ...]        # (C, P): batch and prompt length before decoding
     warmup: int
     repeats: int
-    decode_steps: int                          # timed decode iterations per point
+    decode_steps: int                          # timed decode iterations per point and round
 
     def points(self, num_stages: int) -> int:
-        """Progress units of a run: one per grid point and one per stage's Step."""
-        return 2 * len(self.shapes) + len(self.decode) + num_stages
+        """Progress units of a run: one per measured call of a grid point (warm-ups included)
+        and one per stage's Step phase."""
+        rounds = self.warmup + self.repeats
+        return rounds * (2 * len(self.shapes) + len(self.decode)) + num_stages
 
 
 def _shapes(batches, lengths, max_tokens) -> tuple[tuple[int, int], ...]:
     return tuple((c, l) for c in batches for l in lengths if c * l <= max_tokens)
 
 
-QUICK = Grid(shapes=_shapes((1, 4), (16, 64, 256), 1024) + ((16, 32),),
-             decode=((1, 16), (4, 128), (16, 32), (8, 256)), warmup=1, repeats=5, decode_steps=5)
+QUICK = Grid(shapes=_shapes((1, 2, 4, 8), (16, 64, 256), 1024) + ((16, 32),),
+             decode=tuple((c, p) for c in (1, 4, 16) for p in (16, 64, 256) if c * p <= 2048),
+             warmup=1, repeats=5, decode_steps=3)
 FULL = Grid(shapes=_shapes((1, 2, 4, 8, 16), (16, 32, 64, 128, 256, 512), 4096),
             decode=tuple((c, p) for c in (1, 2, 4, 8, 16, 32) for p in (16, 64, 256)),
-            warmup=2, repeats=7, decode_steps=7)
+            warmup=1, repeats=7, decode_steps=3)
 
 
 def grid_size(*, quick: bool, num_stages: int) -> int:
@@ -240,7 +245,12 @@ def measure_profile(workers: list, *, model_name: str, device: str, quick: bool 
 
 
 class _Run:
-    """The measuring phases of measure_profile; each fills `raw` (per stage, per op) and ticks."""
+    """The measuring phases of measure_profile; each fills `raw` (per stage, per op) and ticks.
+
+    Repeats are taken round-robin: each round measures every grid point once, so a burst of
+    outside load (a shared machine) spoils one repeat of several points rather than all repeats
+    of one point, and the median drops it.
+    """
 
     def __init__(self, session: _Session, grid: Grid, tick: Callable[[int], None]):
         self.session, self.grid, self.tick = session, grid, tick
@@ -250,6 +260,17 @@ class _Run:
         self.copies: list[list] = []             # [kind, bytes, seconds] of offloads / reloads
         self.train_state: list[int] = []
         self.largest = max(grid.shapes, key=lambda cl: cl[0] * cl[1])
+
+    def _rounds(self, points, measure: Callable) -> dict:
+        """measure(point, round) for every round and point; the results of the timed rounds."""
+        runs: dict = {pt: [] for pt in points}
+        for r in range(self.grid.warmup + self.grid.repeats):
+            for pt in points:
+                out = measure(pt, r)
+                if r >= self.grid.warmup:
+                    runs[pt].append(out)
+                self.tick(1)
+        return runs
 
     def _record(self, op: str, x1: int, x2: int, runs: list[list[float]]) -> None:
         for s, t in enumerate(_median_per_stage(runs)):
@@ -263,53 +284,56 @@ class _Run:
             self.tick(1)
 
     def inference_forward(self) -> None:
-        g, ses = self.grid, self.session
-        for C, l in g.shapes:
-            runs = []
-            for r in range(g.warmup + g.repeats):
-                _, seqs, times, _ = ses.forward(ses.tokens(C, l), train=False, keep_kv=True)
-                ses.free(seqs=seqs)
-                if r >= g.warmup:
-                    runs.append(times)
+        ses = self.session
+
+        def measure(shape, r):
+            _, seqs, times, _ = ses.forward(ses.tokens(*shape), train=False, keep_kv=True)
+            ses.free(seqs=seqs)
+            return times
+
+        for (C, l), runs in self._rounds(self.grid.shapes, measure).items():
             self._record("fwd", C, l, runs)
-            self.tick(1)
 
     def training(self) -> None:
-        g, ses = self.grid, self.session
-        for C, l in g.shapes:
-            fruns, bruns = [], []
-            for r in range(g.warmup + g.repeats):
-                bid, _, ftimes, _ = ses.forward(ses.tokens(C, l), train=True)
-                if r == 0:
-                    for s, w in enumerate(self.workers):
-                        self.raw[s]["act_bytes"].append([C, l, w.handle(Memory()).act_bytes])
-                if (C, l) == self.largest and r >= g.warmup:
-                    self.copies.extend(_host_copies(self.workers, bid))
-                btimes = ses.backward(bid)
-                if r >= g.warmup:
-                    fruns.append(ftimes)
-                    bruns.append(btimes)
-            self._record("fwd_train", C, l, fruns)
-            self._record("bwd", C, l, bruns)
-            self.tick(1)
+        ses = self.session
+
+        def measure(shape, r):
+            C, l = shape
+            bid, _, ftimes, _ = ses.forward(ses.tokens(C, l), train=True)
+            if r == 0:
+                for s, w in enumerate(self.workers):
+                    self.raw[s]["act_bytes"].append([C, l, w.handle(Memory()).act_bytes])
+            if shape == self.largest and r >= self.grid.warmup:
+                self.copies.extend(_host_copies(self.workers, bid))
+            return ftimes, ses.backward(bid)
+
+        for (C, l), runs in self._rounds(self.grid.shapes, measure).items():
+            self._record("fwd_train", C, l, [f for f, _ in runs])
+            self._record("bwd", C, l, [b for _, b in runs])
 
     def decode(self) -> None:
-        g, ses = self.grid, self.session
-        for C, P in g.decode:
+        ses = self.session
+
+        def measure(point, r):
+            """Prefill, one untimed decode (it may grow the KV blocks), then the timed steps."""
+            C, P = point
             _, seqs, _, res = ses.forward(ses.tokens(C, P), train=False, keep_kv=True)
-            if P % BLOCK_TOKENS == 0:            # KV capacity is exact: bytes / tokens per token
+            if r == 0 and P % BLOCK_TOKENS == 0:     # exact KV capacity: bytes / tokens per token
                 for s, w in enumerate(self.workers):
                     self.raw[s]["kv_bytes"].append([C, P, w.handle(Memory()).kv_bytes])
-            tokens, runs, ks = res.next_tokens, [], []
-            for i in range(g.warmup + g.decode_steps):
-                k = C * (P + i + 1)                 # cached P + i tokens, plus the new one
+            tokens, _ = ses.decode(seqs, res.next_tokens)
+            steps = []
+            for _ in range(self.grid.decode_steps):
                 tokens, times = ses.decode(seqs, tokens)
-                if i >= g.warmup:
-                    runs.append(times)
-                    ks.append(k)
+                steps.append(times)
             ses.free(seqs=seqs)
-            self._record("decode", C, round(median(ks)), runs)
-            self.tick(1)
+            return steps
+
+        n = self.grid.decode_steps
+        for (C, P), runs in self._rounds(self.grid.decode, measure).items():
+            # step i sees P + 1 + i cached tokens per sequence, plus the new one
+            k_mid = C * (P + 2 + (n - 1) / 2)
+            self._record("decode", C, round(k_mid), [steps for rnd in runs for steps in rnd])
 
     def cuda_tmp(self) -> list[int | None]:
         if all(w.device.type != "cuda" for w in self.workers):
