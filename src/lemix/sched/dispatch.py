@@ -115,11 +115,17 @@ class Dispatcher:
         self._waiting_nodes.discard(node.index)
         ops = []
         by_stage = self._due_stages(node)
+        stage0_work = bool(node.infer_wait or node.train_wait or node.seqs)
+        decode_at = node.decode.stage if node.decode is not None else -1
         for s, dev in enumerate(node.devices):
-            if dev.running is None:
-                op = self._dispatch_device(node, s, now, by_stage)
-                if op is not None:
-                    ops.append(op)
+            if dev.running is not None:
+                continue
+            if (s not in by_stage and s != decode_at and not (s == 0 and stage0_work)
+                    and dev.sync_pending == SYNC_NONE and not dev.grads_pending and dev.wait_key is None):
+                continue  # nothing could be a candidate here (_candidates would return [])
+            op = self._dispatch_device(node, s, now, by_stage)
+            if op is not None:
+                ops.append(op)
         return ops
 
     def _dispatch_device(self, node: NodeState, s: int, now: float,

@@ -66,6 +66,9 @@ class Scheduler(Dispatcher):
         self._corr: tuple[int, list[float], list[float]] = (-1, [], [])
         self._owed: list[float] = [0.0] * params.nodes
         self._timelines: dict[tuple[int, str], NodeTimeline] = {}
+        self._empty_tl = NodeTimeline(params.stages, 0.0)   # what an idle node's timeline is
+        self._idle_fc: tuple[tuple, Forecast | None] = ((), None)
+        self._idle_congested: tuple[tuple, bool] = ((), False)
         self._infer_len = LengthStats()
         self._infer_out = LengthStats()
         self._placed_train = 0
@@ -209,7 +212,19 @@ class Scheduler(Dispatcher):
     def forecast(self, node: int, task: Task) -> Forecast:
         fwd, bwd = self._stage_times(task)
         jump = self.infer_first and not task.is_train   # inference overtakes queued training
-        f = forecast_chain(self._timeline(node, "all"), self.clock.now(), task.arrival_s, fwd, bwd, jump)
+        now = self.clock.now()
+        if self._node_idle(self.nodes[node]):
+            # every idle node has the same (empty) timeline: one forecast serves them all
+            key = (task.batch_size, task.prompt_tokens, task.output_tokens, task.is_train, task.arrival_s,
+                   now, self.lat.version, jump)
+            if self._idle_fc[0] != key:
+                self._idle_fc = (key, self._forecast_on(self._empty_tl, node, task, fwd, bwd, jump, now))
+            return self._idle_fc[1]
+        return self._forecast_on(self._timeline(node, "all"), node, task, fwd, bwd, jump, now)
+
+    def _forecast_on(self, tl: NodeTimeline, node: int, task: Task, fwd: list[float], bwd: list[float],
+                     jump: bool, now: float) -> Forecast:
+        f = forecast_chain(tl, now, task.arrival_s, fwd, bwd, jump)
         if self.params.generate and not task.is_train and task.output_tokens > 1:
             n = self.nodes[node]
             it = self._decode_iter_s(len(n.seqs) + 1, sum(s.kv_tokens for s in n.seqs.values())
@@ -226,9 +241,22 @@ class Scheduler(Dispatcher):
         probe = Task(-1, TaskKind.INFER, self.clock.now(), max(1, int(self._infer_len.mean)),
                      max(1, int(self._infer_out.mean)))
         fwd, _ = self._stage_times(probe)
-        tl = self._timeline(node, "infer")
+        idle = self._node_idle(self.nodes[node])
+        key = (probe.prompt_tokens, probe.output_tokens, probe.arrival_s, self.lat.version)
+        if idle and self._idle_congested[0] == key:
+            return self._idle_congested[1]
+        tl = self._empty_tl if idle else self._timeline(node, "infer")
         f = forecast_chain(tl, self.clock.now(), probe.arrival_s, fwd, [], False)
-        return f.r_s > self.params.tau_r * self._compute_slo(probe)
+        congested = f.r_s > self.params.tau_r * self._compute_slo(probe)
+        if idle:
+            self._idle_congested = (key, congested)
+        return congested
+
+    @staticmethod
+    def _node_idle(node: NodeState) -> bool:
+        """Nothing running, queued or in flight: its forecast timeline is empty."""
+        return (not node.batches and not node.infer_wait and not node.train_wait and not node.seqs
+                and node.decode is None and all(d.running is None for d in node.devices))
 
     # ------------------------------------------------------------------ placement
     def _place_incoming(self, now: float) -> None:
