@@ -154,7 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from lemix.engine.api import stage_devices
+    from lemix.engine.api import set_threads_per_worker, stage_devices
     from lemix.engine.model import load_model, split_stages
     from lemix.engine.worker import StageWorker
     from lemix.profiling import measure_profile, plot_profile, save_profile
@@ -164,6 +164,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     S = cfg.cluster.stages
     hf_model, _, _ = load_model(cfg.model.name, seed=cfg.seed)
     devices = stage_devices(cfg)
+    set_threads_per_worker(S)
     workers = [StageWorker(m, s, S, devices[s], lr=cfg.model.lr) for s, m in enumerate(split_stages(hf_model, S))]
     print(f"lemix profile: {cfg.model.name}, {S} stages on {cfg.cluster.device}"
           f"{' (quick)' if args.quick else ''}")
@@ -224,6 +225,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lemix.serve import SERVE_DEFAULTS, run_server
+    from lemix.serve.options import options_from_args
+
+    cfg = _config(args, SERVE_DEFAULTS)
+    opts = options_from_args(args)
+    c = cfg.cluster
+    print(f"lemix serve: model {cfg.model.name}, {c.nodes} nodes x {c.stages} stages on {c.device}, "
+          f"policy {', '.join(cfg.policy.names)}, http://{opts.host}:{opts.port}/v1, "
+          f"state in {opts.state_dir}{' (resuming)' if opts.resume else ''}", flush=True)
+    run_server(cfg, opts)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lemix",
@@ -272,6 +287,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    "With --out DIR writes validation.json and validation.png.")
     _add_options(p, _COMMON + _ENGINE, _FLAGS)
     p.set_defaults(func=cmd_validate)
+
+    from lemix.serve.options import SERVE_DEFAULTS, SERVE_WORKLOAD_FLAGS, add_serve_flags
+    shown = ", ".join(f"{k.split('.')[-1]}={v if not isinstance(v, list) else ','.join(v)}"
+                      for k, v in SERVE_DEFAULTS.items())
+    p = sub.add_parser("serve", help="OpenAI-compatible server that keeps training on /v1/train",
+                       description="Serves /v1/completions and /v1/chat/completions (OpenAI API, SSE "
+                                   "streaming), takes training samples on /v1/train (journaled in SQLite "
+                                   "before the reply, applied exactly once), exposes /metrics "
+                                   "(Prometheus) and /health; checkpoints weights and optimizer state. "
+                                   f"Defaults differ from simulate: {shown}.")
+    _add_options(p, [t for t in _COMMON if not t[1].startswith("workload.") or t[0] in SERVE_WORKLOAD_FLAGS]
+                 + [t for t in _ENGINE if t[0] != "--dataset"], _FLAGS)
+    add_serve_flags(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -16,6 +16,16 @@ from lemix.types import RunResult, Task
 from lemix.workload import (DatasetSource, LognormalLengths, TextSource, TopicDrift, builtin_corpus,
                             load_jsonl)
 
+def set_threads_per_worker(workers: int) -> None:
+    """Split the cores between concurrently busy stage workers (oversubscribed intra-op threads
+    make CPU timings meaningless)."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
+
+
 def stage_devices(cfg: LemixConfig) -> list[str]:
     """One device per stage: 'cpu', 'cuda' (cuda:0..k round-robin) or an explicit comma list."""
     spec, S = cfg.cluster.device, cfg.cluster.stages
@@ -63,6 +73,7 @@ def engine_profile(cfg: LemixConfig, hf_model, progress: Callable[[int], None] |
         return load_profile(cfg.model.profile, stages=cfg.cluster.stages, force=cfg.model.force_profile,
                             capacity_bytes=capacity, model=cfg.model.name, device=cfg.cluster.device)
     devices = stage_devices(cfg)
+    set_threads_per_worker(cfg.cluster.stages)
     workers = [StageWorker(m, s, cfg.cluster.stages, devices[s], lr=cfg.model.lr)
                for s, m in enumerate(split_stages(hf_model, cfg.cluster.stages))]
     profile, _ = measure_profile(workers, model_name=cfg.model.name, device=cfg.cluster.device, quick=True,
