@@ -16,6 +16,20 @@ from lemix.engine.stage import StageModule
 from lemix.engine.worker import StageWorker
 
 
+class BackendError(ValueError):
+    """A backend could not start or place its workers; the message says why."""
+
+
+class WorkerLost(RuntimeError):
+    """The worker process of (node, stage) died (as opposed to a command that raised): the
+    engine treats it as a node failure. Delivered as a result in `completions`, or raised by
+    `call`."""
+
+    def __init__(self, node: int, stage: int, why: str = "") -> None:
+        super().__init__(f"worker of node {node} stage {stage} lost" + (f": {why}" if why else ""))
+        self.node, self.stage = node, stage
+
+
 class Backend(Protocol):
     completions: "queue.Queue[tuple[Any, Any]]"
 
@@ -23,6 +37,13 @@ class Backend(Protocol):
               memory_budget_bytes: int | None) -> None: ...
     def submit(self, node: int, stage: int, cmd: Any, tag: Any) -> None: ...
     def call(self, node: int, stage: int, cmd: Any) -> Any: ...
+    def restart_node(self, node: int, stages: list[StageModule]) -> None:
+        """Replace the workers of `node` with fresh ones holding `stages` (after a failure);
+        commands submitted afterwards go to the new workers."""
+        ...
+    def describe(self) -> dict:
+        """Where the workers run (for reports): backend name and per-node placement."""
+        ...
     def shutdown(self) -> None: ...
 
 
@@ -60,19 +81,36 @@ class LocalBackend:
     def __init__(self) -> None:
         self.completions: queue.Queue = queue.Queue()
         self._threads: dict[tuple[int, int], _WorkerThread] = {}
+        self._worker_args: dict[str, Any] = {}
+        self._devices: list[str] = []
 
     def start(self, nodes: list[list[StageModule]], devices: list[str], *, lr: float, weight_decay: float,
               memory_budget_bytes: int | None) -> None:
         workers = sum(len(stages) for stages in nodes)
         # split the cores between workers so concurrent stages do not oversubscribe them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
+        self._worker_args = dict(lr=lr, weight_decay=weight_decay, memory_budget_bytes=memory_budget_bytes)
+        self._devices = list(devices)
         for n, stages in enumerate(nodes):
-            for s, module in enumerate(stages):
-                w = StageWorker(module, s, len(stages), devices[s], lr=lr, weight_decay=weight_decay,
-                                memory_budget_bytes=memory_budget_bytes)
-                t = _WorkerThread(w, self.completions, f"lemix-n{n}s{s}")
-                t.start()
-                self._threads[(n, s)] = t
+            self._start_node(n, stages)
+
+    def _start_node(self, n: int, stages: list[StageModule]) -> None:
+        for s, module in enumerate(stages):
+            w = StageWorker(module, s, len(stages), self._devices[s], **self._worker_args)
+            t = _WorkerThread(w, self.completions, f"lemix-n{n}s{s}")
+            t.start()
+            self._threads[(n, s)] = t
+
+    def restart_node(self, node: int, stages: list[StageModule]) -> None:
+        for key in [k for k in self._threads if k[0] == node]:
+            self._threads.pop(key).inbox.put(_STOP)   # commands queued before the stop still run
+        self._start_node(node, stages)
+
+    def describe(self) -> dict:
+        nodes = sorted({n for n, _ in self._threads})
+        return {"backend": self.name, "nodes": [
+            {"node": n, "workers": [t.name for (m, _), t in sorted(self._threads.items()) if m == n]}
+            for n in nodes]}
 
     def submit(self, node: int, stage: int, cmd: Any, tag: Any) -> None:
         self._threads[(node, stage)].inbox.put((cmd, tag, None))
