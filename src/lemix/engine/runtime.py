@@ -68,16 +68,21 @@ class Engine:
                  sampling: Callable[[Task], SamplingParams | None] | None = None,
                  listener: Listener | None = None) -> None:
         self.params = params
+        # workers first: starting them (Ray actors take seconds) must not count as run time
+        nodes = [split_stages(hf_model, params.stages) for _ in range(params.nodes)]
+        backend.start(nodes, devices, lr=lr, weight_decay=weight_decay, memory_budget_bytes=memory_budget_bytes)
         self.clock = WallClock()
-        self.sched = Scheduler(params, profile, self.clock, timer=time.perf_counter)
+        try:
+            self.sched = Scheduler(params, profile, self.clock, timer=time.perf_counter)
+        except Exception:
+            backend.shutdown()
+            raise
         self.tok = tokenizer
         self.texts = texts
         self.backend = backend
         self.strict = strict
         self._sampling_fn = sampling or (lambda task: None)
         self.loss_scale = 1.0 / max(1, params.microbatches)
-        nodes = [split_stages(hf_model, params.stages) for _ in range(params.nodes)]
-        backend.start(nodes, devices, lr=lr, weight_decay=weight_decay, memory_budget_bytes=memory_budget_bytes)
         self._tasks: dict[int, Task] = {}
         self._flights: dict[int, _Flight] = {}
         self._acts: dict[tuple[int, int], torch.Tensor] = {}      # (batch, stage) -> input hidden
