@@ -20,6 +20,7 @@ from lemix.engine.backend import Backend
 from lemix.engine.data import TaskTexts, TaskTokens
 from lemix.engine.messages import (Backward, Decode, Forward, Free, GetWeights, Offload, Reload,
                                    SamplingParams, SetWeights, Step)
+from lemix.engine.recovery import EngineRecovery
 from lemix.engine.stage import split_stages
 from lemix.sched.latency import Profile
 from lemix.sched.params import SchedParams
@@ -59,8 +60,9 @@ class _Flight:
     start_s: float
 
 
-class Engine:
-    """One policy run on real model stages (build a fresh Engine per run)."""
+class Engine(EngineRecovery):
+    """One policy run on real model stages (build a fresh Engine per run). A worker that dies
+    takes its node out until it is restarted (see lemix.engine.recovery)."""
 
     def __init__(self, params: SchedParams, profile: Profile, hf_model: torch.nn.Module, tokenizer,
                  texts: TaskTexts, backend: Backend, *, devices: list[str], lr: float = 3e-4,
@@ -99,6 +101,8 @@ class Engine:
         self._unapplied: dict[int, list[int]] = {}               # node -> finished, not yet stepped
         self._stop_requested: set[int] = set()
         self._sampling: dict[int, SamplingParams] = {}
+        self._hf_model = hf_model                                 # initial weights for restarts
+        self._init_recovery()
 
     # ------------------------------------------------------------------ main loops
     def run(self, tasks: list[Task], *, progress: Callable[[int], None] | None = None,
@@ -117,12 +121,13 @@ class Engine:
                 if progress and arrived:
                     progress(arrived)
                 wakeup = self._plan()
-                if nxt == len(tasks) and not self._flights and (self.sched.idle or wakeup is None):
+                if nxt == len(tasks) and not self._flights and (self.sched.idle or wakeup is None) \
+                        and self._restore_deadline() == float("inf"):   # no node is being restored
                     break
                 if now > horizon_s:
                     break
                 wake = min(tasks[nxt].arrival_s if nxt < len(tasks) else float("inf"),
-                           wakeup if wakeup is not None else float("inf"))
+                           wakeup if wakeup is not None else float("inf"), self._restore_deadline())
                 if not self._flights and wake == float("inf"):
                     break  # nothing can happen any more; finalize counts the rest as unfinished
                 self._wait(None if wake == float("inf") else max(0.0, wake - self.clock.now()))
@@ -241,6 +246,8 @@ class Engine:
                 self._sampling[task.task_id] = sampling
             self._arrive(task)
             return
+        if self._recovery_complete(tag, res):   # a dead worker, a restore, a reply nobody awaits
+            return
         if isinstance(tag, tuple) and tag[0] == "avg_get":
             if isinstance(res, Exception):
                 return self._op_error(self._flights[tag[1]].op, res)
@@ -307,7 +314,7 @@ class Engine:
         for tid, tok in zip(task_ids, tokens):
             self.generated[tid].append(tok)
             stop = tok == self.tok.eos_id
-            if self.listener is not None and not stop:
+            if self.listener is not None and not stop and self._first_time_streamed(tid):
                 stop = bool(self.listener.on_token(tid, tok))
             if stop:
                 stopped.append(tid)
@@ -369,6 +376,7 @@ class Engine:
         result.requests = [replace(r, inference_loss=self.inference_loss.get(r.task_id)) for r in result.requests]
         result.train_steps = self._step_losses(result.train_steps)
         result.extras["compute_fraction"] = self._compute_s / self._busy_s if self._busy_s else None
+        self._recovery_extras(result.extras)
         return result
 
     def _step_losses(self, steps: list[TrainStepRecord]) -> list[TrainStepRecord]:
