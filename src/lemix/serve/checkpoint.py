@@ -1,0 +1,90 @@
+"""Checkpoints of one node's weights and optimizer state, per stage, under --state-dir.
+
+    <state>/checkpoints/node<n>/v<version>/stage<s>.pt   {"weights", "optimizer", "version", ...}
+
+Written into a temporary directory, fsynced, renamed into place, then recorded in the journal:
+a crash at any point leaves either the previous checkpoint or the new one, never half of one.
+Only the newest `keep` checkpoints of a node are kept.
+
+Consistency: a checkpoint must hold exactly the samples the journal calls applied at or before
+its version, so it is taken only when the node has no training gradient outside its weights:
+no training micro-batch that started its backward, no accumulated gradient waiting for a step
+(`training_quiescent`). Stage commands go through each worker's FIFO inbox after the ops
+already queued there; none of those can change weights or optimizer state when the node is
+quiescent (a Step needs accumulated gradients), so the per-stage states are one version.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from lemix.engine.messages import GetState, SetState
+from lemix.serve.journal import Journal
+
+
+def training_quiescent(engine, node: int) -> bool:
+    """No gradient of `node` lives outside its weights, and none inside them that the journal
+    does not call applied. Read from the scheduler's node state, on the engine thread: no
+    training micro-batch has begun its backward (a finished one has left `batches`), no stage
+    holds accumulated gradients or a weight sync in progress, every stage took the same steps."""
+    state = engine.sched.nodes[node]
+    last = state.num_stages - 1
+    for b in state.batches.values():
+        if b.train and b.fwd_done and (b.running or b.bwd_next < last):
+            return False
+    devices = state.devices
+    return (all(d.grads_pending == 0 and d.sync_pending < 0 for d in devices)
+            and len({d.step_count for d in devices}) == 1)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_node(backend, journal: Journal, root: Path, node: int, stages: int, version: int,
+              model: str, keep: int = 2) -> Path:
+    """GetState from every stage of `node`, write them as checkpoint `version`, record it."""
+    states = [backend.call(node, s, GetState()) for s in range(stages)]
+    final = root / f"node{node}" / f"v{version:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for s, st in enumerate(states):
+        f = tmp / f"stage{s}.pt"
+        torch.save({"weights": st.weights, "optimizer": st.optimizer, "version": version,
+                    "stage": s, "num_stages": stages, "model": model}, f)
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    journal.add_checkpoint(node, version, str(final))
+    for old_version, old_path in journal.checkpoints(node)[:-keep]:
+        journal.drop_checkpoint(node, old_version)
+        shutil.rmtree(old_path, ignore_errors=True)
+    return final
+
+
+def load_node(backend, path: str | Path, node: int, stages: int, model: str) -> int:
+    """Restore every stage of `node` from a checkpoint directory; returns its version."""
+    version = None
+    for s in range(stages):
+        f = Path(path) / f"stage{s}.pt"
+        if not f.is_file():
+            raise FileNotFoundError(f"checkpoint {path} has no {f.name}")
+        blob = torch.load(f, map_location="cpu", weights_only=True)
+        if blob["num_stages"] != stages or blob["model"] != model:
+            raise ValueError(f"checkpoint {path} was made for model {blob['model']!r} in "
+                             f"{blob['num_stages']} stages, not {model!r} in {stages}")
+        backend.call(node, s, SetState(blob["weights"], blob["optimizer"], blob["version"]))
+        version = blob["version"]
+    return int(version)
