@@ -158,9 +158,10 @@ def busy_node_scene(policy: str, **kw):
 
 
 @pytest.mark.parametrize("kw, s0, s1, node", [
-    # score = -max(II / (S t), tau) - lambda1 R / SLO
-    (dict(lambda1=0.5, tau=0.2), -0.2 - 0.5 * 45 / 200, -1.5 - 0.5 * 40 / 200, 0),    # consolidate
-    (dict(lambda1=100.0, tau=0.2), -0.2 - 100 * 45 / 200, -1.5 - 100 * 40 / 200, 1),  # latency wins
+    # score = -max(II / bubble, tau) - lambda1 R / SLO; bubble = the task's II on an idle node
+    # (60 ms here), so node 1's fill bubble counts 1.0
+    (dict(lambda1=0.5, tau=0.2), -0.2 - 0.5 * 45 / 200, -1.0 - 0.5 * 40 / 200, 0),    # consolidate
+    (dict(lambda1=100.0, tau=0.2), -0.2 - 100 * 45 / 200, -1.0 - 100 * 40 / 200, 1),  # latency wins
     (dict(lambda1=0.5, tau=2.0), -2.0 - 0.5 * 45 / 200, -2.0 - 0.5 * 40 / 200, 1),    # idleness tie
 ])
 def test_lemix_score_consolidation_vs_latency(kw, s0, s1, node):

@@ -27,6 +27,8 @@ class Dispatcher:
 
     def _init_dispatch(self) -> None:
         self._touched: set[int] = set(range(len(self.nodes)))
+        self._idle_nodes: set[int] = set()                  # see Scheduler.idle_nodes
+        self._idle_check: set[int] = set(range(len(self.nodes)))
         self._waiting_nodes: set[int] = set()
         self._running: dict[int, tuple] = {}        # op_id -> (op, context)
         self._next_op = 0
@@ -41,6 +43,7 @@ class Dispatcher:
     def _touch(self, node: NodeState) -> None:
         node.dirty = True
         self._touched.add(node.index)
+        self._idle_check.add(node.index)
 
     # ------------------------------------------------------------------ candidates
     def _classes(self) -> tuple[int, int, int, int]:

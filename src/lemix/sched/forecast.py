@@ -40,10 +40,13 @@ class NodeTimeline:
     call) switches the timeline to the plain scan, which gives the same answers for any input.
     """
 
-    __slots__ = ("built_s", "iv", "_ends", "_inf", "_inf_ends", "_disjoint")
+    __slots__ = ("built_s", "horizon_s", "iv", "_ends", "_inf", "_inf_ends", "_disjoint")
 
     def __init__(self, num_stages: int, built_s: float) -> None:
         self.built_s = built_s
+        # the first predicted event: the earliest predicted end of a running op or start of a
+        # committed chain. Until then a rebuild of the unchanged node would give this timeline.
+        self.horizon_s = float("inf")
         self.iv: list[list[Interval]] = [[] for _ in range(num_stages)]
         self._ends: list[list[float]] = [[] for _ in range(num_stages)]        # ends of iv[stage]
         self._inf: list[list[tuple[float, float]]] = [[] for _ in range(num_stages)]  # non-training
@@ -136,22 +139,27 @@ class NodeTimeline:
 
     def chain(self, stage_ops: list[tuple[int, float]], ready: float, train: bool) -> float:
         """Commit a dependent chain of (stage, duration) ops; return the end of the last."""
+        first = True
         for stage, dur in stage_ops:
             iv = self.iv[stage]
             item = (ready, ready + dur, train)
             if self._disjoint and (not iv or (ready >= self._ends[stage][-1] and iv[-1] <= item)):
                 # the stage is free from `ready` on: the op goes last (what earliest + add do)
+                start = ready
                 iv.append(item)
                 self._ends[stage].append(item[1])
                 if not train:
                     self._inf[stage].append((ready, item[1]))
                     self._inf_ends[stage].append(item[1])
                 ready = item[1]
-                continue
-            start, _ = self.earliest(stage, ready, dur, False)
-            end = start + dur
-            self.add(stage, start, end, train)
-            ready = end
+            else:
+                start, _ = self.earliest(stage, ready, dur, False)
+                ready = start + dur
+                self.add(stage, start, ready, train)
+            if first:  # the chain's first op starts before its others
+                first = False
+                if start < self.horizon_s:
+                    self.horizon_s = start
         return ready
 
 
@@ -200,6 +208,7 @@ def build_timeline(
     tl = NodeTimeline(num_stages, now)
     for stage, start, end, train in running:
         tl.add(stage, start, max(now, end), train)
+        tl.horizon_s = min(tl.horizon_s, end)
     for ready, ops, train in chains:
         tl.chain(ops, max(now, ready), train)
     return tl

@@ -210,28 +210,61 @@ class Scheduler(Dispatcher):
         return self.nodes[node].last_arrival_s
 
     def forecast(self, node: int, task: Task) -> Forecast:
+        if self._node_idle(self.nodes[node]):
+            return self.idle_forecast(task)
         fwd, bwd = self._stage_times(task)
         jump = self.infer_first and not task.is_train   # inference overtakes queued training
+        return self._forecast_on(self._timeline(node, "all"), node, task, fwd, bwd, jump, self.clock.now())
+
+    def idle_forecast(self, task: Task) -> Forecast:
+        """The forecast on any idle node: every idle node has the same (empty) timeline, so one
+        computation per task and time serves them all."""
+        fwd, bwd = self._stage_times(task)
+        jump = self.infer_first and not task.is_train
         now = self.clock.now()
-        if self._node_idle(self.nodes[node]):
-            # every idle node has the same (empty) timeline: one forecast serves them all
-            key = (task.batch_size, task.prompt_tokens, task.output_tokens, task.is_train, task.arrival_s,
-                   now, self.lat.version, jump)
-            if self._idle_fc[0] != key:
-                self._idle_fc = (key, self._forecast_on(self._empty_tl, node, task, fwd, bwd, jump, now))
-            return self._idle_fc[1]
-        return self._forecast_on(self._timeline(node, "all"), node, task, fwd, bwd, jump, now)
+        key = (task.batch_size, task.prompt_tokens, task.output_tokens, task.is_train, task.arrival_s,
+               now, self.lat.version, jump)
+        if self._idle_fc[0] != key:
+            self._idle_fc = (key, self._forecast_on(self._empty_tl, -1, task, fwd, bwd, jump, now))
+        return self._idle_fc[1]
 
     def _forecast_on(self, tl: NodeTimeline, node: int, task: Task, fwd: list[float], bwd: list[float],
                      jump: bool, now: float) -> Forecast:
         f = forecast_chain(tl, now, task.arrival_s, fwd, bwd, jump)
         if self.params.generate and not task.is_train and task.output_tokens > 1:
-            n = self.nodes[node]
-            it = self._decode_iter_s(len(n.seqs) + 1, sum(s.kv_tokens for s in n.seqs.values())
+            seqs = self.nodes[node].seqs if node >= 0 else {}   # node -1: an idle node
+            it = self._decode_iter_s(len(seqs) + 1, sum(s.kv_tokens for s in seqs.values())
                                      + task.prompt_tokens)
             f = Forecast(f.ii_s, f.r_s + (task.output_tokens - 1) * it, f.stage_s, f.ii_paper_s,
                          f.first_start_s)
         return f
+
+    def idle_nodes(self) -> set[int]:
+        """Nodes with nothing running, queued or in flight (they share one forecast). Kept up
+        to date lazily: a node is re-examined after it was touched. Read only."""
+        for n in self._idle_check:
+            if self._node_idle(self.nodes[n]):
+                self._idle_nodes.add(n)
+            else:
+                self._idle_nodes.discard(n)
+        self._idle_check.clear()
+        return self._idle_nodes
+
+    def response_floor_s(self, node: int, task: Task) -> float:
+        """A lower bound on forecast(node, task).r_s from the node's running ops alone (O(S), no
+        timeline): each stage starts no earlier than its input is ready and its running op ends
+        (a running training op that a jumping inference query would pass is left out)."""
+        fwd, _ = self._stage_times(task)
+        jump = self.infer_first and not task.is_train
+        t = max(self.clock.now(), task.arrival_s)
+        for d, f in zip(self.nodes[node].devices, fwd):
+            op = d.running
+            if op is not None and not (jump and op.train and d.running_start_s >= t):
+                end = d.running_start_s + op.predicted_s
+                if end > t:
+                    t = end
+            t = t + f
+        return t - task.arrival_s
 
     def inference_congested(self, node: int) -> bool:
         """Eq. 4: would a typical request queued on this node now miss tau_R x SLO, counting
@@ -241,7 +274,7 @@ class Scheduler(Dispatcher):
         probe = Task(-1, TaskKind.INFER, self.clock.now(), max(1, int(self._infer_len.mean)),
                      max(1, int(self._infer_out.mean)))
         fwd, _ = self._stage_times(probe)
-        idle = self._node_idle(self.nodes[node])
+        idle = self._no_inference(self.nodes[node])   # its inference view is empty
         key = (probe.prompt_tokens, probe.output_tokens, probe.arrival_s, self.lat.version)
         if idle and self._idle_congested[0] == key:
             return self._idle_congested[1]
@@ -251,6 +284,13 @@ class Scheduler(Dispatcher):
         if idle:
             self._idle_congested = (key, congested)
         return congested
+
+    @staticmethod
+    def _no_inference(node: NodeState) -> bool:
+        """No inference running, queued or in flight: its inference-only timeline is empty."""
+        return (not node.infer_wait and not node.seqs and node.decode is None
+                and all(b.train for b in node.batches.values())
+                and all(d.running is None or d.running.train for d in node.devices))
 
     @staticmethod
     def _node_idle(node: NodeState) -> bool:
@@ -407,7 +447,7 @@ class Scheduler(Dispatcher):
             self._timelines.pop((node_idx, "infer"), None)
             node.dirty = False
         tl = self._timelines.get((node_idx, view))
-        if tl is None:
+        if tl is None or self.clock.now() > tl.horizon_s:  # a predicted event did not happen
             tl = self._build_timeline(node, include_train=view == "all")
             self._timelines[(node_idx, view)] = tl
         return tl
