@@ -14,15 +14,13 @@ idle is sunk and does not count.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 # An interval: (start_s, end_s, train)
 Interval = tuple[float, float, bool]
 
 
-@dataclass(frozen=True)
-class Forecast:
+class Forecast(NamedTuple):   # a NamedTuple: made once per node per decision, so cheap to build
     ii_s: float              # idleness increased, summed over stages
     r_s: float               # response: end of the last forward - arrival (+ decode estimate)
     stage_s: float           # the task's own mean predicted stage time (t-hat)
@@ -195,6 +193,28 @@ def forecast_chain(
         ready = start + bwd[s]
     t_hat = (sum(fwd) + sum(bwd)) / max(1, len(fwd) + len(bwd))
     return Forecast(ii_s=ii, r_s=fwd_end - arrival_s, stage_s=t_hat, ii_paper_s=ii_paper, first_start_s=first)
+
+
+def forecast_alone(now: float, arrival_s: float, fwd: list[float], bwd: list[float]) -> Forecast:
+    """forecast_chain on an idle node (an empty timeline), with the same arithmetic: every op
+    starts when its input is ready; a stage's previous op is the task's own forward, if any."""
+    ready = now if now >= arrival_s else arrival_s   # max(now, arrival_s)
+    first = ready
+    ii = ii_paper = 0.0
+    own_fwd_end = []
+    for f in fwd:
+        ii += ready - now          # prev_end is -1: max(now, -1) is now (times are >= 0)
+        ii_paper += ready - now
+        ready = ready + f
+        own_fwd_end.append(ready)
+    fwd_end = ready
+    for s in range(len(bwd) - 1, -1, -1):
+        prev_end = own_fwd_end[s]
+        ii += ready - (now if now >= prev_end else prev_end)
+        ii_paper += ready - prev_end
+        ready = ready + bwd[s]
+    t_hat = (sum(fwd) + sum(bwd)) / max(1, len(fwd) + len(bwd))
+    return Forecast(ii, fwd_end - arrival_s, t_hat, ii_paper, first)
 
 
 def build_timeline(

@@ -20,7 +20,7 @@ import numpy as np
 
 from lemix.clock import Clock
 from lemix.sched.dispatch import Dispatcher
-from lemix.sched.forecast import Forecast, NodeTimeline, build_timeline, forecast_chain
+from lemix.sched.forecast import Forecast, NodeTimeline, build_timeline, forecast_alone, forecast_chain
 from lemix.sched.latency import LatencyModel, Profile, generic_profile
 from lemix.sched.params import SchedParams
 from lemix.sched.pipeline import make_pipeline
@@ -66,9 +66,8 @@ class Scheduler(Dispatcher):
         self._corr: tuple[int, list[float], list[float]] = (-1, [], [])
         self._owed: list[float] = [0.0] * params.nodes
         self._timelines: dict[tuple[int, str], NodeTimeline] = {}
-        self._empty_tl = NodeTimeline(params.stages, 0.0)   # what an idle node's timeline is
-        self._idle_fc: tuple[tuple, Forecast | None] = ((), None)
-        self._idle_congested: tuple[tuple, bool] = ((), False)
+        self._idle_fc: tuple[tuple, Forecast | None] = ((), None)   # see idle_forecast
+        self._probe: tuple = ((),)                                   # see inference_congested
         self._infer_len = LengthStats()
         self._infer_out = LengthStats()
         self._placed_train = 0
@@ -210,29 +209,27 @@ class Scheduler(Dispatcher):
         return self.nodes[node].last_arrival_s
 
     def forecast(self, node: int, task: Task) -> Forecast:
-        if self._node_idle(self.nodes[node]):
+        if node in self.idle_nodes():
             return self.idle_forecast(task)
         fwd, bwd = self._stage_times(task)
         jump = self.infer_first and not task.is_train   # inference overtakes queued training
-        return self._forecast_on(self._timeline(node, "all"), node, task, fwd, bwd, jump, self.clock.now())
+        f = forecast_chain(self._timeline(node, "all"), self.clock.now(), task.arrival_s, fwd, bwd, jump)
+        return self._with_decode(f, task, self.nodes[node].seqs)
 
     def idle_forecast(self, task: Task) -> Forecast:
         """The forecast on any idle node: every idle node has the same (empty) timeline, so one
         computation per task and time serves them all."""
-        fwd, bwd = self._stage_times(task)
-        jump = self.infer_first and not task.is_train
         now = self.clock.now()
         key = (task.batch_size, task.prompt_tokens, task.output_tokens, task.is_train, task.arrival_s,
-               now, self.lat.version, jump)
+               now, self.lat.version)
         if self._idle_fc[0] != key:
-            self._idle_fc = (key, self._forecast_on(self._empty_tl, -1, task, fwd, bwd, jump, now))
+            fwd, bwd = self._stage_times(task)
+            self._idle_fc = (key, self._with_decode(forecast_alone(now, task.arrival_s, fwd, bwd), task, {}))
         return self._idle_fc[1]
 
-    def _forecast_on(self, tl: NodeTimeline, node: int, task: Task, fwd: list[float], bwd: list[float],
-                     jump: bool, now: float) -> Forecast:
-        f = forecast_chain(tl, now, task.arrival_s, fwd, bwd, jump)
+    def _with_decode(self, f: Forecast, task: Task, seqs: dict) -> Forecast:
+        """Generate mode: R also covers the request's decode iterations on the node."""
         if self.params.generate and not task.is_train and task.output_tokens > 1:
-            seqs = self.nodes[node].seqs if node >= 0 else {}   # node -1: an idle node
             it = self._decode_iter_s(len(seqs) + 1, sum(s.kv_tokens for s in seqs.values())
                                      + task.prompt_tokens)
             f = Forecast(f.ii_s, f.r_s + (task.output_tokens - 1) * it, f.stage_s, f.ii_paper_s,
@@ -271,19 +268,18 @@ class Scheduler(Dispatcher):
         only the inference it already owes (training yields to inference)?"""
         if self._infer_len.n == 0:
             return False
-        probe = Task(-1, TaskKind.INFER, self.clock.now(), max(1, int(self._infer_len.mean)),
-                     max(1, int(self._infer_out.mean)))
-        fwd, _ = self._stage_times(probe)
-        idle = self._no_inference(self.nodes[node])   # its inference view is empty
-        key = (probe.prompt_tokens, probe.output_tokens, probe.arrival_s, self.lat.version)
-        if idle and self._idle_congested[0] == key:
-            return self._idle_congested[1]
-        tl = self._empty_tl if idle else self._timeline(node, "infer")
-        f = forecast_chain(tl, self.clock.now(), probe.arrival_s, fwd, [], False)
-        congested = f.r_s > self.params.tau_r * self._compute_slo(probe)
-        if idle:
-            self._idle_congested = (key, congested)
-        return congested
+        now = self.clock.now()
+        key = (max(1, int(self._infer_len.mean)), max(1, int(self._infer_out.mean)), now, self.lat.version)
+        if self._probe[0] != key:   # the typical request, its stage times, its limit, the empty verdict
+            probe = Task(-1, TaskKind.INFER, now, key[0], key[1])
+            fwd, _ = self._stage_times(probe)
+            limit = self.params.tau_r * self._compute_slo(probe)
+            self._probe = (key, probe, fwd, limit, forecast_alone(now, now, fwd, []).r_s > limit)
+        _, probe, fwd, limit, empty_verdict = self._probe
+        if self._no_inference(self.nodes[node]):   # its inference view is empty
+            return empty_verdict
+        f = forecast_chain(self._timeline(node, "infer"), now, probe.arrival_s, fwd, [], False)
+        return f.r_s > limit
 
     @staticmethod
     def _no_inference(node: NodeState) -> bool:
@@ -469,20 +465,18 @@ class Scheduler(Dispatcher):
             dur = self._decode_iter_s(len(node.seqs), sum(q.kv_tokens for q in node.seqs.values())) / S
             infer.append((node.last_decode_end_s, [(s, dur) for s in range(S)], False))
         for b in node.batches.values():
-            first = b.fwd_next + (1 if b.running and not b.fwd_done else 0)
+            if b.train and not include_train:
+                continue
             ready = b.ready_s
             if b.running:  # the rest of its chain waits for its running op
                 ready = self._running_end(node, b.bwd_next if b.fwd_done else b.fwd_next, ready)
-            tf, tb = self._shape_times(b.size, b.seq_tokens, b.train)
-            fwd = [(s, tf[s]) for s in range(first, S)]
-            if not b.train:
-                infer.append((ready, fwd, False))
-            elif include_train:
-                bstart = b.bwd_next if b.fwd_done else S - 1
-                if b.fwd_done and b.running:
-                    bstart -= 1
-                bwd = [(s, tb[s]) for s in range(bstart, -1, -1)]
-                train.append((ready, fwd + bwd, True))
+            # what is left of its chain (forwards 0..S-1, then backwards S-1..0) is a suffix
+            if b.fwd_done:   # next: the backward of stage bwd_next, or the one below a running one
+                left = S + (S - 1 - b.bwd_next) + (1 if b.running else 0)
+            else:
+                left = b.fwd_next + (1 if b.running else 0)
+            ops = self._shape_chain(b.size, b.seq_tokens, b.train)[left:]
+            (train if b.train else infer).append((ready, ops, b.train))
         for t in node.infer_wait[:_CHAIN_CAP]:
             infer.append((t.arrival_s, self._shape_chain(t.batch_size, t.prompt_tokens, False), False))
         if include_train:
