@@ -559,6 +559,8 @@ class Dispatcher:
 
     def _done_sync(self, node: NodeState, op: Op, ctx: tuple, result: OpResult) -> None:
         dev = node.devices[op.stage]
+        if dev.sync_pending != op.peer:
+            return  # re-requested from another source while this copy ran (its source died)
         dev.sync_pending = SYNC_NONE
         if all(d.sync_pending == SYNC_NONE for d in node.devices):
             node.version = max(node.version, dev.sync_version)
