@@ -93,3 +93,22 @@ def test_a_state_dir_with_a_journal_needs_resume(tmp_path):
     with pytest.raises(ServeError, match="--resume"):
         with server_thread(tmp_path):
             pass
+
+
+def test_periodic_checkpoints_are_taken_while_serving_and_pruned(tmp_path):
+    with server_thread(tmp_path, checkpoint_every=1, train_batch_wait_s=0.05) as (url, app):
+        host = app.state.host
+        for i in range(4):    # 4 separate bursts: at least 4 steps, each followed by a checkpoint
+            httpx.post(f"{url}/v1/train", json=[{"text": f"burst {i} sample {k}"} for k in range(4)], timeout=60)
+            wait_applied(url, 4 * (i + 1))
+        deadline = time.monotonic() + 30
+        while host.metrics.registry.get_sample_value("lemix:checkpoints_total") < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        final_version = host.version[0]
+    journal = Journal(tmp_path / "state" / "journal.sqlite")
+    ckpts = journal.checkpoints(0)
+    journal.close()
+    assert len(ckpts) == 2 and ckpts[-1][0] == final_version
+    on_disk = sorted(p.name for p in (tmp_path / "state" / "checkpoints" / "node0").iterdir())
+    assert on_disk == [f"v{v:08d}" for v, _ in ckpts]

@@ -72,17 +72,29 @@ class _HeldBackend:
 class EngineHost:
     def __init__(self, cfg: LemixConfig, opts: ServeOptions, *, hf_model=None, tokenizer=None,
                  profile=None) -> None:
-        from lemix.engine.api import load_model, stage_devices
-        from lemix.engine.backend import make_backend
-        from lemix.engine.runtime import Engine
-        from lemix.engine.stage import arch_config
-
         if len(cfg.policy.names) != 1:
             raise ServeError(f"lemix serve runs one policy, got {', '.join(cfg.policy.names)}")
         self.cfg, self.opts = cfg, opts
         self.model_name = opts.served_model_name or cfg.model.name
         self.state_dir = Path(opts.state_dir)
         self.journal = Journal(self.state_dir / "journal.sqlite")
+        try:
+            self._build(hf_model, tokenizer, profile)
+        except BaseException:
+            if hasattr(self, "writer"):
+                self.writer.close()
+            if hasattr(self, "backend"):
+                self.backend.release()
+            self.journal.close()
+            raise
+
+    def _build(self, hf_model, tokenizer, profile) -> None:
+        from lemix.engine.api import load_model, stage_devices
+        from lemix.engine.backend import make_backend
+        from lemix.engine.runtime import Engine
+        from lemix.engine.stage import arch_config
+
+        cfg, opts = self.cfg, self.opts
         if not opts.resume and not self.journal.is_empty():
             raise ServeError(f"{self.state_dir} already holds a training journal; pass --resume to "
                              "continue from it, or choose an empty --state-dir")
@@ -107,6 +119,9 @@ class EngineHost:
         self._next_id = 0
         self._steps_since_ckpt = [0] * self.nodes
         self._ckpt_due = [False] * self.nodes
+        self._ckpt_version = [0] * self.nodes          # version of the last checkpoint taken
+        self.writer = ckpt.CheckpointWriter(self.journal, self.state_dir / "checkpoints",
+                                            cfg.model.name, on_written=self._written)
         self.train_losses: deque[tuple[float, int, float]] = deque(maxlen=256)   # (unix time, node, loss)
         self._rng = np.random.default_rng(cfg.seed)   # sampling seeds of requests that give none
         self.failure: BaseException | None = None
@@ -149,7 +164,7 @@ class EngineHost:
             if path is not None:
                 version = ckpt.load_node(self.backend, path, n, self.stages, self.cfg.model.name)
                 log.info("node %d restored from %s (weight version %d)", n, path, version)
-            self.base[n] = self.version[n] = version
+            self.base[n] = self.version[n] = self._ckpt_version[n] = version
             rolled = self.journal.roll_back(n, version)
             if rolled:
                 log.info("node %d: %d applied samples were not in its checkpoint; training them again",
@@ -200,6 +215,7 @@ class EngineHost:
                 for n in range(self.nodes):
                     self._checkpoint(n, final=True)
         finally:
+            self.writer.close()
             self.backend.release()
             self.journal.close()
 
@@ -324,17 +340,19 @@ class EngineHost:
                 log.warning("node %d: training in flight at exit, no final checkpoint; its samples "
                             "applied since the last one will be trained again on --resume", node)
             return
-        latest = self.journal.latest_checkpoints().get(node, (0, None))[0]
-        if latest == self.version[node]:
+        if self._ckpt_version[node] == self.version[node]:
             self._ckpt_due[node] = False
             return   # nothing new since the last checkpoint (or the initial weights)
         try:
-            path = ckpt.save_node(self.backend, self.journal, self.state_dir / "checkpoints", node,
-                                  self.stages, self.version[node], self.cfg.model.name)
-        except Exception:   # e.g. a full disk: keep serving, try again at the next step
-            log.exception("checkpoint of node %d failed", node)
+            states = ckpt.capture(self.backend, node, self.stages)
+        except Exception:   # keep serving; try again at the next step
+            log.exception("capturing a checkpoint of node %d failed", node)
             return
+        self.writer.submit(states, node, self.version[node])
+        self._ckpt_version[node] = self.version[node]
         self._ckpt_due[node] = False
         self._steps_since_ckpt[node] = 0
+
+    def _written(self, node: int, version: int, path) -> None:
         self.metrics.checkpoints.inc()
-        log.info("checkpoint of node %d at weight version %d: %s", node, self.version[node], path)
+        log.info("checkpoint of node %d at weight version %d: %s", node, version, path)

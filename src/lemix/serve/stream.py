@@ -27,11 +27,13 @@ class Done:
     weight_version: int
     node: int
     inference_loss: float | None
+    staleness_steps: int = 0
 
     def extra(self) -> dict:
         """The response's `lemix` field."""
         return {"inference_loss": self.inference_loss, "weight_version": self.weight_version,
-                "node": self.node, "ttft_s": self.ttft_s, "e2e_s": self.e2e_s}
+                "staleness_steps": self.staleness_steps, "node": self.node, "ttft_s": self.ttft_s,
+                "e2e_s": self.e2e_s}
 
 
 class Stream:
@@ -67,7 +69,7 @@ class Stream:
         loss = rec.inference_loss
         done = Done("length" if by_length else "stop", self.prompt_tokens, n + int(eos), rec.ttft_s,
                     rec.e2e_s, version, rec.node,
-                    None if loss is None or math.isnan(loss) else float(loss))
+                    None if loss is None or math.isnan(loss) else float(loss), rec.staleness_steps)
         self._put(("done", done))
         return done
 
