@@ -136,24 +136,41 @@ class NodeTimeline:
         return t, prev_end
 
     def chain(self, stage_ops: list[tuple[int, float]], ready: float, train: bool) -> float:
-        """Commit a dependent chain of (stage, duration) ops; return the end of the last."""
+        """Commit a dependent chain of (stage, duration) ops; return the end of the last.
+
+        Each op goes where earliest(stage, ready, dur, False) puts it, as add() would (the walk
+        is inlined: timeline rebuilds are most of a decision's cost)."""
         first = True
+        bisect_right = bisect.bisect_right
         for stage, dur in stage_ops:
-            iv = self.iv[stage]
-            item = (ready, ready + dur, train)
-            if self._disjoint and (not iv or (ready >= self._ends[stage][-1] and iv[-1] <= item)):
-                # the stage is free from `ready` on: the op goes last (what earliest + add do)
-                start = ready
-                iv.append(item)
-                self._ends[stage].append(item[1])
-                if not train:
-                    self._inf[stage].append((ready, item[1]))
-                    self._inf_ends[stage].append(item[1])
-                ready = item[1]
-            else:
-                start, _ = self.earliest(stage, ready, dur, False)
+            iv, ends = self.iv[stage], self._ends[stage]
+            if not self._disjoint:
+                start, _ = self._earliest_scan(stage, ready, dur, False)
                 ready = start + dur
                 self.add(stage, start, ready, train)
+            else:
+                # earliest(): skip what ends by `ready`, then move past every op in the way
+                t = ready
+                i = bisect_right(ends, t)
+                n = len(iv)
+                while i < n:
+                    s0, e0, _ = iv[i]
+                    if e0 > t:
+                        if s0 >= t + dur:
+                            break
+                        t = e0
+                    i += 1
+                start, end = t, t + dur
+                item = (start, end, train)
+                if i == n and (not iv or iv[-1] <= item):
+                    iv.append(item)          # the usual case: it goes last
+                    ends.append(end)
+                    if not train:
+                        self._inf[stage].append((start, end))
+                        self._inf_ends[stage].append(end)
+                else:
+                    self.add(stage, start, end, train)
+                ready = end
             if first:  # the chain's first op starts before its others
                 first = False
                 if start < self.horizon_s:

@@ -30,6 +30,7 @@ class Simulator:
         self.truth = truth
         self.noise = noise
         self.rng = np.random.default_rng(seed + 7919)
+        self._draws: list[float] = []   # noise factors not used yet, next one last
         self.horizon_s = horizon_s
         self._heap: list[tuple[float, int, int, object]] = []
         self._seq = 0
@@ -44,7 +45,9 @@ class Simulator:
     def duration(self, op: Op) -> float:
         d = self.truth.predict_op(op)
         if self.noise > 0:
-            d *= float(self.rng.lognormal(0.0, self.noise))
+            if not self._draws:   # drawn in blocks: the same sequence as one draw per op
+                self._draws = self.rng.lognormal(0.0, self.noise, 4096).tolist()[::-1]
+            d *= self._draws.pop()
         return max(d, 1e-9)
 
     def run(self, tasks: Iterable[Task], progress: Callable[[int], None] | None = None) -> RunResult:

@@ -106,10 +106,10 @@ class Lemix(PolicyBase):
             if bound < best_score or (bound == best_score and i > best_i):
                 break  # neither this node nor any after it can win
             n = nodes[i]
-            if screen and view.inference_congested(n):
-                continue
             sc = self._score(view.forecast(n, task), lc, slo, bubble)
             if best_i < 0 or sc > best_score or (sc == best_score and i < best_i):
+                if screen and view.inference_congested(n):
+                    continue   # screened only when it would win: a loser's verdict changes nothing
                 best_i, best_score = i, sc
         if best_i < 0:
             return None if screen else nodes[0]
