@@ -14,11 +14,14 @@ on a real device.
 """
 from __future__ import annotations
 
+import math
+
 from lemix.sched.state import SYNC_AVERAGE, SYNC_NONE, Batch, DecodeIter, NodeState, Seq
 from lemix.types import (Op, OpKind, OpRecord, OpResult, RequestRecord, Task, TrainStepRecord,
                          TrainTaskRecord)
 
-_SYNC, _OPTIM, _INF, _BWD, _FWD, _NEW = 0, 1, 2, 3, 4, 5
+_SYNC, _OPTIM, _INF, _BWD, _FWD, _NEW, _STARVED_INF = 0, 1, 2, 3, 4, 5, 6
+_SHARE_WINDOW_S = 10.0   # time constant of the training-share window
 
 
 class Dispatcher:
@@ -46,10 +49,26 @@ class Dispatcher:
         self._idle_check.add(node.index)
 
     # ------------------------------------------------------------------ candidates
-    def _classes(self) -> tuple[int, int, int, int]:
+    def _classes(self, starved: bool = False) -> tuple[int, int, int, int]:
+        if self.infer_first and starved:
+            return _STARVED_INF, _BWD, _FWD, _NEW   # training goes first until its share recovers
         if self.infer_first:
             return _INF, _BWD, _FWD, _NEW
         return _INF, _INF, _INF, _INF
+
+    def _training_starved(self, dev, now: float) -> bool:
+        """Inference-first dispatch must not starve training: below min_train_share of the
+        device's recent busy time (a decayed window), training ops go first."""
+        self._decay(dev, now)
+        return dev.busy_ewma_s > 0 and dev.train_ewma_s < self.params.min_train_share * dev.busy_ewma_s
+
+    @staticmethod
+    def _decay(dev, now: float) -> None:
+        if now > dev.ewma_at_s:
+            k = math.exp(-(now - dev.ewma_at_s) / _SHARE_WINDOW_S)
+            dev.busy_ewma_s *= k
+            dev.train_ewma_s *= k
+            dev.ewma_at_s = now
 
     @staticmethod
     def _due_stages(node: NodeState) -> dict[int, list[Batch]]:
@@ -67,7 +86,8 @@ class Dispatcher:
         syncing = dev.sync_pending != SYNC_NONE
         if syncing and not self._stash_on(node, s):
             return [((_SYNC, 0.0, 0, 0), "sync", None)]  # never under a pending backward
-        c_inf, c_bwd, c_fwd, c_new = self._classes()
+        starved = self.infer_first and self._training_starved(dev, now)
+        c_inf, c_bwd, c_fwd, c_new = self._classes(starved)
         out = []
         if dev.grads_pending and self.pipe.step_due(node, s) and not self._stash_on(node, s):
             out.append(((_OPTIM, 0.0, 0, 0), "optim", None))
@@ -135,6 +155,8 @@ class Dispatcher:
                          by_stage: dict[int, list[Batch]] | None = None) -> Op | None:
         dev = node.devices[s]
         due = self._inference_due(node, s) if self.policy.lookahead else float("inf")
+        if due < float("inf") and self.infer_first and self._training_starved(dev, now):
+            due = float("inf")  # the training-share bound overrides the lookahead too
         candidates = self._candidates(node, s, now, by_stage)
         if dev.wait_key is not None and all(c[0] != dev.wait_key for c in candidates):
             dev.wait_key, dev.wait_since_s = None, None  # the waiting op is no longer a candidate
@@ -433,6 +455,11 @@ class Dispatcher:
         dev = node.devices[op.stage]
         dev.running = None
         dev.running_extra_bytes = 0
+        self._decay(dev, result.end_s)
+        busy = max(0.0, result.end_s - max(result.start_s, result.end_s - _SHARE_WINDOW_S))
+        dev.busy_ewma_s += busy
+        if op.train:
+            dev.train_ewma_s += busy
         self._touch(node)
         self.result.ops.append(OpRecord(op.node, op.stage, op.kind, result.start_s, result.end_s, op.batch_id,
                                         op.task_ids, op.train, op.predicted_s, op.batch_size,
@@ -466,7 +493,7 @@ class Dispatcher:
             else:
                 if self.params.generate:
                     self._free_kv(node, Seq(t, generated=1))  # its prefill KV, on every stage
-                self._finish_request(node, t, result.end_s)
+                self._finish_request(node, t, result.end_s, 1 if self.params.generate else None)
 
     def _done_bwd(self, node: NodeState, op: Op, ctx: tuple, result: OpResult) -> None:
         b: Batch = ctx[1]

@@ -90,6 +90,9 @@ class Device:
     wait_key: tuple | None = None       # ... and which op that is
     grads_pending: int = 0           # micro-batches whose gradients are accumulated, not stepped
     step_count: int = 0
+    busy_ewma_s: float = 0.0         # recent busy time (decayed), for the training-share bound
+    train_ewma_s: float = 0.0        # ... of which training ops
+    ewma_at_s: float = 0.0
     sync_pending: int = -1           # SYNC: source node; SYNC_NONE (-1); SYNC_AVERAGE (-2)
     sync_version: int = 0
 
