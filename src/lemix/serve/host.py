@@ -62,6 +62,12 @@ class _HeldBackend:
     def call(self, node, stage, cmd):
         return self.inner.call(node, stage, cmd)
 
+    def restart_node(self, node, stages) -> None:
+        return self.inner.restart_node(node, stages)
+
+    def describe(self) -> dict:
+        return self.inner.describe()
+
     def shutdown(self) -> None:
         pass
 
