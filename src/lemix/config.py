@@ -99,9 +99,10 @@ class WorkloadConfig(_Strict):
 
 class PolicyConfig(_Strict):
     names: list[str] = Field(default_factory=lambda: ["lemix"])
-    lambda1: float = Field(0.5, ge=0, description="weight of response time R/SLO in lemix's score")
-    lambda2: float = Field(0.05, ge=0, description="weight of length consistency in lemix's score")
-    tau: float = Field(0.2, ge=0, description="idleness tolerance (in task stage-times) treated as a tie")
+    lambda1: float = Field(2.0, ge=0, description="weight of response time R/SLO in lemix's score")
+    lambda2: float = Field(0.5, ge=0, description="weight of length consistency in lemix's score")
+    tau: float = Field(0.5, ge=0, description="idleness tolerance (in units of the task's own fill bubble) "
+                                              "treated as a tie")
     tau_r: float = Field(1.0, gt=0, description="defer training when predicted response > tau_r x SLO")
     t_max_s: float = Field(0.05, ge=0, description="memory gate: wait this long before offloading")
     kappa: float = Field(0.95, gt=0, le=1, description="memory gate threshold as a fraction of capacity")

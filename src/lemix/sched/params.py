@@ -9,9 +9,9 @@ class SchedParams:
     policy: str = "lemix"
     nodes: int = 4
     stages: int = 2
-    lambda1: float = 0.5
-    lambda2: float = 0.05
-    tau: float = 0.2
+    lambda1: float = 2.0    # lemix defaults: chosen by benchmarks/sweep_lemix.py (see policies/lemix.py)
+    lambda2: float = 0.5
+    tau: float = 0.5
     tau_r: float = 1.0
     t_max_s: float = 0.05
     kappa: float = 0.95
