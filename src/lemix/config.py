@@ -28,7 +28,6 @@ RUN_DEFAULTS: dict[str, Any] = {
     "workload.max_output_tokens": 32,
     "policy.names": ["lemix", "naivemix", "separate"],
     "policy.microbatches": 2,
-    "policy.sync_every": 4,
     "policy.average_every": 4,
 }
 

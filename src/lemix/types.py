@@ -61,8 +61,9 @@ class Op:
     seq_tokens: int = 0               # padded tokens per sequence (fwd/bwd); 1 for decode
     kv_tokens: int = 0                # summed KV length of the batch (decode)
     bytes: int = 0                    # offload/reload/sync bytes
-    peer: int = -1                    # SYNC: source node
+    peer: int = -1                    # SYNC: source node (-2: a weighted average, see mix)
     predicted_s: float = 0.0
+    mix: tuple[float, ...] = ()       # SYNC average: weight of each node's copy (sums to 1)
 
 
 @dataclass(frozen=True)

@@ -84,9 +84,10 @@ def test_colocated_inference_loss_beats_separate_under_drift():
                       "workload.drift_groups": 3, "model.lr": 2e-3})
     results = {r.policy: r for r in run_engine(cfg, profile=cpu_profile(cfg.cluster.stages))}
 
-    def late_loss(r):
+    def late_loss(r):  # requests of the second half: after training had time to matter
         reqs = sorted(r.requests, key=lambda q: q.arrival_s)
-        tail = reqs[len(reqs) * 2 // 3:]
-        return float(np.mean([q.inference_loss for q in tail]))
+        return float(np.mean([q.inference_loss for q in reqs[len(reqs) // 2:]]))
 
+    # co-located nodes serve what they train (merged every 4 steps); separate's serving node
+    # gets the trainer's weights every 8 steps, so it lags behind the drifting topic
     assert late_loss(results["lemix"]) < late_loss(results["separate"])

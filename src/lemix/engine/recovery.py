@@ -81,13 +81,8 @@ class EngineRecovery:
         ends without copying (the receiver keeps its weights) and says so."""
         if kind == "avg_get":
             want, got = self._gather[op_id]
-            want -= 1
-            self._gather[op_id] = (want, got)
-            if got and len(got) == want:
-                del self._gather[op_id]
-                op = self._flights[op_id].op
-                avg = {k: torch.stack([sd[k] for sd in got]).mean(dim=0) for k in got[0]}
-                self.backend.submit(op.node, op.stage, SetWeights(avg), op.op_id)
+            self._gather[op_id] = (want - 1, got)
+            self._maybe_average(op_id)
             return
         flight = self._flights.pop(op_id)
         now = self.clock.now()

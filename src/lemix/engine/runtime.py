@@ -183,18 +183,27 @@ class Engine(EngineRecovery):
 
     def _launch(self, op: Op) -> None:
         self._flights[op.op_id] = _Flight(op, self.clock.now())
-        if op.kind is OpKind.SYNC and op.peer == SYNC_AVERAGE:   # gather every copy, then average
-            nodes = [n.index for n in self.sched.nodes if n.healthy and n.trains]
-            if op.node not in nodes:
-                nodes.append(op.node)
+        if op.kind is OpKind.SYNC and op.peer == SYNC_AVERAGE:   # gather the copies, then average
+            nodes = [i for i, w in enumerate(op.mix) if w > 0 and self.sched.nodes[i].healthy]
             self._gather[op.op_id] = (len(nodes), [])
             for n in nodes:
-                self.backend.submit(n, op.stage, GetWeights(), ("avg_get", op.op_id))
+                self.backend.submit(n, op.stage, GetWeights(), ("avg_get", op.op_id, n))
             return
         if op.kind is OpKind.SYNC:  # fetch the source stage's weights first, then overwrite
             self.backend.submit(op.peer, op.stage, GetWeights(), ("sync_get", op.op_id))
             return
         self.backend.submit(op.node, op.stage, self._command(op), op.op_id)
+
+    def _maybe_average(self, op_id: int) -> None:
+        """Once every expected copy arrived: overwrite the stage with their weighted average."""
+        want, got = self._gather[op_id]
+        if not got or len(got) < want:
+            return
+        del self._gather[op_id]
+        op = self._flights[op_id].op
+        total = sum(w for w, _ in got)
+        avg = {k: sum(w * sd[k] for w, sd in got) / total for k in got[0][1]}
+        self.backend.submit(op.node, op.stage, SetWeights(avg), op.op_id)
 
     def _command(self, op: Op) -> Any:
         last = op.stage == self.params.stages - 1
@@ -251,13 +260,8 @@ class Engine(EngineRecovery):
         if isinstance(tag, tuple) and tag[0] == "avg_get":
             if isinstance(res, Exception):
                 return self._op_error(self._flights[tag[1]].op, res)
-            want, got = self._gather[tag[1]]
-            got.append(res.state_dict)
-            if len(got) == want:
-                del self._gather[tag[1]]
-                op = self._flights[tag[1]].op
-                avg = {k: torch.stack([sd[k] for sd in got]).mean(dim=0) for k in got[0]}
-                self.backend.submit(op.node, op.stage, SetWeights(avg), op.op_id)
+            self._gather[tag[1]][1].append((self._flights[tag[1]].op.mix[tag[2]], res.state_dict))
+            self._maybe_average(tag[1])
             return
         if isinstance(tag, tuple) and tag[0] == "sync_get":
             if isinstance(res, Exception):

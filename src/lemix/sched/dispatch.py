@@ -166,10 +166,11 @@ class Dispatcher:
                 continue  # inference reaches this stage before the training op would end
             if kind == "sync":
                 nbytes = self.profile.stages[s].weight_bytes
-                if dev.sync_pending == SYNC_AVERAGE:  # pull every peer's copy
-                    nbytes *= max(1, sum(1 for n in self.nodes if n.healthy and n.trains) - 1)
+                mix = dev.sync_mix if dev.sync_pending == SYNC_AVERAGE else ()
+                if mix:  # pull every other contributing node's copy
+                    nbytes *= max(1, sum(1 for i, w in enumerate(mix) if w > 0 and i != node.index))
                 return self._start(node, s, OpKind.SYNC, -1, (), False, nbytes=nbytes, ctx=("sync",),
-                                   peer=dev.sync_pending)
+                                   peer=dev.sync_pending, mix=mix)
             if kind == "optim":
                 return self._start(node, s, OpKind.OPTIM, -1, (), True, ctx=("optim",))
             reload = self._reload_needed(node, s, kind, obj)
@@ -350,9 +351,9 @@ class Dispatcher:
     # ------------------------------------------------------------------ starting work
     def _start(self, node: NodeState, s: int, kind: OpKind, bid: int, task_ids: tuple, train: bool, *,
                batch: int = 0, seq: int = 0, kv: int = 0, nbytes: int = 0, ctx: tuple, peer: int = -1,
-               held: int = 0, extra: int = 0) -> Op:
+               held: int = 0, extra: int = 0, mix: tuple[float, ...] = ()) -> Op:
         op = Op(self._next_op, kind, node.index, s, bid, task_ids, train, batch, seq, kv, nbytes, peer,
-                self.lat.predict(kind, s, batch, seq, kv, nbytes))
+                self.lat.predict(kind, s, batch, seq, kv, nbytes), mix)
         self._next_op += 1
         dev = node.devices[s]
         dev.running = op
@@ -510,6 +511,7 @@ class Dispatcher:
             return
         del node.batches[b.bid]
         node.step_samples += b.size
+        self._merge_samples[node.index] += b.size
         self._unstepped.setdefault(node.index, []).extend(b.tasks)
         node.step_tokens += b.tokens
         for t in b.tasks:
@@ -559,19 +561,29 @@ class Dispatcher:
                 for n in self.nodes:
                     if n.serves and not n.trains:
                         self._request_sync(n)
-        elif self.params.average_every and version % self.params.average_every == 0:
-            self._request_average(node)
+        elif self.params.average_every:
+            self._steps_since_sync += 1
+            if self._steps_since_sync >= self.params.average_every:
+                self._steps_since_sync = 0
+                self._request_merge()
 
-    def _request_average(self, node: NodeState) -> None:
-        """Co-located nodes train on different data; every K steps a node averages its weights
-        with the other training nodes' (gossip-style FedAvg; counts as the freshest version)."""
-        peers = [n for n in self.nodes if n.trains and n.healthy]
-        if len(peers) < 2:
+    def _request_merge(self) -> None:
+        """Co-located nodes train on different data: every K training steps (cluster-wide) every
+        healthy node replaces its weights by the average of all nodes' copies weighted by the
+        samples each trained since the last merge (FedAvg), so a node that only served gets the
+        trainers' progress and a trainer is not pulled back by it. Each stage merges when it
+        holds no pending backward; the result counts as the freshest version."""
+        healthy = [n for n in self.nodes if n.healthy]
+        total = sum(self._merge_samples[n.index] for n in healthy)
+        if len(healthy) < 2 or total <= 0:
             return
-        for d in node.devices:
-            d.sync_pending = SYNC_AVERAGE
-            d.sync_version = max(n.version for n in peers)
-        self._touch(node)
+        mix = tuple((self._merge_samples[n.index] / total) if n.healthy else 0.0 for n in self.nodes)
+        version = max(n.version for n in healthy)
+        for n in healthy:
+            for d in n.devices:
+                d.sync_pending, d.sync_mix, d.sync_version = SYNC_AVERAGE, mix, version
+            self._touch(n)
+        self._merge_samples = [0] * len(self.nodes)
 
     def _request_sync(self, node: NodeState) -> None:
         """Copy weights into every stage of `node` from the freshest training node."""

@@ -74,6 +74,7 @@ class Scheduler(Dispatcher):
         self._placed_total = 0
         self._roles: object = _UNSET
         self._steps_since_sync = 0
+        self._merge_samples = [0] * params.nodes   # samples trained per node since the last merge
         self._version_first_s: dict[int, float] = {0: 0.0}
         self._max_version = 0
         self._wakeups: set[float] = set()

@@ -72,7 +72,7 @@ class DecodeIter:
 
 
 SYNC_NONE = -1      # Device.sync_pending: no weight sync due
-SYNC_AVERAGE = -2   # ... average this stage's weights with every other healthy training node's
+SYNC_AVERAGE = -2   # ... replace this stage's weights by a weighted average of the nodes' copies
 
 
 @dataclass
@@ -95,6 +95,7 @@ class Device:
     ewma_at_s: float = 0.0
     sync_pending: int = -1           # SYNC: source node; SYNC_NONE (-1); SYNC_AVERAGE (-2)
     sync_version: int = 0
+    sync_mix: tuple[float, ...] = ()    # SYNC_AVERAGE: weight per node
 
     @property
     def used_bytes(self) -> int:
