@@ -187,29 +187,31 @@ def forecast_chain(
     jump_training: bool,
 ) -> Forecast:
     """II and R of placing a task with per-stage forward (and training backward) durations."""
-    num_stages = len(fwd)
-    ready = max(now, arrival_s)
+    earliest = tl.earliest
+    ready = now if now >= arrival_s else arrival_s           # max(now, arrival_s)
     ii = 0.0
     ii_paper = 0.0
     first = ready
-    own_fwd_end = [-1.0] * num_stages
-    for s in range(num_stages):
-        start, prev_end = tl.earliest(s, ready, fwd[s], jump_training)
+    own_fwd_end = []
+    for s, dur in enumerate(fwd):
+        start, prev_end = earliest(s, ready, dur, jump_training)
         if s == 0:
             first = start
-        ii += start - max(now, prev_end)
+        ii += start - (now if now >= prev_end else prev_end)
         ii_paper += start - (prev_end if prev_end >= 0 else now)
-        ready = start + fwd[s]
-        own_fwd_end[s] = ready
+        ready = start + dur
+        own_fwd_end.append(ready)
     fwd_end = ready
     for s in range(len(bwd) - 1, -1, -1):
-        start, prev_end = tl.earliest(s, ready, bwd[s], False)
-        prev_end = max(prev_end, own_fwd_end[s])  # the task's own forward also covers the stage
-        ii += start - max(now, prev_end)
+        start, prev_end = earliest(s, ready, bwd[s], False)
+        own = own_fwd_end[s]
+        if own > prev_end:  # the task's own forward also covers the stage
+            prev_end = own
+        ii += start - (now if now >= prev_end else prev_end)
         ii_paper += start - (prev_end if prev_end >= 0 else now)
         ready = start + bwd[s]
     t_hat = (sum(fwd) + sum(bwd)) / max(1, len(fwd) + len(bwd))
-    return Forecast(ii_s=ii, r_s=fwd_end - arrival_s, stage_s=t_hat, ii_paper_s=ii_paper, first_start_s=first)
+    return Forecast(ii, fwd_end - arrival_s, t_hat, ii_paper, first)
 
 
 def forecast_alone(now: float, arrival_s: float, fwd: list[float], bwd: list[float]) -> Forecast:
@@ -244,8 +246,9 @@ def build_timeline(
     (ready_s, [(stage, dur), ...], train) in dispatch order."""
     tl = NodeTimeline(num_stages, now)
     for stage, start, end, train in running:
-        tl.add(stage, start, max(now, end), train)
-        tl.horizon_s = min(tl.horizon_s, end)
+        tl.add(stage, start, end if end > now else now, train)   # max(now, end)
+        if end < tl.horizon_s:
+            tl.horizon_s = end
     for ready, ops, train in chains:
         tl.chain(ops, max(now, ready), train)
     return tl

@@ -62,7 +62,7 @@ class Scheduler(Dispatcher):
         self._resolved: set[int] = set()
         self._slo: dict[int, float] = {}
         self._raw_times: dict[tuple[int, int, bool], tuple[list[float], list[float]]] = {}
-        self._times: dict[tuple[int, int, bool], tuple] = {}   # shape -> (version, fwd, bwd, chain)
+        self._times: dict[tuple[int, int, bool], list] = {}   # shape -> [version, fwd, bwd, chain]
         self._corr: tuple[int, list[float], list[float]] = (-1, [], [])
         self._owed: list[float] = [0.0] * params.nodes
         self._timelines: dict[tuple[int, str], NodeTimeline] = {}
@@ -394,17 +394,20 @@ class Scheduler(Dispatcher):
         cf, cb = self._corrections()
         fwd = [t * c for t, c in zip(raw[0], cf)]
         bwd = [t * c for t, c in zip(raw[1], cb)]
-        ops = list(enumerate(fwd)) + [(s, bwd[s]) for s in range(len(bwd) - 1, -1, -1)]
-        self._times[key] = (version, fwd, bwd, ops)
+        self._times[key] = [version, fwd, bwd, None]   # the chain is made when first asked for
         return fwd, bwd
 
     def _shape_chain(self, batch: int, tokens: int, train: bool) -> list[tuple[int, float]]:
         """The whole chain of a fresh task of that shape as (stage, duration) ops: forwards
         0..S-1, then (training) backwards S-1..0. Cached like _shape_times; read only."""
-        hit = self._times.get((batch, tokens, train))
+        key = (batch, tokens, train)
+        hit = self._times.get(key)
         if hit is None or hit[0] != self.lat.version:
             self._shape_times(batch, tokens, train)
-            hit = self._times[(batch, tokens, train)]
+            hit = self._times[key]
+        if hit[3] is None:
+            fwd, bwd = hit[1], hit[2]
+            hit[3] = list(enumerate(fwd)) + [(s, bwd[s]) for s in range(len(bwd) - 1, -1, -1)]
         return hit[3]
 
     def _corrections(self) -> tuple[list[float], list[float]]:
@@ -452,9 +455,11 @@ class Scheduler(Dispatcher):
     def _build_timeline(self, node: NodeState, include_train: bool) -> NodeTimeline:
         now = self.clock.now()
         S = node.num_stages
-        running = [(s, d.running_start_s, d.running_start_s + d.running.predicted_s, d.running.train)
-                   for s, d in enumerate(node.devices) if d.running is not None
-                   and (include_train or not d.running.train)]
+        running = []
+        for s, d in enumerate(node.devices):
+            op = d.running
+            if op is not None and (include_train or not op.train):
+                running.append((s, d.running_start_s, d.running_start_s + op.predicted_s, op.train))
         infer, train = [], []
         it = node.decode
         if it is not None:
@@ -465,21 +470,23 @@ class Scheduler(Dispatcher):
         elif node.seqs:
             dur = self._decode_iter_s(len(node.seqs), sum(q.kv_tokens for q in node.seqs.values())) / S
             infer.append((node.last_decode_end_s, [(s, dur) for s in range(S)], False))
+        shape_chain = self._shape_chain
         for b in node.batches.values():
             if b.train and not include_train:
                 continue
             ready = b.ready_s
+            done = b.fwd_next >= S
             if b.running:  # the rest of its chain waits for its running op
-                ready = self._running_end(node, b.bwd_next if b.fwd_done else b.fwd_next, ready)
+                ready = self._running_end(node, b.bwd_next if done else b.fwd_next, ready)
             # what is left of its chain (forwards 0..S-1, then backwards S-1..0) is a suffix
-            if b.fwd_done:   # next: the backward of stage bwd_next, or the one below a running one
+            if done:   # next: the backward of stage bwd_next, or the one below a running one
                 left = S + (S - 1 - b.bwd_next) + (1 if b.running else 0)
             else:
                 left = b.fwd_next + (1 if b.running else 0)
-            ops = self._shape_chain(b.size, b.seq_tokens, b.train)[left:]
+            ops = shape_chain(b.size, b.seq_tokens, b.train)[left:]
             (train if b.train else infer).append((ready, ops, b.train))
         for t in node.infer_wait[:_CHAIN_CAP]:
-            infer.append((t.arrival_s, self._shape_chain(t.batch_size, t.prompt_tokens, False), False))
+            infer.append((t.arrival_s, shape_chain(t.batch_size, t.prompt_tokens, False), False))
         if include_train:
             train.extend(self._train_wait_chains(node))
         chains = infer + train if self.infer_first else sorted(infer + train, key=lambda c: c[0])
