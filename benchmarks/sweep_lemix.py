@@ -2,7 +2,7 @@
 
     python benchmarks/sweep_lemix.py [--trace ../shared/traces/azure_llm_code_2023.csv]
                                      [--trace-speedup 2.5] [--seeds 0,1,2] [--jobs 2]
-                                     [--lambda1 1,2,4,8] [--lambda2 0,0.05,0.2] [--tau 0.1,0.2,0.5]
+                                     [--lambda1 1,2,4,8] [--lambda2 0,0.1,0.5] [--tau 0.1,0.2,0.5]
                                      [--tau-r 0.5,1,2] [--out sweep.json] [--quick]
 
 Scenarios: "default" is `load_config(None, {})` (4 nodes x 2 stages, 16 tasks/s, half training,
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--trace-speedup", type=float, default=2.5)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--lambda1", default="1,2,4,8")
-    ap.add_argument("--lambda2", default="0,0.05,0.2")
+    ap.add_argument("--lambda2", default="0,0.1,0.5")
     ap.add_argument("--tau", default="0.1,0.2,0.5")
     ap.add_argument("--tau-r", default="0.5,1,2")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes")
