@@ -26,6 +26,7 @@ cluster = st.fixed_dictionaries({
     "microbatches": st.integers(1, 3),
     "max_wait_s": st.sampled_from([0.0, 0.002]),
     "sync_every": st.integers(1, 2),
+    "average_every": st.sampled_from([0, 1, 2]),   # co-located merges (they once deadlocked S-PP)
     "t_max_s": st.sampled_from([0.0, 0.001, 0.05]),
 })
 

@@ -105,7 +105,9 @@ class Dispatcher:
             elif b.fwd_done:
                 if b.bwd_next == s and self.pipe.can_bwd(node, b, s):
                     out.append(((c_bwd, b.ready_s, 0, b.bid), "bwd", b))
-            elif b.fwd_next == s and not syncing and self.pipe.can_fwd(node, b, s):
+            elif b.fwd_next == s and self.pipe.can_fwd(node, b, s):
+                # admitted micro-batches keep flowing under a pending sync (it waits for their
+                # backwards anyway); only new admissions wait for it
                 out.append(((c_fwd, b.ready_s, 2, b.bid), "fwd", b))
         if s == 0 and node.infer_wait and self._batch_ready(node, now):
             out.append(((c_inf, node.infer_wait[0].arrival_s, 1, -1), "infer_new", None))
@@ -253,6 +255,7 @@ class Dispatcher:
         room = self.params.kappa * dev.capacity_bytes - dev.used_bytes
         return any(b.train and b.fwd_done and b.bwd_next == s and s in b.stash_stages
                    and s not in b.offloaded_stages and b.tokens * st.tmp_bytes_per_token <= room
+                   and self.pipe.can_bwd(node, b, s)   # GPipe may hold it until its round closes
                    for b in node.batches.values())
 
     # ------------------------------------------------------------------ memory figures
@@ -542,10 +545,12 @@ class Dispatcher:
         dev = node.devices[op.stage]
         dev.grads_pending = 0
         dev.step_count += 1
-        version = min(d.step_count for d in node.devices)
-        if version <= node.version:
+        steps = min(d.step_count for d in node.devices)
+        if steps <= node.steps_done:
             return
-        node.version = version
+        node.version += steps - node.steps_done
+        node.steps_done = steps
+        version = node.version
         self._unstepped.pop(node.index, None)
         now = result.end_s
         self.result.train_steps.append(TrainStepRecord(node.index, version, now, node.step_samples,
@@ -582,6 +587,7 @@ class Dispatcher:
         for n in healthy:
             for d in n.devices:
                 d.sync_pending, d.sync_mix, d.sync_version = SYNC_AVERAGE, mix, version
+            self.pipe.flush(n)
             self._touch(n)
         self._merge_samples = [0] * len(self.nodes)
 
@@ -594,6 +600,7 @@ class Dispatcher:
         for d in node.devices:
             d.sync_pending = src.index
             d.sync_version = src.version
+        self.pipe.flush(node)
         self._touch(node)
 
     def _done_sync(self, node: NodeState, op: Op, ctx: tuple, result: OpResult) -> None:
@@ -602,9 +609,8 @@ class Dispatcher:
             return  # re-requested from another source while this copy ran (its source died)
         dev.sync_pending = SYNC_NONE
         if all(d.sync_pending == SYNC_NONE for d in node.devices):
+            # the weight version moves; step counts stay (S-PP rounds are numbered by them)
             node.version = max(node.version, dev.sync_version)
-            for d in node.devices:
-                d.step_count = node.version
 
     def _done_offload(self, node: NodeState, op: Op, ctx: tuple, result: OpResult) -> None:
         dev = node.devices[op.stage]

@@ -21,6 +21,10 @@ class PipelineMode(Protocol):
     def step_due(self, node: NodeState, stage: int) -> bool: ...
     def on_bwd_done(self, node: NodeState, batch: Batch, stage: int) -> None: ...
     def on_fwd_done(self, node: NodeState, batch: Batch) -> None: ...
+    def forget_rounds(self, node: NodeState, from_round: int) -> None: ...
+    def flush(self, node: NodeState) -> None:
+        """A weight sync is due on the node: stop waiting for more members of the open round."""
+        ...
 
 
 def _training_in_flight(node: NodeState) -> bool:
@@ -54,6 +58,12 @@ class AsyncPipeline:
         pass
 
     def on_fwd_done(self, node: NodeState, batch: Batch) -> None:
+        pass
+
+    def forget_rounds(self, node: NodeState, from_round: int) -> None:
+        pass
+
+    def flush(self, node: NodeState) -> None:
         pass
 
 
@@ -118,6 +128,16 @@ class GPipePipeline:
 
     def on_fwd_done(self, node: NodeState, batch: Batch) -> None:
         self._maybe_close(node, batch.round)
+
+    def flush(self, node: NodeState) -> None:
+        r = node.train_round
+        if node.round_members.get(r, 0) > 0:
+            self._close(node, r)
+
+    def forget_rounds(self, node: NodeState, from_round: int) -> None:
+        """After a node failure its unfinished rounds are void (their micro-batches re-queued)."""
+        for key in [k for k in self._closed if k[0] == node.index and k[1] >= from_round]:
+            del self._closed[key]
 
 
 class OneFOneBPipeline(GPipePipeline):

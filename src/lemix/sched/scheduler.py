@@ -131,6 +131,14 @@ class Scheduler(Dispatcher):
         tasks += lost
         node.infer_wait, node.train_wait, node.batches, node.seqs = [], [], {}, {}
         node.decode = None
+        # the node's S-PP rounds restart after the last one every stage completed
+        r0 = max(d.step_count for d in node.devices)
+        for d in node.devices:
+            d.step_count = r0
+        node.steps_done = r0
+        node.train_round = r0
+        node.round_members = {r: m for r, m in node.round_members.items() if r < r0}
+        self.pipe.forget_rounds(node, r0)
         for d in node.devices:
             d.running, d.held_bytes, d.host_bytes, d.running_extra_bytes = None, 0, 0, 0
             d.grads_pending, d.wait_since_s, d.wait_key, d.sync_pending = 0, None, None, -1
@@ -157,8 +165,6 @@ class Scheduler(Dispatcher):
         node = self.nodes[node_idx]
         node.healthy = True
         node.version = version
-        for d in node.devices:
-            d.step_count = version
         self.result.events.append({"time_s": self.clock.now(), "event": "node_restored",
                                    "node": node_idx, "version": version})
         self._touch(node)

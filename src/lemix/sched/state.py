@@ -147,7 +147,8 @@ class NodeState:
     seqs: dict[int, Seq] = field(default_factory=dict)     # decode pool
     decode: DecodeIter | None = None
     last_decode_end_s: float = 0.0
-    version: int = 0                 # optimizer steps applied on every stage
+    version: int = 0                 # weight version: own steps, or a sync/merge's freshest version
+    steps_done: int = 0              # own optimizer steps completed on every stage
     healthy: bool = True
     trains: bool = True              # holds training state (False for separate's serving nodes)
     serves: bool = True
