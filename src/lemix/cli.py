@@ -118,39 +118,37 @@ def _progress(enabled: bool) -> Callable[[str, int], Callable[[int], None]] | No
     return make
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from lemix.experiment import simulate, write_results
+def _compare(args: argparse.Namespace, command: str, cfg: LemixConfig, header: str, execute) -> int:
+    """Run every chosen policy (simulated or real), write the run directory, print the table."""
+    from lemix.experiment import write_results
     from lemix.metrics import format_table, summarize
 
-    cfg = _config(args)
-    run_dir = _run_dir(args, "simulate")
-    c, w = cfg.cluster, cfg.workload
-    print(f"lemix simulate: {c.nodes} nodes x {c.stages} stages, {w.arrival} arrivals"
-          f"{'' if w.arrival == 'trace' else f' at {w.rate}/s'} for {w.duration_s:g} s, "
-          f"policies: {', '.join(cfg.policy.names)}")
-    results = simulate(cfg, progress=_progress(not args.no_progress))
-    write_results(cfg, results, run_dir, "lemix simulate")
+    run_dir = _run_dir(args, command)
+    print(f"lemix {command}: {header}, policies: {', '.join(cfg.policy.names)}")
+    results = execute(cfg, progress=_progress(not args.no_progress))
+    write_results(cfg, results, run_dir, f"lemix {command}")
     print(format_table({r.policy: summarize(r) for r in results}))
     print(f"results in {run_dir}/ (summary.json, requests.csv, timeline.json, *.png)")
     return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from lemix.experiment import simulate
+
+    cfg = _config(args)
+    c, w = cfg.cluster, cfg.workload
+    rate = "" if w.arrival == "trace" else f" at {w.rate}/s"
+    return _compare(args, "simulate", cfg, f"{c.nodes} nodes x {c.stages} stages, {w.arrival} arrivals"
+                    f"{rate} for {w.duration_s:g} s", simulate)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from lemix.engine.api import run_engine
-    from lemix.experiment import write_results
-    from lemix.metrics import format_table, summarize
 
     cfg = _config(args, RUN_DEFAULTS)
-    run_dir = _run_dir(args, "run")
     c, w = cfg.cluster, cfg.workload
-    print(f"lemix run: model {cfg.model.name}, {c.nodes} nodes x {c.stages} stages on {c.device} "
-          f"({c.backend} backend), {w.arrival} arrivals for {w.duration_s:g} s, "
-          f"policies: {', '.join(cfg.policy.names)}")
-    results = run_engine(cfg, progress=_progress(not args.no_progress))
-    write_results(cfg, results, run_dir, "lemix run")
-    print(format_table({r.policy: summarize(r) for r in results}))
-    print(f"results in {run_dir}/ (summary.json, requests.csv, timeline.json, *.png)")
-    return 0
+    return _compare(args, "run", cfg, f"model {cfg.model.name}, {c.nodes} nodes x {c.stages} stages on "
+                    f"{c.device} ({c.backend} backend), {w.arrival} arrivals for {w.duration_s:g} s", run_engine)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:

@@ -183,24 +183,18 @@ def _format_error(err: ValidationError) -> str:
     return "invalid config: " + "; ".join(lines)
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def _set_dotted(tree: dict, dotted: str, value: Any, *, overwrite: bool = True) -> None:
+    """tree["a"]["b"] = value for "a.b"; with overwrite=False only where nothing is set yet."""
     node = tree
     parts = dotted.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"invalid config: {dotted}: {part} is not a section")
-    node[parts[-1]] = value
-
-
-def _set_default(tree: dict, dotted: str, value: Any) -> None:
-    node = tree
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            return
-    node.setdefault(parts[-1], value)
+    if overwrite:
+        node[parts[-1]] = value
+    else:
+        node.setdefault(parts[-1], value)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
@@ -222,7 +216,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
         tree = loaded or {}
     for key, value in (base or {}).items():
-        _set_default(tree, key, value)
+        _set_dotted(tree, key, value, overwrite=False)
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(tree, key, value)
