@@ -12,6 +12,8 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from lemix.workload.errors import InputFileError
+
 
 @dataclass(frozen=True)
 class Topic:
@@ -31,15 +33,8 @@ class Sample:
         return self.text[len(self.prompt):]
 
 
-class DatasetError(ValueError):
+class DatasetError(InputFileError):
     """A dataset file that cannot be read; names the file and (when known) the 1-based line."""
-
-    def __init__(self, path: str | Path, line: int | None, message: str) -> None:
-        self.path = str(path)
-        self.line = line
-        self.message = message
-        where = self.path if line is None else f"{self.path}:{line}"
-        super().__init__(f"{where}: {message}")
 
 
 @runtime_checkable

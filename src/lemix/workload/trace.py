@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lemix.workload.errors import InputFileError
+
 TIME_COLUMN = "timestamp"
 PROMPT_COLUMN = "contexttokens"
 OUTPUT_COLUMN = "generatedtokens"
@@ -46,15 +48,8 @@ _INT_RE = re.compile(r"^[+-]?\d+$")
 _EPOCH = dt.datetime(1970, 1, 1)
 
 
-class TraceError(ValueError):
+class TraceError(InputFileError):
     """A trace file that cannot be read; names the file and (when known) the 1-based line."""
-
-    def __init__(self, path: str | Path, line: int | None, message: str) -> None:
-        self.path = str(path)
-        self.line = line
-        self.message = message
-        where = self.path if line is None else f"{self.path}:{line}"
-        super().__init__(f"{where}: {message}")
 
 
 @dataclass(frozen=True, eq=False)
