@@ -5,7 +5,7 @@ from dataclasses import asdict
 
 import numpy as np
 import pytest
-from sched_factory import ALL_POLICIES, MS, check_all, infer, make_params, make_profile, simulate, train
+from sched_factory import ALL_POLICIES, MS, check_all, infer, make_params, make_profile, simulate
 
 from lemix.clock import SimClock
 from lemix.metrics import summarize

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 
 from lemix.engine.backend import WorkerLost
-from lemix.engine.messages import GetState, Memory, SetState, SetWeights
+from lemix.engine.messages import GetState, Memory, SetState
 from lemix.engine.stage import split_stages
 from lemix.types import OpResult
 
