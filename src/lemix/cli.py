@@ -237,6 +237,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _defaults_text(defaults: dict) -> str:
+    """A command's own defaults for its --help: `nodes=2, policy=lemix,separate, ...`."""
+    return ", ".join(f"{k.split('.')[-1]}={','.join(v) if isinstance(v, list) else v}"
+                     for k, v in defaults.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lemix",
@@ -251,13 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "timeline.json (Perfetto) and plots to the run directory.")
     _add_options(p, _COMMON + _SIM, _FLAGS)
     p.set_defaults(func=cmd_simulate)
-    shown = ", ".join(f"{k.split('.')[-1]}={v if not isinstance(v, list) else ','.join(v)}"
-                      for k, v in RUN_DEFAULTS.items())
     p = sub.add_parser("run", help="run policies on real model stages (serving + training)",
                        description="Run every chosen policy on real model stages (the built-in tiny "
                                    "model or a local Hugging Face checkpoint) on the same workload from "
                                    "the same initial weights; same outputs as `simulate` plus "
-                                   f"inference loss. Defaults differ from simulate: {shown}.")
+                                   f"inference loss. Defaults differ from simulate: {_defaults_text(RUN_DEFAULTS)}.")
     _add_options(p, _COMMON + _ENGINE, _FLAGS)
     p.set_defaults(func=cmd_run)
 
@@ -287,14 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     from lemix.serve.options import SERVE_DEFAULTS, SERVE_WORKLOAD_FLAGS, add_serve_flags
-    shown = ", ".join(f"{k.split('.')[-1]}={v if not isinstance(v, list) else ','.join(v)}"
-                      for k, v in SERVE_DEFAULTS.items())
     p = sub.add_parser("serve", help="OpenAI-compatible server that keeps training on /v1/train",
                        description="Serves /v1/completions and /v1/chat/completions (OpenAI API, SSE "
                                    "streaming), takes training samples on /v1/train (journaled in SQLite "
                                    "before the reply, applied exactly once), exposes /metrics "
                                    "(Prometheus) and /health; checkpoints weights and optimizer state. "
-                                   f"Defaults differ from simulate: {shown}.")
+                                   f"Defaults differ from simulate: {_defaults_text(SERVE_DEFAULTS)}.")
     _add_options(p, [t for t in _COMMON if not t[1].startswith("workload.") or t[0] in SERVE_WORKLOAD_FLAGS]
                  + [t for t in _ENGINE if t[0] != "--dataset"], _FLAGS)
     add_serve_flags(p)

@@ -14,7 +14,7 @@ import numpy as np
 MAX_EXPECTED_ARRIVALS = 50_000_000
 
 
-def _check_finite(name: str, value: float) -> float:
+def check_finite(name: str, value: float) -> float:
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a number, got {value!r}")
     try:
@@ -27,8 +27,8 @@ def _check_finite(name: str, value: float) -> float:
 
 
 def _check_rate_duration(rate_per_s: float, duration_s: float) -> tuple[float, float]:
-    rate = _check_finite("rate_per_s", rate_per_s)
-    duration = _check_finite("duration_s", duration_s)
+    rate = check_finite("rate_per_s", rate_per_s)
+    duration = check_finite("duration_s", duration_s)
     if rate < 0:
         raise ValueError(f"rate_per_s must be >= 0, got {rate_per_s!r}")
     if duration < 0:
@@ -80,7 +80,7 @@ def gamma_arrivals(
     arrival is one inter-arrival after 0).
     """
     rate, duration = _check_rate_duration(rate_per_s, duration_s)
-    b = _check_finite("burstiness", burstiness)
+    b = check_finite("burstiness", burstiness)
     if b <= 0:
         raise ValueError(f"burstiness (CV^2 of inter-arrival times) must be > 0, got {burstiness!r}")
     _check_rng(rng)

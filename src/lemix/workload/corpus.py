@@ -12,7 +12,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from lemix.workload.errors import InputFileError
+from lemix.workload.errors import InputFileError, file_lines
 
 
 @dataclass(frozen=True)
@@ -211,18 +211,8 @@ def load_jsonl(path: str | Path) -> list[Sample]:
 
     Blank lines are skipped; other keys on a record are ignored.
     """
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise DatasetError(path, None, f"cannot read dataset: {exc.strerror or exc}") from exc
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
     samples: list[Sample] = []
-    for number, chunk in enumerate(raw.splitlines(), start=1):
-        try:
-            text = chunk.decode("utf-8")
-        except UnicodeDecodeError:
-            raise DatasetError(path, number, "line is not valid UTF-8") from None
+    for number, text in file_lines(path, DatasetError, "dataset"):
         if text.strip():
             samples.append(_parse_record(path, number, text))
     if not samples:

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lemix.workload.errors import InputFileError
+from lemix.workload.arrivals import check_finite
+from lemix.workload.errors import InputFileError, file_lines
 
 TIME_COLUMN = "timestamp"
 PROMPT_COLUMN = "contexttokens"
@@ -97,25 +98,15 @@ class Trace:
         return len(self) / self.span_s
 
 
-def _as_float(name: str, value: float) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return x
-
-
 def _positive(name: str, value: float) -> float:
-    x = _as_float(name, value)
+    x = check_finite(name, value)
     if x <= 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
     return x
 
 
 def _non_negative(name: str, value: float) -> float:
-    x = _as_float(name, value)
+    x = check_finite(name, value)
     if x < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
     return x
@@ -150,17 +141,7 @@ def _parse_count(text: str, column: str, path: str | Path, line: int) -> int:
 
 def _data_lines(path: str | Path):
     """Yield (1-based line number, text) for non-blank, non-comment lines."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise TraceError(path, None, f"cannot read trace: {exc.strerror or exc}") from exc
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    for number, chunk in enumerate(raw.splitlines(), start=1):
-        try:
-            text = chunk.decode("utf-8")
-        except UnicodeDecodeError:
-            raise TraceError(path, number, "line is not valid UTF-8") from None
+    for number, text in file_lines(path, TraceError, "trace"):
         stripped = text.strip()
         if stripped and not stripped.startswith("#"):
             yield number, stripped
