@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
+from transformers.pytorch_utils import Conv1D as HFConv1D
 
 
 @dataclass(frozen=True)
@@ -141,16 +142,12 @@ class LlamaBlock(nn.Module):
         return key
 
 
-class Conv1D(nn.Module):
-    """GPT-2's projection layout: weight [in, out], y = x @ W + b."""
+class Conv1D(HFConv1D):
+    """GPT-2's projection layout: weight [in, out], y = x @ W + b (transformers' own class, so
+    peft recognizes it as a LoRA target)."""
 
     def __init__(self, n_in: int, n_out: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_in, n_out))
-        self.bias = nn.Parameter(torch.zeros(n_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+        super().__init__(n_out, n_in)
 
 
 _GPT2_KEYS = {"c_attn": "attn.c_attn", "attn_proj": "attn.c_proj",

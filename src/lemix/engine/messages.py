@@ -102,7 +102,8 @@ class Reload:
 
 @dataclass(frozen=True)
 class GetWeights:
-    """Ask for this stage's weights (state_dict of CPU tensors)."""
+    """Ask for this stage's shared weights (CPU tensors): every weight, or with LoRA only the
+    adapters (what merges and syncs move)."""
 
 
 @dataclass(frozen=True)
@@ -193,12 +194,15 @@ class WeightsResult:
 
 @dataclass(frozen=True)
 class StateResult:
-    """After GetState: the stage's weights and its optimizer's state_dict, as CPU copies."""
+    """After GetState: the stage's weights and its optimizer's state_dict, as CPU copies. With
+    LoRA `weights` holds only the adapters; `meta` says the mode, the base reference and the
+    stage's layers and HF key names (what `lemix export` needs)."""
 
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer: dict = field(default_factory=dict)
     version: int = 0
     compute_s: float = 0.0
+    meta: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

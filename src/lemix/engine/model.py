@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import torch
 
+from lemix.engine.adapt import DTYPES, AdaptSpec, checkpoint_dtype, prepare_model
 from lemix.engine.checkpoint import CheckpointError, check_checkpoint_dir, has_tokenizer_files
 from lemix.engine.stage import StageModule, split_stages
 from lemix.engine.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 BUILTIN_TINY = "builtin-tiny"
 
-__all__ = ["BUILTIN_TINY", "CheckpointError", "StageModule", "build_builtin_tiny", "load_model",
+__all__ = ["BUILTIN_TINY", "CheckpointError", "StageModule", "AdaptSpec", "build_builtin_tiny", "load_model",
            "split_stages"]
 
 
@@ -29,20 +30,28 @@ def build_builtin_tiny(seed: int = 0, num_layers: int = 4):
     return model.float().eval()
 
 
-def load_model(spec: str, seed: int = 0) -> tuple[torch.nn.Module, ByteTokenizer | HFTokenizer, str]:
-    """spec "builtin-tiny" or a checkpoint dir -> (HF model in float32, tokenizer, family).
+def load_model(spec: str, seed: int = 0, adapt: AdaptSpec | None = None
+               ) -> tuple[torch.nn.Module, ByteTokenizer | HFTokenizer, str]:
+    """spec "builtin-tiny" or a checkpoint dir -> (HF model, tokenizer, family).
 
-    family is the HF model_type: "llama", "qwen2" or "gpt2".
+    family is the HF model_type: "llama", "qwen2" or "gpt2". The model is in `adapt.dtype`
+    (default: the checkpoint's torch_dtype; float32 for the built-in model), with LoRA adapters
+    and recompute when `adapt` asks for them (lemix.engine.adapt.prepare_model).
     """
+    adapt = adapt or AdaptSpec()
     if spec == BUILTIN_TINY:
-        return build_builtin_tiny(seed), ByteTokenizer(), "llama"
-    config = check_checkpoint_dir(spec)
-    from transformers import AutoModelForCausalLM
-    try:
-        model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"could not load the checkpoint in {spec}: {exc}") from exc
-    tok_dir = spec if has_tokenizer_files(spec) else None
-    tokenizer = load_tokenizer(tok_dir, model.config.vocab_size)
-    return model.eval(), tokenizer, config["model_type"]
-
+        model, tokenizer, family, dtype = build_builtin_tiny(seed), ByteTokenizer(), "llama", "float32"
+    else:
+        config = check_checkpoint_dir(spec)
+        family, dtype = config["model_type"], checkpoint_dtype(config)
+        from transformers import AutoModelForCausalLM
+        try:
+            model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True,
+                                                         dtype=DTYPES[adapt.dtype or dtype])
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"could not load the checkpoint in {spec}: {exc}") from exc
+        tok_dir = spec if has_tokenizer_files(spec) else None
+        tokenizer = load_tokenizer(tok_dir, model.config.vocab_size)
+        model.eval()
+    model.lemix_base = {"model": spec, "seed": seed}   # the base reference checkpoints and export keep
+    return prepare_model(model, adapt, family, adapt.dtype or dtype), tokenizer, family

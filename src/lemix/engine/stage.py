@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lemix.engine import adapt
 from lemix.engine.blocks import (ArchConfig, AttnContext, GPT2Block, LlamaBlock, RMSNorm,
                                  rotary_tables)
 
@@ -47,6 +48,8 @@ class StageModule(nn.Module):
         if llama:
             self.register_buffer("inv_freq", torch.zeros(cfg.head_dim // 2), persistent=False)
         self.hf_names: dict[str, str] = {}   # our state_dict key -> HF checkpoint key
+        self.adapt = adapt.AdaptSpec(dtype="float32")   # the mode split_stages gave the stage
+        self.base_ref: dict = {}             # where the base weights come from (for export)
 
     @property
     def num_layers(self) -> int:
@@ -184,22 +187,53 @@ def layer_ranges(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
 
 
 def split_stages(hf_model: nn.Module, num_stages: int) -> list[StageModule]:
-    """Split an HF causal LM into `num_stages` StageModules owning copies of its weights (CPU)."""
-    cfg = arch_config(hf_model)
-    hf_state = hf_model.state_dict()
+    """Split an HF causal LM into `num_stages` StageModules owning copies of its weights (CPU).
+
+    The stages follow the model's mode (lemix.engine.adapt.prepare_model): its dtype, its peft
+    LoRA adapters (the same layers, injected into each stage by module path, with the same
+    values) and gradient checkpointing (`recompute`).
+    """
+    from peft import inject_adapter_in_model
+
+    base = adapt.base_model(hf_model)
+    cfg = arch_config(base)
+    lora = adapt.lora_config_of(hf_model)
+    hf_state = base.state_dict()
+    spec = adapt.AdaptSpec(
+        dtype=str(base.dtype).removeprefix("torch."), lora_rank=lora.r if lora else 0,
+        lora_alpha=float(lora.lora_alpha) if lora else None,
+        lora_targets=tuple(sorted(lora.target_modules)) if lora else None,
+        recompute=adapt.recompute_on(base))
     stages = []
     for s, (lo, hi) in enumerate(layer_ranges(cfg.n_layers, num_stages)):
-        with torch.device("meta"):   # allocate nothing until the real tensors are copied in
+        with torch.device("meta"):   # allocate nothing until the real tensors are assigned
             stage = StageModule(cfg, s, num_stages, lo, hi)
-        stage.to_empty(device="cpu")
+            if lora is not None:
+                stage_cfg = adapt.stage_lora_config(stage, lora, _module_hf_path(stage))
+                if stage_cfg is not None:
+                    inject_adapter_in_model(stage_cfg, stage, adapter_name=adapt.ADAPTER_NAME)
         stage.hf_names = _hf_names(stage)
-        with torch.no_grad():
-            for key, tensor in stage.state_dict(keep_vars=True).items():
-                tensor.copy_(hf_state[stage.hf_names[key]])
-            if cfg.family == "llama":
-                stage.inv_freq.copy_(hf_model.model.rotary_emb.inv_freq)
+        # assign: each stage owns a copy of the HF tensor, in the HF tensor's dtype
+        stage.load_state_dict({k: hf_state[stage.hf_names[k]].detach().clone()
+                               for k in stage.state_dict()}, strict=True, assign=True)
+        if cfg.family == "llama":
+            stage.inv_freq = base.model.rotary_emb.inv_freq.detach().clone()
+        for name, p in stage.named_parameters():
+            p.requires_grad_(lora is None or "lora_" in name)
+        stage.adapt = spec
+        stage.base_ref = dict(getattr(base, "lemix_base", None) or {"model": base.name_or_path})
         stages.append(stage)
     return stages
+
+
+def _module_hf_path(stage: StageModule):
+    """our module path -> its module path in the HF model (None where there is none)."""
+    names = _hf_names(stage)
+
+    def path(module: str) -> str | None:
+        key = names.get(module + ".weight")
+        return key.removesuffix(".weight") if key is not None else None
+    return path
 
 
 def _hf_names(stage: StageModule) -> dict[str, str]:

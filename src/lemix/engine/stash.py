@@ -7,6 +7,11 @@ activation memory: it can count the bytes exactly (one count per underlying stor
 them to host memory (offload) and back (reload) bit for bit, and the backward reads whatever
 copy is current. The stage input and output tensors kept for `backward()` get a 1-element
 placeholder as data, since backward needs only their autograd identity and shape.
+
+With recompute (gradient checkpointing of the whole stage) the forward builds no graph: the
+stash keeps only the stage input (and the labels on the last stage) in `saved`, and the
+backward runs the forward again with autograd on before backpropagating. Offload and reload
+move those tensors the same way.
 """
 from __future__ import annotations
 
@@ -42,6 +47,13 @@ class ActivationStash:
         self.inp: torch.Tensor | None = None   # stage input leaf (for its .grad); None on stage 0
         self.out: torch.Tensor | None = None   # what backward starts from (scaled loss or hidden)
         self.on_host = False
+        self.recompute: tuple | None = None    # (lengths, loss_scale): replay the forward
+
+    def keep_input(self, x: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor | None,
+                   loss_scale: float) -> None:
+        """Recompute mode: hold the stage input (and labels), nothing else, until backward."""
+        self.saved = [x.detach()] + ([labels] if labels is not None else [])
+        self.recompute = (lengths, loss_scale)
 
     def hooks(self):
         """Context manager: run the training forward inside it."""

@@ -11,16 +11,19 @@ SetWeights raise instead.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from itertools import chain
 
 import torch
 
+from lemix.engine.adapt import DTYPES
 from lemix.engine.kvcache import KVCache
 from lemix.engine.messages import (Backward, BackwardResult, Decode, DecodeResult, Forward,
                                    ForwardResult, Free, FreeResult, GetState, GetWeights, Memory,
                                    MemoryState, MoveResult, Offload, Reload, SetState, SetWeights,
                                    StateResult, Step, VersionResult, WeightsResult)
+from lemix.engine.optim import StageOptimizer
 from lemix.engine.sampling import sample_tokens
 from lemix.engine.stage import StageModule, causal_lm_loss, mask_labels, sequence_nll
 from lemix.engine.stash import ActivationStash
@@ -51,12 +54,16 @@ class StageWorker:
                              f"worker was told {stage_index}/{num_stages}")
         self.device = torch.device(device)
         self.stage = stage_module.to(self.device)
-        self._dtype = next(self.stage.parameters()).dtype
+        self._dtype = DTYPES[self.stage.adapt.dtype]          # of weights, hidden states, KV
+        self.trainable = [p for p in self.stage.parameters() if p.requires_grad]
+        # what merges, syncs and checkpoints move: with LoRA the adapters, else every weight
+        self.shared_keys = [k for k, p in self.stage.named_parameters() if p.requires_grad] \
+            if self.stage.adapt.lora else list(self.stage.state_dict())
         self.stage_index, self.num_stages = stage_index, num_stages
         self.memory_budget_bytes = memory_budget_bytes
         self.kv = KVCache(self.device)
         self.stashes: dict[int, ActivationStash] = {}
-        self.optimizer = torch.optim.AdamW(self.stage.parameters(), lr=lr, weight_decay=weight_decay)
+        self.optimizer = StageOptimizer(self.trainable, lr=lr, weight_decay=weight_decay)
         self.version = 0
         self._handlers = {
             Forward: self._forward, Backward: self._backward, Decode: self._decode,
@@ -113,15 +120,22 @@ class StageWorker:
             raise ValueError("the last stage needs labels for a training forward")
         params = {p.untyped_storage().data_ptr() for p in self.stage.parameters()}
         stash = ActivationStash(params)
-        inp = None if self._first else x.requires_grad_()
-        loss = None
-        with _Timer(self.device) as t, stash.hooks():
-            out = self.stage(x, lengths)                                  # [B,T,H] or [B,T,V]
-            if self._last:
-                loss = causal_lm_loss(out, labels)
-                out = loss * cmd.loss_scale
-        hidden = None if self._last else out.detach().to("cpu", copy=True)
-        stash.hold(inp, out)
+        if self.stage.adapt.recompute:     # no graph now: keep the input, replay in backward
+            with torch.no_grad(), _Timer(self.device) as t:
+                out = self.stage(x, lengths)
+                loss = causal_lm_loss(out, labels) if self._last else None
+            stash.keep_input(x, lengths, labels, cmd.loss_scale)
+            hidden = None if self._last else out.to("cpu", copy=True)
+        else:
+            inp = None if self._first else x.requires_grad_()
+            loss = None
+            with _Timer(self.device) as t, stash.hooks():
+                out = self.stage(x, lengths)                              # [B,T,H] or [B,T,V]
+                if self._last:
+                    loss = causal_lm_loss(out, labels)
+                    out = loss * cmd.loss_scale
+            hidden = None if self._last else out.detach().to("cpu", copy=True)
+            stash.hold(inp, out)   # after the copy: hold() drops the tensors' data
         self.stashes[cmd.batch_id] = stash
         return ForwardResult(cmd.batch_id, hidden=hidden,
                              loss=None if loss is None else float(loss.detach()), compute_s=t.s)
@@ -159,12 +173,23 @@ class StageWorker:
             raise RuntimeError(f"micro-batch {cmd.batch_id}: activations are offloaded; reload first")
         if self._last != (cmd.grad_output is None):
             raise ValueError("grad_output must be None exactly on the last stage")
-        grad = None if self._last else cmd.grad_output.to(self.device, dtype=stash.out.dtype)
         with _Timer(self.device) as t:
-            torch.autograd.backward(stash.out, grad)                       # accumulates .grad
+            out, inp = self._replay(stash) if stash.recompute else (stash.out, stash.inp)
+            grad = None if self._last else cmd.grad_output.to(self.device, dtype=out.dtype)
+            torch.autograd.backward(out, grad)                             # accumulates .grad
         del self.stashes[cmd.batch_id]
-        grad_in = None if self._first else stash.inp.grad.to("cpu", copy=True)
+        grad_in = None if self._first else inp.grad.to("cpu", copy=True)
         return BackwardResult(cmd.batch_id, grad_input=grad_in, compute_s=t.s)
+
+    def _replay(self, stash: ActivationStash) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Recompute: the stage forward again, with autograd, from the stashed input."""
+        lengths, loss_scale = stash.recompute
+        x = stash.saved[0]
+        inp = None if self._first else x.detach().requires_grad_()
+        out = self.stage(x if inp is None else inp, lengths)
+        if self._last:
+            out = causal_lm_loss(out, stash.saved[1]) * loss_scale
+        return out, inp
 
     def _check_no_pending(self, what: str) -> None:
         if self.stashes:
@@ -176,7 +201,7 @@ class StageWorker:
         self._check_no_pending("optimizer step")
         with _Timer(self.device) as t:
             self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad()
         self.version += 1
         return VersionResult(self.version, compute_s=t.s)
 
@@ -222,22 +247,34 @@ class StageWorker:
         return self._move(cmd.kind, cmd.keys, to_host=False)
 
     # ------------------------------------------------------------ weights and memory
+    def _shared_state(self) -> dict[str, torch.Tensor]:
+        own = self.stage.state_dict()
+        return {k: own[k] for k in self.shared_keys}
+
     def _get_weights(self, cmd: GetWeights) -> WeightsResult:
-        state = {k: v.detach().to("cpu", copy=True) for k, v in self.stage.state_dict().items()}
+        state = {k: v.detach().to("cpu", copy=True) for k, v in self._shared_state().items()}
         return WeightsResult(state, self.version)
 
     def _set_weights(self, cmd: SetWeights) -> VersionResult:
         self._check_no_pending("weight overwrite")
-        own = self.stage.state_dict()
+        own = self._shared_state()
         if set(own) != set(cmd.state_dict):
             missing, extra = set(own) - set(cmd.state_dict), set(cmd.state_dict) - set(own)
             raise KeyError(f"state_dict mismatch: missing {sorted(missing)}, unexpected {sorted(extra)}")
         with torch.no_grad(), _Timer(self.device) as t:
             for key, tensor in own.items():
                 tensor.copy_(cmd.state_dict[key])
+            self.optimizer.weights_changed()
         if cmd.version is not None:
             self.version = cmd.version
         return VersionResult(self.version, compute_s=t.s)
+
+    def meta(self) -> dict:
+        """What a checkpoint of this stage needs to be read back without the run's config."""
+        st = self.stage
+        return {"adapt": dataclasses.asdict(st.adapt), "base": dict(st.base_ref),
+                "layers": [st.layer_start, st.layer_end], "hf_names": dict(st.hf_names),
+                "shared_keys": list(self.shared_keys)}
 
     def _get_state(self, cmd: GetState) -> StateResult:
         """Weights + optimizer state; gradients accumulated but not yet stepped are not included."""
@@ -250,23 +287,22 @@ class StageWorker:
                 return type(x)(cpu(v) for v in x)
             return x
         with _Timer(self.device) as t:
-            weights = cpu(self.stage.state_dict())
+            weights = cpu(self._shared_state())
             optim = cpu(self.optimizer.state_dict())
-        return StateResult(weights, optim, self.version, compute_s=t.s)
+        return StateResult(weights, optim, self.version, compute_s=t.s, meta=self.meta())
 
     def _set_state(self, cmd: SetState) -> VersionResult:
         self._set_weights(SetWeights(cmd.weights, cmd.version))
         with _Timer(self.device) as t:
             # a private copy (the caller keeps its own); load_state_dict moves it onto the device
             self.optimizer.load_state_dict(copy.deepcopy(cmd.optimizer))
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad()
         return VersionResult(self.version, compute_s=t.s)
 
     def _memory(self, cmd: Memory) -> MemoryState:
         weights = sum(t.nbytes for t in chain(self.stage.parameters(), self.stage.buffers()))
         grads = sum(p.grad.nbytes for p in self.stage.parameters() if p.grad is not None)
-        optim = grads + sum(v.nbytes for state in self.optimizer.state.values()
-                            for v in state.values() if torch.is_tensor(v))
+        optim = grads + self.optimizer.state_bytes
         kv = self.kv.device_bytes()
         act = sum(s.nbytes for s in self.stashes.values() if not s.on_host)
         host = self.kv.host_bytes() + sum(s.nbytes for s in self.stashes.values() if s.on_host)
