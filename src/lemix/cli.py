@@ -58,7 +58,8 @@ _FLAGS = [
     ("--no-memory-check", "policy.no_memory_check", "lemix without the wait-or-offload memory gate"),
     ("--force-profile", "model.force_profile", "accept a profile made for another model/stages/device"),
 ]
-_SIM = [("--sim-model", "model.sim_model", str, "modeled model of the built-in profile: tiny | 3b | 7b")]
+_SIM = [("--sim-model", "model.sim_model", str, "modeled model of the built-in profile: tiny | 3b | 7b"),
+        ("--sim-preset", "model.sim_preset", str, "e.g. 7b-bf16-lora16-80gb (lemix.sched.presets)")]
 _ENGINE = [
     ("--model", "model.name", str, ""),
     ("--device", "cluster.device", str, ""),
@@ -66,7 +67,12 @@ _ENGINE = [
     ("--ray-address", "cluster.ray_address", str, "default: start a local Ray; 'auto' joins a cluster"),
     ("--dataset", "workload.dataset", str, ""),
     ("--lr", "model.lr", float, ""),
+    ("--dtype", "model.dtype", str, "auto | float32 | bfloat16 | float16"),
+    ("--lora-rank", "model.lora_rank", int, ""),
+    ("--lora-alpha", "model.lora_alpha", float, ""),
+    ("--lora-targets", "model.lora_targets", str, "e.g. q_proj,v_proj"),
 ]
+_ENGINE_FLAGS = [("--recompute", "model.recompute", "gradient checkpointing per stage")]
 
 
 def _describe(dotted: str) -> str:
@@ -158,9 +164,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from lemix.profiling import measure_profile, plot_profile, save_profile
     from lemix.profiling.measure import grid_size
 
+    from lemix.engine.adapt import spec_from_config
+
     cfg = _config(args, RUN_DEFAULTS)
     S = cfg.cluster.stages
-    hf_model, _, _ = load_model(cfg.model.name, seed=cfg.seed)
+    hf_model, _, _ = load_model(cfg.model.name, seed=cfg.seed, adapt=spec_from_config(cfg.model))
     devices = stage_devices(cfg)
     set_threads_per_worker(S)
     workers = [StageWorker(m, s, S, devices[s], lr=cfg.model.lr) for s, m in enumerate(split_stages(hf_model, S))]
@@ -262,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "model or a local Hugging Face checkpoint) on the same workload from "
                                    "the same initial weights; same outputs as `simulate` plus "
                                    f"inference loss. Defaults differ from simulate: {_defaults_text(RUN_DEFAULTS)}.")
-    _add_options(p, _COMMON + _ENGINE, _FLAGS)
+    _add_options(p, _COMMON + _ENGINE, _FLAGS + _ENGINE_FLAGS)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("profile", help="measure per-stage op latencies and memory of a model",
@@ -273,9 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "JSON profile plus a plot of measured points against the fits.")
     for flag, dotted, typ, extra in [t for t in _COMMON + _ENGINE
                                      if t[0] in ("--stages", "--device-memory", "--seed", "--model",
-                                                 "--device", "--lr")]:
+                                                 "--device", "--lr", "--dtype", "--lora-rank",
+                                                 "--lora-alpha", "--lora-targets")]:
         p.add_argument(flag, dest=dotted, type=typ, default=None, metavar=typ.__name__.upper(),
                        help=f"{_describe(dotted)} [{dotted}]")
+    for flag, dotted, desc in _ENGINE_FLAGS:
+        p.add_argument(flag, dest=dotted, action="store_const", const=True, default=None,
+                       help=f"{desc} [{dotted}]")
     p.add_argument("--quick", action="store_true", help="a small grid (under a minute on 2 cores)")
     p.add_argument("--config", help="YAML config file")
     p.add_argument("--out", help="profile JSON path (default profile.json; the plot goes beside it)")
@@ -287,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and in the simulator with --profile, and reports the error of per-op "
                                    "durations and of per-request E2E/TTFT (MAPE, p50/p90 absolute error). "
                                    "With --out DIR writes validation.json and validation.png.")
-    _add_options(p, _COMMON + _ENGINE, _FLAGS)
+    _add_options(p, _COMMON + _ENGINE, _FLAGS + _ENGINE_FLAGS)
     p.set_defaults(func=cmd_validate)
 
     from lemix.serve.options import SERVE_DEFAULTS, SERVE_WORKLOAD_FLAGS, add_serve_flags
@@ -298,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(Prometheus) and /health; checkpoints weights and optimizer state. "
                                    f"Defaults differ from simulate: {_defaults_text(SERVE_DEFAULTS)}.")
     _add_options(p, [t for t in _COMMON if not t[1].startswith("workload.") or t[0] in SERVE_WORKLOAD_FLAGS]
-                 + [t for t in _ENGINE if t[0] != "--dataset"], _FLAGS)
+                 + [t for t in _ENGINE if t[0] != "--dataset"], _FLAGS + _ENGINE_FLAGS)
     add_serve_flags(p)
     p.set_defaults(func=cmd_serve)
     return parser

@@ -56,8 +56,36 @@ class ModelConfig(_Strict):
     sim_model: Literal["3b", "7b", "tiny"] = Field("3b", description="modeled model size of the default simulator profile")
     profile: str | None = Field(None, description="profile JSON from `lemix profile`; default: built-in")
     force_profile: bool = False
+    sim_preset: str | None = Field(None, description="simulator: a modeled preset (model, dtype, training "
+                                   "mode, device) instead of sim_model; see lemix.sched.presets")
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="real engine: weight and compute dtype (auto = the checkpoint's torch_dtype)")
+    lora_rank: int = Field(0, ge=0, description="real engine: train LoRA adapters of this rank (0 = all weights)")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha (default 2 x rank)")
+    lora_targets: list[str] | None = Field(None, description="LoRA target modules, HF names, comma list "
+                                           "(default: the attention projections)")
+    recompute: bool = Field(False, description="real engine: recompute each stage's forward in its "
+                            "backward instead of stashing activations")
+
+    @field_validator("lora_targets", mode="before")
+    @classmethod
+    def _split_targets(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [t.strip() for t in v.split(",") if t.strip()]
+        if v is not None and not v:
+            raise ValueError("at least one target module is required")
+        return v
+
+    @field_validator("sim_preset")
+    @classmethod
+    def _known_preset(cls, v: str | None) -> str | None:
+        from lemix.sched.presets import PRESETS
+
+        if v is not None and v not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; allowed: {', '.join(PRESETS)}")
+        return v
 
 
 class WorkloadConfig(_Strict):

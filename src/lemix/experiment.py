@@ -28,6 +28,14 @@ def sim_profile(cfg: LemixConfig) -> Profile:
 
         return load_profile(cfg.model.profile, stages=c.stages, force=cfg.model.force_profile,
                             capacity_bytes=int(c.device_memory_gb * 1e9))
+    if cfg.model.sim_preset:   # the preset's device memory, unless --device-memory is given
+        from lemix.sched.presets import preset_profile
+
+        explicit = "device_memory_gb" in c.model_fields_set
+        return preset_profile(cfg.model.sim_preset, stages=c.stages,
+                              capacity_bytes=int(c.device_memory_gb * 1e9) if explicit else None,
+                              host_bandwidth_Bps=c.host_bandwidth_gbps * 1e9,
+                              network_bandwidth_Bps=c.network_bandwidth_gbps * 1e9)
     return default_profile(model=cfg.model.sim_model, stages=c.stages,
                            capacity_bytes=int(c.device_memory_gb * 1e9),
                            host_bandwidth_Bps=c.host_bandwidth_gbps * 1e9,

@@ -14,6 +14,7 @@ paths.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,15 @@ class AdaptSpec:
     @property
     def lora(self) -> bool:
         return self.lora_rank > 0
+
+
+def spec_from_config(model_cfg) -> AdaptSpec:
+    """The AdaptSpec of a config's `model` section (dtype 'auto' = the checkpoint's)."""
+    m = model_cfg
+    return AdaptSpec(dtype=None if m.dtype == "auto" else m.dtype, lora_rank=m.lora_rank,
+                     lora_alpha=m.lora_alpha,
+                     lora_targets=tuple(m.lora_targets) if m.lora_targets else None,
+                     recompute=m.recompute)
 
 
 def checkpoint_dtype(config: dict) -> str:
@@ -88,8 +98,10 @@ def prepare_model(hf_model: nn.Module, spec: AdaptSpec, family: str, dtype: str)
                         target_modules=targets, lora_dropout=0.0, bias="none",
                         fan_in_fan_out=family == "gpt2", task_type="CAUSAL_LM")
     # a private RNG stream: the same seed gives the same adapters, the caller's RNG is untouched
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         torch.manual_seed(0)
+        # peft reads the deprecated `is_gradient_checkpointing` of transformers 5
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = get_peft_model(hf_model, config)
     matched = [n for n, m in model.named_modules() if hasattr(m, "lora_A")]
     if not matched:
@@ -120,8 +132,8 @@ def stage_lora_config(stage: nn.Module, hf_config, module_hf_path):
                       use_rslora=hf_config.use_rslora)
 
 
-def describe(spec_or_stage) -> str:
-    """A short label of a training mode, e.g. 'lora r=8 alpha=16 bfloat16 +recompute'."""
-    s = spec_or_stage
-    mode = f"lora r={s.lora_rank} alpha={s.lora_alpha:g}" if s.lora_rank else "full"
-    return f"{mode} {s.dtype}" + (" +recompute" if s.recompute else "")
+def train_mode_of(stage: nn.Module) -> str:
+    """A stage's training mode as profiles name it, e.g. 'lora r=8 alpha=16 bfloat16 +recompute'."""
+    a = stage.adapt
+    mode = f"lora r={a.lora_rank} alpha={a.lora_alpha:g}" if a.lora_rank else "full"
+    return f"{mode} {a.dtype}" + (" +recompute" if a.recompute else "")

@@ -7,6 +7,7 @@ from typing import Callable
 import numpy as np
 
 from lemix.config import RUN_DEFAULTS, LemixConfig  # noqa: F401  (re-exported)
+from lemix.engine.adapt import spec_from_config
 from lemix.engine.backend import make_backend
 from lemix.engine.data import TaskTexts
 from lemix.engine.model import load_model, split_stages
@@ -86,7 +87,7 @@ def run_engine(cfg: LemixConfig, *, progress: Callable[[str, int], Callable[[int
     """Run every policy of cfg.policy.names on the real engine, same tasks, same initial weights."""
     import time
 
-    hf_model, tokenizer, _ = load_model(cfg.model.name, seed=cfg.seed)
+    hf_model, tokenizer, _ = load_model(cfg.model.name, seed=cfg.seed, adapt=spec_from_config(cfg.model))
     tasks = engine_tasks(cfg) if tasks is None else tasks
     profile = profile or engine_profile(cfg, hf_model)
     source = text_source(cfg)

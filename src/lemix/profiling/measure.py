@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from lemix.engine.kvcache import BLOCK_TOKENS
-from lemix.engine.messages import (Backward, Decode, Forward, Free, Memory, Offload, Reload,
-                                   Step)
+from lemix.engine.adapt import train_mode_of
+from lemix.engine.messages import (Backward, Decode, Forward, Free, GetWeights, Memory, Offload,
+                                   Reload, Step)
 from lemix.profiling.fit import ProfileError, fit_const, fit_decode, fit_fwd
 from lemix.sched.latency import Profile, StageProfile
 
@@ -159,7 +160,7 @@ def _check_idle(workers) -> None:
 def _measure_step(worker, grid: Grid) -> tuple[list[float], int]:
     """Step times on a deep copy of the stage with stand-in gradients; and grads + AdamW bytes."""
     twin = copy.deepcopy(worker)
-    params = list(twin.stage.parameters())
+    params = twin.trainable                           # LoRA: the adapters only
 
     def fake_grads():
         for p in params:
@@ -183,7 +184,7 @@ def _estimated_tmp_bytes(worker, act_per_token: float) -> int:
     [V] per token). On CUDA the peak is measured instead (_cuda_tmp)."""
     cfg = worker.stage.cfg
     out_width = cfg.vocab if worker.stage.is_last else cfg.hidden
-    itemsize = next(worker.stage.parameters()).element_size()
+    itemsize = torch.empty(0, dtype=worker._dtype).element_size()
     return int(act_per_token / max(1, worker.stage.num_layers) + out_width * itemsize)
 
 
@@ -381,13 +382,15 @@ def _fit(workers, raw, copies, train_state, tmp_cuda, *, model_name, device, cap
             fwd=fwd, bwd=bwd, decode=decode, optim=optim,
             weight_bytes=w.handle(Memory()).weights_bytes, train_state_bytes=int(train_state[s]),
             act_bytes_per_token=round(act), tmp_bytes_per_token=int(tmp),
-            kv_bytes_per_token=round(kv)))
+            kv_bytes_per_token=round(kv),
+            sync_bytes=sum(t.nbytes for t in w.handle(GetWeights()).state_dict.values())))
     if host_bandwidth_Bps is None:
         if not copies:
             raise ProfileError("no host copy was measured; pass host_bandwidth_Bps")
         host_bandwidth_Bps = median(b / t for _, b, t in copies)
-    dtype = str(next(workers[0].stage.parameters()).dtype).removeprefix("torch.")
+    dtype = workers[0].stage.adapt.dtype
     profile = Profile(model=model_name, device=device, dtype=dtype, stages=tuple(stages),
+                      train_mode=train_mode_of(workers[0].stage),
                       capacity_bytes=int(capacity_bytes), host_bandwidth_Bps=float(host_bandwidth_Bps),
                       network_bandwidth_Bps=float(host_bandwidth_Bps if network_bandwidth_Bps is None
                                                   else network_bandwidth_Bps),

@@ -5,7 +5,9 @@ File layout (version 1):
     {"format": "lemix-profile", "version": 1, "model", "device", "dtype",
      "stages": [{"fwd": {"a","b","c"}, "bwd": ..., "decode": ..., "optim": ...,
                  "weight_bytes", "train_state_bytes", "act_bytes_per_token",
-                 "tmp_bytes_per_token", "kv_bytes_per_token"}, ...],
+                 "tmp_bytes_per_token", "kv_bytes_per_token", "sync_bytes" (null = weight_bytes)},
+                ...],
+     "train_mode": "full float32" | "lora r=8 alpha=16 bfloat16 +recompute" | ... (absent: "full"),
      "capacity_bytes", "host_bandwidth_Bps", "network_bandwidth_Bps",
      "fit_error": {"stage0.fwd": mape, ...}, "samples": {...} | null, "created_by": "lemix X"}
 
@@ -34,6 +36,7 @@ def profile_to_dict(profile: Profile, samples: dict | None = None) -> dict:
     return {
         "format": FORMAT, "version": VERSION,
         "model": profile.model, "device": profile.device, "dtype": profile.dtype,
+        "train_mode": profile.train_mode,
         "stages": [asdict(st) for st in profile.stages],
         "capacity_bytes": profile.capacity_bytes,
         "host_bandwidth_Bps": profile.host_bandwidth_Bps,
@@ -72,19 +75,22 @@ def profile_from_dict(data: dict, where: str = "profile") -> Profile:
     try:
         stages = tuple(
             StageProfile(**{op: OpCoeffs(**{k: float(v) for k, v in st[op].items()}) for op in _OPS},
-                         **{m: int(st[m]) for m in _MEMORY})
+                         **{m: int(st[m]) for m in _MEMORY},
+                         sync_bytes=None if st.get("sync_bytes") is None else int(st["sync_bytes"]))
             for st in data["stages"])
         return Profile(model=str(data["model"]), device=str(data["device"]), dtype=str(data["dtype"]),
                        stages=stages, capacity_bytes=int(data["capacity_bytes"]),
                        host_bandwidth_Bps=float(data["host_bandwidth_Bps"]),
                        network_bandwidth_Bps=float(data["network_bandwidth_Bps"]),
-                       fit_error={str(k): float(v) for k, v in (data.get("fit_error") or {}).items()})
+                       fit_error={str(k): float(v) for k, v in (data.get("fit_error") or {}).items()},
+                       train_mode=str(data.get("train_mode", "full")))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ProfileError(f"{where}: malformed profile ({type(exc).__name__}: {exc})") from exc
 
 
 def load_profile(path, *, stages: int, force: bool = False, capacity_bytes: int | None = None,
-                 model: str | None = None, device: str | None = None) -> Profile:
+                 model: str | None = None, device: str | None = None,
+                 train_mode: str | None = None) -> Profile:
     """Read a profile and check that it fits the run: `stages` stages, and (when given) the same
     model and device. A mismatch raises ProfileError unless `force`.
 
@@ -101,6 +107,8 @@ def load_profile(path, *, stages: int, force: bool = False, capacity_bytes: int 
         diffs.append(f"model {profile.model!r}, the run uses {model!r}")
     if device is not None and profile.device != device:
         diffs.append(f"device {profile.device!r}, the run uses {device!r}")
+    if train_mode is not None and profile.train_mode != train_mode:
+        diffs.append(f"training mode {profile.train_mode!r}, the run uses {train_mode!r}")
     if diffs and not force:
         raise ProfileError(f"profile {path} was measured for {'; '.join(diffs)}. Re-profile, or "
                            "pass --force-profile to use it anyway")
@@ -140,7 +148,8 @@ def remap_stages(profile: Profile, stages: int) -> Profile:
         ops = {op: mix(op) for op in ("fwd", "bwd", "decode")}
         ops["optim"] = OpCoeffs(a=sum(wi * st.optim.a for wi, st in zip(w, old)))   # scales with size
         mem = {m: round(sum(wi * getattr(st, m) for wi, st in zip(w, old))) for m in _MEMORY}
-        out.append(StageProfile(**ops, **mem))
+        sync = round(sum(wi * st.copy_bytes for wi, st in zip(w, old)))
+        out.append(StageProfile(**ops, **mem, sync_bytes=sync))
     return replace(profile, stages=tuple(out))
 
 

@@ -167,7 +167,7 @@ class Dispatcher:
                     now + self._predict_candidate(node, s, kind, obj) > due:
                 continue  # inference reaches this stage before the training op would end
             if kind == "sync":
-                nbytes = self.profile.stages[s].weight_bytes
+                nbytes = self.profile.stages[s].copy_bytes
                 mix = dev.sync_mix if dev.sync_pending == SYNC_AVERAGE else ()
                 if mix:  # pull every other contributing node's copy
                     nbytes *= max(1, sum(1 for i, w in enumerate(mix) if w > 0 and i != node.index))

@@ -36,6 +36,12 @@ class StageProfile:
     act_bytes_per_token: int     # stashed activations of a training micro-batch, per token
     tmp_bytes_per_token: int     # transient working memory of a forward, per token
     kv_bytes_per_token: int      # KV cache per token of a sequence
+    sync_bytes: int | None = None  # what a weight sync / merge moves (LoRA: the adapters); None = weight_bytes
+
+    @property
+    def copy_bytes(self) -> int:
+        """Bytes a weight sync or merge of this stage moves."""
+        return self.weight_bytes if self.sync_bytes is None else self.sync_bytes
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class Profile:
     host_bandwidth_Bps: float    # offload/reload
     network_bandwidth_Bps: float # weight sync
     fit_error: dict = field(default_factory=dict)
+    train_mode: str = "full"     # how the model trains: "full", "lora r=16 alpha=32", "+recompute"
 
     @property
     def num_stages(self) -> int:

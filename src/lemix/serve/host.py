@@ -105,7 +105,10 @@ class EngineHost:
             raise ServeError(f"{self.state_dir} already holds a training journal; pass --resume to "
                              "continue from it, or choose an empty --state-dir")
         if hf_model is None:
-            hf_model, tokenizer, _ = load_model(cfg.model.name, seed=cfg.seed)
+            from lemix.engine.adapt import spec_from_config
+
+            hf_model, tokenizer, _ = load_model(cfg.model.name, seed=cfg.seed,
+                                                adapt=spec_from_config(cfg.model))
         self.tok = tokenizer
         self.context_tokens = arch_config(hf_model).max_positions
         profile = profile or self._profile(hf_model)
