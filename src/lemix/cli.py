@@ -245,6 +245,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from lemix.export import export_state_dir, latest_checkpoint
+
+    ckpt = latest_checkpoint(args.state_dir, args.node)
+    print(f"lemix export: {ckpt} -> {args.out} ({'PEFT adapter + base reference' if args.adapter else 'full weights'})")
+    out = export_state_dir(args.state_dir, args.out, node=args.node, adapter=args.adapter)
+    print(f"written {out}/ (load it with transformers.AutoModelForCausalLM.from_pretrained"
+          f"{' + peft.PeftModel.from_pretrained' if args.adapter else ''})")
+    return 0
+
+
 def _defaults_text(defaults: dict) -> str:
     """A command's own defaults for its --help: `nodes=2, policy=lemix,separate, ...`."""
     return ", ".join(f"{k.split('.')[-1]}={','.join(v) if isinstance(v, list) else v}"
@@ -313,6 +324,18 @@ def build_parser() -> argparse.ArgumentParser:
                  + [t for t in _ENGINE if t[0] != "--dataset"], _FLAGS + _ENGINE_FLAGS)
     add_serve_flags(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="write a served model's latest checkpoint as a Hugging Face dir",
+                       description="Reads the newest checkpoint under --state-dir (written by `lemix serve`) "
+                                   "and writes a Hugging Face directory (config.json, model.safetensors, "
+                                   "tokenizer) that transformers loads: the full weights (LoRA merged in), "
+                                   "or with --adapter a PEFT adapter directory plus the base reference.")
+    p.add_argument("--state-dir", required=True, help="the --state-dir of `lemix serve`")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--node", type=int, default=None, help="which node's checkpoint (default: the newest)")
+    p.add_argument("--adapter", action="store_true", help="LoRA runs: write the PEFT adapter and a "
+                   "reference to the base instead of merged weights")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -87,8 +87,10 @@ def lora_config_of(hf_model: nn.Module):
 def prepare_model(hf_model: nn.Module, spec: AdaptSpec, family: str, dtype: str) -> nn.Module:
     """Cast to `dtype`, add LoRA adapters (peft) and turn on recompute, as `spec` says."""
     hf_model = hf_model.to(DTYPES[dtype])
-    if spec.recompute:
-        hf_model.gradient_checkpointing_enable()
+    if spec.recompute:   # the HF switch (renamed in transformers 5); split_stages reads it
+        enable = getattr(hf_model, "activation_checkpointing_enable", None) or \
+            hf_model.gradient_checkpointing_enable
+        enable()
     if not spec.lora:
         return hf_model
     from peft import LoraConfig, get_peft_model

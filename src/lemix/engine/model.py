@@ -27,6 +27,7 @@ def build_builtin_tiny(seed: int = 0, num_layers: int = 4):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+    model.lemix_base = {"model": BUILTIN_TINY, "seed": seed}   # how to build it again (export)
     return model.float().eval()
 
 
@@ -53,5 +54,5 @@ def load_model(spec: str, seed: int = 0, adapt: AdaptSpec | None = None
         tok_dir = spec if has_tokenizer_files(spec) else None
         tokenizer = load_tokenizer(tok_dir, model.config.vocab_size)
         model.eval()
-    model.lemix_base = {"model": spec, "seed": seed}   # the base reference checkpoints and export keep
+        model.lemix_base = {"model": spec, "seed": seed}   # the base reference checkpoints and export keep
     return prepare_model(model, adapt, family, adapt.dtype or dtype), tokenizer, family

@@ -56,3 +56,35 @@ def load_tokenizer(path: str | Path | None, vocab_size: int) -> ByteTokenizer | 
     where = f"no tokenizer files in {path}" if path is not None else "no tokenizer given"
     raise ValueError(f"{where}, and the byte-level fallback needs vocab_size >= "
                      f"{ByteTokenizer.vocab_size} but the model has {vocab_size}")
+
+
+def _byte_chars() -> list[str]:
+    """One printable character per byte value, the byte-level BPE convention: printable Latin-1
+    bytes stand for themselves, the others are shifted to code points from 256 up."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def hf_byte_tokenizer():
+    """ByteTokenizer as a Hugging Face fast tokenizer with the same ids (bytes 0..255, BOS 256,
+    EOS 257, PAD 258), so an exported built-in model loads with AutoTokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(_byte_chars())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    ids = [fast.convert_tokens_to_ids(t) for t in ("<s>", "</s>", "<pad>")]
+    if ids != [ByteTokenizer.bos_id, ByteTokenizer.eos_id, ByteTokenizer.pad_id]:
+        raise RuntimeError(f"byte tokenizer specials got ids {ids}")
+    return fast

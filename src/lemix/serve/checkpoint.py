@@ -1,6 +1,8 @@
 """Checkpoints of one node's weights and optimizer state, per stage, under --state-dir.
 
-    <state>/checkpoints/node<n>/v<version>/stage<s>.pt   {"weights", "optimizer", "version", ...}
+    <state>/checkpoints/node<n>/v<version>/stage<s>.pt   {"weights", "optimizer", "version", "meta", ...}
+
+With LoRA, "weights" are the adapters only and "meta" names the base (`lemix export` reads it).
 
 The stage states are captured on the engine thread (an in-memory copy, see below), then written
 by a background thread into a temporary directory, fsynced, renamed into place, and only then
@@ -72,7 +74,8 @@ def write_node(states: list, journal: Journal, root: Path, node: int, version: i
     for s, st in enumerate(states):
         f = tmp / f"stage{s}.pt"
         torch.save({"weights": st.weights, "optimizer": st.optimizer, "version": version,
-                    "stage": s, "num_stages": stages, "model": model}, f)
+                    "stage": s, "num_stages": stages, "model": model,
+                    "meta": getattr(st, "meta", {})}, f)   # mode + base reference, for lemix export
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     _fsync_dir(tmp)
