@@ -5,15 +5,16 @@ Memory per stage is counted from the architecture, the way the real engine holds
 
 - weights: every parameter of the stage in the dtype (embeddings on stage 0; final norm and LM
   head on the last stage), plus the LoRA adapters in float32 (peft's convention);
-- training state on a node that trains: full training in float32 keeps AdamW's two moments
-  (8 B/param); in half precision also a float32 master copy (12 B/param); gradients exist
-  between a backward and the step (the dtype's size per param, counted as resident). LoRA: the
-  same for the adapters only (float32: 4 B grads + 8 B moments), nothing for the frozen base;
+- training state on a node that trains, at its peak (gradients accumulated, moments held):
+  full training keeps gradients in the dtype plus AdamW's two float32 moments (8 B/param), in
+  half precision also a float32 master copy (4 B/param): 12 B/param in float32, 14 in bf16. LoRA:
+  the same for the adapters only (float32: 4 B grads + 8 B moments), nothing for the frozen base;
 - a weight sync or merge moves every weight (full) or only the adapters (LoRA);
 - stashed activations per token and layer, what autograd keeps in our blocks: about
   (9H + 3·kv + 4I) values (norm inputs and outputs, q/k/v before and after rotary, attention
   output, SwiGLU's gate, up, act and product); LoRA leaves out the inputs only a frozen weight's
-  gradient would need (about 2H + I); RMSNorm keeps float32 copies in half precision (2H x 4 B);
+  gradient would need (about 2H + I); RMSNorm keeps float32 copies in half precision (2H x 4 B),
+  and with LoRA about as much again for the inputs peft casts to float32 for the adapters;
   recompute keeps only the stage input (H values; token ids on stage 0);
 - KV cache: 2 x kv values per token and layer, in the dtype.
 
@@ -38,6 +39,7 @@ class Arch:
     intermediate: int
     kv_hidden: int          # n_kv_heads x head_dim
     vocab: int
+    head_dim: int = 128     # the rotary table (head_dim / 2 values, in the dtype) sits on every stage
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class Preset:
 
 
 ARCHS = {
-    "tiny": Arch(layers=4, hidden=128, intermediate=256, kv_hidden=64, vocab=259),   # builtin-tiny
+    "tiny": Arch(layers=4, hidden=128, intermediate=256, kv_hidden=64, vocab=259, head_dim=32),   # builtin-tiny
     "3b": Arch(layers=28, hidden=3072, intermediate=8192, kv_hidden=1024, vocab=128256),
     "7b": Arch(layers=32, hidden=4096, intermediate=11008, kv_hidden=4096, vocab=32000),
     "70b": Arch(layers=80, hidden=8192, intermediate=28672, kv_hidden=1024, vocab=128256),
@@ -134,10 +136,12 @@ def stage_memory(a: Arch, mode: TrainMode, stage: int, stages: int) -> dict[str,
         act = 8 if stage == 0 else H * b
     else:
         per_layer = 9 * H + 3 * kv + 4 * I - ((2 * H + I) if mode.lora_rank else 0)
-        act = nl * (per_layer * b + (2 * H * 4 if half else 0))
+        # half precision: RMSNorm's float32 copies; with LoRA also the inputs peft casts to float32
+        act = nl * (per_layer * b + ((2 * H * 4) * (2 if mode.lora_rank else 1) if half else 0))
     if stage == stages - 1:
         act += 8 + (0 if mode.recompute else 2 * V * 4)     # labels; logits, float32 for the loss
-    return {"weight_bytes": params * b + adapters * 4, "train_state_bytes": train_state,
+    return {"weight_bytes": params * b + adapters * 4 + a.head_dim // 2 * b,
+            "train_state_bytes": train_state,
             "sync_bytes": sync, "act_bytes_per_token": act, "kv_bytes_per_token": 2 * nl * kv * b,
             "params": params, "adapter_params": adapters}
 
