@@ -27,6 +27,10 @@ DEFAULT_TARGETS = {"llama": ("q_proj", "k_proj", "v_proj", "o_proj"),
 ADAPTER_NAME = "default"
 
 
+class AdaptError(ValueError):
+    """A training mode the model cannot take (e.g. LoRA targets that match no module)."""
+
+
 @dataclass(frozen=True)
 class AdaptSpec:
     """dtype None = the checkpoint's torch_dtype (float32 when it names none); lora_rank 0 = train
@@ -40,9 +44,9 @@ class AdaptSpec:
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r}: allowed {', '.join(DTYPES)}")
+            raise AdaptError(f"dtype {self.dtype!r}: allowed {', '.join(DTYPES)}")
         if self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+            raise AdaptError(f"lora_rank must be >= 0, got {self.lora_rank}")
 
     @property
     def lora(self) -> bool:
@@ -104,10 +108,10 @@ def prepare_model(hf_model: nn.Module, spec: AdaptSpec, family: str, dtype: str)
         torch.manual_seed(0)
         # peft reads the deprecated `is_gradient_checkpointing` of transformers 5
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = get_peft_model(hf_model, config)
-    matched = [n for n, m in model.named_modules() if hasattr(m, "lora_A")]
-    if not matched:
-        raise ValueError(f"lora_targets {targets} match no module of the model")
+        try:
+            model = get_peft_model(hf_model, config)
+        except ValueError as exc:   # peft's NoMatchingPeftModuleError among others
+            raise AdaptError(f"lora_targets {targets} match no module of the {family} model: {exc}") from exc
     return model
 
 

@@ -141,7 +141,8 @@ def mask_labels(labels: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- splitting
 
 def arch_config(hf_model: nn.Module) -> ArchConfig:
-    """Read our ArchConfig from an HF Llama / Qwen2 / GPT-2 causal LM."""
+    """Read our ArchConfig from an HF Llama / Qwen2 / GPT-2 causal LM (or its peft wrapper)."""
+    hf_model = adapt.base_model(hf_model)
     c = hf_model.config
     if c.model_type == "gpt2":
         return ArchConfig(
