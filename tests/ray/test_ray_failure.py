@@ -27,15 +27,15 @@ def test_killed_actor_loses_no_task_and_its_node_comes_back(ray_cluster):
 
     result = engine.run(tasks, progress=kill_after_a_few)
     s = summarize(result)
-    assert s["failed"] == 0, [e for e in result.events if e["event"] == "task_failed"][:3]
+    assert s["failed"] == 0, [e for e in result.events if e.kind.value == "task_failed"][:3]
     assert s["completed"] == len(tasks)
     # every task resolved exactly once (re-queued ones are not counted twice)
     ids = [r.task_id for r in result.requests] + [t.task_id for t in result.train_tasks]
     assert sorted(ids) == sorted(t.task_id for t in tasks)
-    events = [e["event"] for e in result.events if e.get("node") == 0]
+    events = [e.kind.value for e in result.events if e.node == 0]
     assert "node_failed" in events and "node_restored" in events
-    failed = next(e for e in result.events if e["event"] == "node_failed")
-    assert "ActorDiedError" in failed["error"] or "lost" in failed["error"]
+    failed = next(e for e in result.events if e.kind.value == "node_failed")
+    assert "ActorDiedError" in failed.error or "lost" in failed.error
     assert result.extras["node_failures"] == 1 and result.extras["node_restores"] == 1
     assert [p["incarnation"] for p in result.extras["placement"]] == [1, 0]
     assert engine.generated and all(engine.generated.values())

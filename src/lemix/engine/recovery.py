@@ -24,7 +24,7 @@ from typing import Any
 from lemix.engine.backend import WorkerLost
 from lemix.engine.messages import GetState, Memory, SetState
 from lemix.engine.stage import split_stages
-from lemix.types import OpResult
+from lemix.types import Event, EventKind, OpResult
 
 
 class EngineRecovery:
@@ -85,9 +85,9 @@ class EngineRecovery:
             return
         flight = self._flights.pop(op_id)
         now = self.clock.now()
-        self.sched.result.events.append({"time_s": now, "event": "sync_skipped", "node": flight.op.node,
-                                         "stage": flight.op.stage, "source": lost.node})
-        self.sched.on_op_finished(OpResult(op_id, flight.start_s, now))
+        self.sched.record_event(Event(now, EventKind.SYNC_SKIPPED, flight.op.node, flight.op.stage,
+                                      error=f"source node {lost.node} lost"))
+        self._take(self.sched.on_op_finished(OpResult(op_id, flight.start_s, now)))
 
     # ------------------------------------------------------------------ failure
     def _on_worker_lost(self, lost: WorkerLost) -> None:
@@ -97,41 +97,28 @@ class EngineRecovery:
 
     def _on_node_failure(self, node: int, why: str) -> None:
         """Take `node` out, re-queue its tasks, drop what the engine kept for it, restart it."""
-        self._watch_records()          # see every record before the scheduler rewrites the node's
-        state = self.sched.nodes[node]
-        batches = set(state.batches) | ({state.decode.bid} if state.decode is not None else set())
-        requeued = self.sched.on_node_failed(node, why)
-        self._seen["train_tasks"] = len(self.sched.result.train_tasks)
-        self._unapplied.pop(node, None)
-        self._down.add(node)
+        self._down.add(node)           # first: no Free goes to its dead workers
         self._failures += 1
         for op_id, flight in list(self._flights.items()):
             if flight.op.node == node:
                 del self._flights[op_id]
                 self._gather.pop(op_id, None)
                 self._abandoned.add(op_id)
-        for store in (self._acts, self._grads):
-            for key in [k for k in store if k[0] in batches]:
-                del store[key]
-        for b in batches:
-            self._ids.pop(b, None)
-        for tid in requeued:           # inference starts over from its prompt
-            self.generated.pop(tid, None)
-            self.inference_loss.pop(tid, None)
-            self._stop_requested.discard(tid)
+        # the outputs release what the driver kept for the node's batches and re-queue its tasks
+        self._take(self.sched.on_node_failed(node, why))
         self._restart_node(node)
 
     def _restart_node(self, node: int) -> None:
         done = self._restarts.get(node, 0)
         if done >= self.max_restarts:
             self._restore.pop(node, None)
-            self.sched.result.events.append({"time_s": self.clock.now(), "event": "node_abandoned",
-                                             "node": node, "restarts": done})
+            self.sched.record_event(Event(self.clock.now(), EventKind.NODE_ABANDONED, node,
+                                          error=f"gave up after {done} restarts"))
             return
         restart = getattr(self.backend, "restart_node", None)
         if restart is None:   # a backend wrapper that cannot restart workers: the node stays out
-            self.sched.result.events.append({"time_s": self.clock.now(), "event": "node_abandoned",
-                                             "node": node, "restarts": done, "error": "backend cannot restart"})
+            self.sched.record_event(Event(self.clock.now(), EventKind.NODE_ABANDONED, node,
+                                          error="backend cannot restart"))
             return
         self._restarts[node] = done + 1
         restart(node, split_stages(self._hf_model, self.params.stages))
@@ -141,7 +128,7 @@ class EngineRecovery:
     def _begin_restore(self, node: int) -> None:
         """Ask the freshest healthy peer for each stage's state (or, with none, just wait for
         the new workers, which hold the initial weights)."""
-        peers = [n for n in self.sched.nodes if n.healthy and n.index not in self._down]
+        peers = [n for n in self.sched.snapshot().nodes if n.healthy and n.index not in self._down]
         self._attempts += 1
         attempt = self._attempts
         S = self.params.stages
@@ -174,8 +161,8 @@ class EngineRecovery:
                 from lemix.engine.runtime import EngineError
 
                 raise EngineError(f"restoring node {node} stage {stage} failed: {res!r}") from res
-            self.sched.result.events.append({"time_s": self.clock.now(), "event": "restore_failed",
-                                             "node": node, "stage": stage, "error": repr(res)})
+            self.sched.record_event(Event(self.clock.now(), EventKind.RESTORE_FAILED, node, stage,
+                                          error=repr(res)))
             self._restore.pop(node, None)
             return
         if kind == "restore_get":
@@ -188,7 +175,7 @@ class EngineRecovery:
             del self._restore[node]
             self._down.discard(node)
             self._restored += 1
-            self.sched.on_node_restored(node, min(state["versions"]) if "peer" in state else 0)
+            self._take(self.sched.on_node_restored(node, min(state["versions"]) if "peer" in state else 0))
 
     def _restore_deadline(self) -> float:
         """When the last pending restore gives up being waited for (inf: none pending); an

@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol
 
@@ -25,9 +26,8 @@ from lemix.engine.stage import split_stages
 from lemix.sched.latency import Profile
 from lemix.sched.params import SchedParams
 from lemix.sched.scheduler import Scheduler
-from lemix.sched.state import SYNC_AVERAGE
-from lemix.types import (Op, OpKind, OpResult, RequestRecord, RunResult, Task, TrainStepRecord,
-                         TrainTaskRecord)
+from lemix.types import (ClusterSnapshot, Op, OpKind, OpRecord, OpResult, Outputs, RequestRecord, RunResult,
+                         Task, TrainStepRecord, TrainTaskRecord)
 
 
 class EngineError(RuntimeError):
@@ -52,6 +52,7 @@ class Listener(Protocol):
 
 
 _SUBMIT = ("submit",)
+RECENT_OPS = 20_000   # ended ops the engine keeps for live metrics (idle ratios, step spans)
 
 
 @dataclass
@@ -96,9 +97,9 @@ class Engine(EngineRecovery):
         self._compute_s = 0.0
         self._busy_s = 0.0
         self.listener = listener
-        self._gather: dict[int, tuple[int, list]] = {}            # SYNC_AVERAGE op -> (copies, got)
-        self._seen = {"requests": 0, "train_tasks": 0, "train_steps": 0, "events": 0}
-        self._unapplied: dict[int, list[int]] = {}               # node -> finished, not yet stepped
+        self._gather: dict[int, tuple[int, list]] = {}            # merge op -> (copies, got)
+        self.recent_ops: deque[OpRecord] = deque(maxlen=RECENT_OPS)   # for live metrics (serve)
+        self.last_snapshot: ClusterSnapshot = self.sched.snapshot()     # ... taken on the engine thread
         self._stop_requested: set[int] = set()
         self._sampling: dict[int, SamplingParams] = {}
         self._hf_model = hf_model                                 # initial weights for restarts
@@ -152,16 +153,22 @@ class Engine(EngineRecovery):
             self.backend.shutdown()
         return self._result()
 
+    def snapshot(self) -> ClusterSnapshot:
+        """The scheduler's read-only picture (node health, versions, quiescence); engine thread."""
+        return self.sched.snapshot()
+
     def _arrive(self, task: Task) -> None:
         self.texts.tokens(task)  # tokenize before the task competes for devices
         self._tasks[task.task_id] = task
-        self.sched.on_arrival(task)
+        self._take(self.sched.on_arrival(task))
 
     def _plan(self) -> float | None:
         plan = self.sched.plan()
+        self._take(plan.outputs)
         for op in plan.ops:
             self._launch(op)
-        self._watch_records()
+        if self.listener is not None:   # other threads (metrics scrapes) read this copy
+            self.last_snapshot = self.sched.snapshot()
         return plan.wakeup_s
 
     def _wait(self, timeout: float | None) -> None:
@@ -183,14 +190,14 @@ class Engine(EngineRecovery):
 
     def _launch(self, op: Op) -> None:
         self._flights[op.op_id] = _Flight(op, self.clock.now())
-        if op.kind is OpKind.SYNC and op.peer == SYNC_AVERAGE:   # gather the copies, then average
-            nodes = [i for i, w in enumerate(op.mix) if w > 0 and self.sched.nodes[i].healthy]
+        if op.kind is OpKind.SYNC and op.sync.average:   # gather the copies, then average
+            nodes = [n for n in op.sync.sources(op.node) if n not in self._down]
             self._gather[op.op_id] = (len(nodes), [])
             for n in nodes:
                 self.backend.submit(n, op.stage, GetWeights(), ("avg_get", op.op_id, n))
             return
         if op.kind is OpKind.SYNC:  # fetch the source stage's weights first, then overwrite
-            self.backend.submit(op.peer, op.stage, GetWeights(), ("sync_get", op.op_id))
+            self.backend.submit(op.sync.source, op.stage, GetWeights(), ("sync_get", op.op_id))
             return
         self.backend.submit(op.node, op.stage, self._command(op), op.op_id)
 
@@ -260,7 +267,7 @@ class Engine(EngineRecovery):
         if isinstance(tag, tuple) and tag[0] == "avg_get":
             if isinstance(res, Exception):
                 return self._op_error(self._flights[tag[1]].op, res)
-            self._gather[tag[1]][1].append((self._flights[tag[1]].op.mix[tag[2]], res.state_dict))
+            self._gather[tag[1]][1].append((self._flights[tag[1]].op.sync.mix[tag[2]], res.state_dict))
             self._maybe_average(tag[1])
             return
         if isinstance(tag, tuple) and tag[0] == "sync_get":
@@ -280,8 +287,7 @@ class Engine(EngineRecovery):
         self._compute_s += getattr(res, "compute_s", 0.0)
         self._busy_s += end - flight.start_s
         stopped = self._absorb(op, res, end)
-        self.sched.on_op_finished(OpResult(op.op_id, flight.start_s, end, stopped))
-        self._free_finished(op, stopped)
+        self._take(self.sched.on_op_finished(OpResult(op.op_id, flight.start_s, end, stopped)))
 
     def _absorb(self, op: Op, res: Any, end: float) -> tuple[int, ...]:
         """Keep what the next stage needs; return the sequences that stopped (EOS)."""
@@ -325,46 +331,34 @@ class Engine(EngineRecovery):
                 self._stop_requested.add(tid)
         return tuple(stopped)
 
-    def _free_finished(self, op: Op, stopped: tuple[int, ...]) -> None:
-        """Release the KV of sequences the scheduler just finished (generate mode)."""
-        if not self.params.generate or op.stage != self.params.stages - 1:
+    def _take(self, out: Outputs) -> None:
+        """Act on what the scheduler says happened: release worker state, forget the generation
+        of re-queued requests, keep ended ops for live metrics, tell the listener."""
+        if not out:
             return
-        if op.kind not in (OpKind.DECODE, OpKind.FWD) or op.train:
-            return
-        done = tuple(t for t in op.task_ids
-                     if t in self._stop_requested
-                     or len(self.generated.get(t, ())) >= max(1, self._tasks[t].output_tokens))
-        if done:
-            for s in range(self.params.stages):
-                self.backend.submit(op.node, s, Free(seq_ids=done), ("free", op.node, s))
-
-    def _watch_records(self) -> None:
-        """Follow what the scheduler recorded since last time: free the worker state of failed
-        tasks, tell the listener about finished tasks and about training samples applied."""
-        res, seen = self.sched.result, self._seen
-        for ev in res.events[seen["events"]:]:
-            if ev.get("event") == "task_failed" and ev.get("node", -1) >= 0:
+        for rel in out.releases:
+            for bid in rel.batch_ids:    # what this driver kept for the batch
+                self._ids.pop(bid, None)
+                for store in (self._acts, self._grads):
+                    for key in [k for k in store if k[0] == bid]:
+                        del store[key]
+            if rel.node not in self._down:   # a failed node's workers are gone with their state
+                free = Free(seq_ids=rel.seq_ids, batch_ids=rel.batch_ids)
                 for s in range(self.params.stages):
-                    self.backend.submit(ev["node"], s, Free(seq_ids=(ev["task_id"],)), ("free", ev["node"], s))
-        seen["events"] = len(res.events)
-        new_reqs = res.requests[seen["requests"]:]
-        new_train = res.train_tasks[seen["train_tasks"]:]
-        new_steps = res.train_steps[seen["train_steps"]:]
-        seen["requests"], seen["train_tasks"] = len(res.requests), len(res.train_tasks)
-        seen["train_steps"] = len(res.train_steps)
-        for rec in new_train:
-            if not rec.failed:
-                self._unapplied.setdefault(rec.node, []).append(rec.task_id)
+                    self.backend.submit(rel.node, s, free, ("free", rel.node, s))
+        for tid in out.requeued:         # a request starts over from its prompt
+            self.generated.pop(tid, None)
+            self.inference_loss.pop(tid, None)
+            self._stop_requested.discard(tid)
+        self.recent_ops.extend(out.ops)
         if self.listener is None:
             return
-        for rec in new_reqs:
+        for rec in out.requests:
             self.listener.on_finish(replace(rec, inference_loss=self.inference_loss.get(rec.task_id)))
-        for rec in new_train:
+        for rec in out.train_tasks:
             self.listener.on_finish(rec)
-        for step in new_steps:
-            ids = tuple(self._unapplied.pop(step.node, []))
-            if ids:
-                self.listener.on_applied(ids, step.node, step.step)
+        for ap in out.applied:
+            self.listener.on_applied(ap.task_ids, ap.node, ap.version)
 
     def _op_error(self, op: Op, exc: Exception, start: float | None = None, end: float | None = None) -> None:
         if self.strict:
@@ -372,7 +366,7 @@ class Engine(EngineRecovery):
                               f"failed: {exc!r}") from exc
         self._flights.pop(op.op_id, None)
         now = self.clock.now()
-        self.sched.on_op_finished(OpResult(op.op_id, start or now, end or now, error=repr(exc)))
+        self._take(self.sched.on_op_finished(OpResult(op.op_id, start or now, end or now, error=repr(exc))))
 
     # ------------------------------------------------------------------ outputs
     def _result(self) -> RunResult:
