@@ -143,7 +143,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from lemix.engine.api import run_engine
+    from lemix.api import run_engine
 
     cfg = _config(args, RUN_DEFAULTS)
     c, w = cfg.cluster, cfg.workload
@@ -152,7 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from lemix.engine.api import set_threads_per_worker, stage_devices
+    from lemix.api import set_threads_per_worker, stage_devices
     from lemix.engine.model import load_model, split_stages
     from lemix.engine.worker import StageWorker
     from lemix.profiling import measure_profile, plot_profile, save_profile
@@ -190,7 +190,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from lemix.engine.api import engine_tasks, run_engine
+    from lemix.api import engine_tasks, run_engine
     from lemix.profiling import load_profile
     from lemix.sim import simulate_policy
     from lemix.validate import compare, plot_validation, write_validation

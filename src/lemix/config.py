@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lemix.sched.params import SchedParams
-from lemix.sched.registry import policy_names
+from lemix.sched.policies import policy_names
 
 
 # Defaults of `lemix run` where they differ from `lemix simulate`: a real tiny model on a

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lemix.config import RUN_DEFAULTS, load_config
-from lemix.engine.api import run_engine
+from lemix.api import run_engine
 from lemix.metrics import summarize, write_run_dir
 from lemix.sched.latency import OpCoeffs, Profile, StageProfile
 from lemix.types import OpKind

@@ -95,8 +95,8 @@ class EngineHost:
             raise
 
     def _build(self, hf_model, tokenizer, profile) -> None:
-        from lemix.engine.api import load_model, stage_devices
-        from lemix.engine.backend import make_backend
+        from lemix.api import load_model, stage_devices
+        from lemix.engine.backends import make_backend
         from lemix.engine.runtime import Engine
         from lemix.engine.stage import arch_config
 
@@ -143,7 +143,7 @@ class EngineHost:
     # ------------------------------------------------------------------ start / stop
     def _profile(self, hf_model):
         """--profile FILE, else the one measured earlier for this state dir, else measure now."""
-        from lemix.engine.api import engine_profile
+        from lemix.api import engine_profile
         from lemix.profiling import load_profile, save_profile
 
         if self.cfg.model.profile:

@@ -7,7 +7,7 @@ from typing import Callable
 import numpy as np
 
 from lemix.config import RUN_DEFAULTS, LemixConfig  # noqa: F401  (re-exported)
-from lemix.engine.backend import make_backend
+from lemix.engine.backends import make_backend
 from lemix.engine.data import TaskTexts
 from lemix.engine.model import load_model, split_stages
 from lemix.engine.runtime import Engine
