@@ -86,7 +86,8 @@ def run_engine(cfg: LemixConfig, *, progress: Callable[[str, int], Callable[[int
     """Run every policy of cfg.policy.names on the real engine, same tasks, same initial weights."""
     import time
 
-    hf_model, tokenizer, _ = load_model(cfg.model.name, seed=cfg.seed)
+    hf_model, tokenizer, _ = load_model(cfg.model.name, seed=cfg.seed, tokenizer=cfg.model.tokenizer,
+                                            byte_tokenizer=cfg.model.byte_tokenizer)
     tasks = engine_tasks(cfg) if tasks is None else tasks
     profile = profile or engine_profile(cfg, hf_model)
     source = text_source(cfg)

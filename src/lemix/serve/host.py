@@ -105,7 +105,8 @@ class EngineHost:
             raise ServeError(f"{self.state_dir} already holds a training journal; pass --resume to "
                              "continue from it, or choose an empty --state-dir")
         if hf_model is None:
-            hf_model, tokenizer, _ = load_model(cfg.model.name, seed=cfg.seed)
+            hf_model, tokenizer, _ = load_model(cfg.model.name, seed=cfg.seed, tokenizer=cfg.model.tokenizer,
+                                                byte_tokenizer=cfg.model.byte_tokenizer)
         self.tok = tokenizer
         self.context_tokens = arch_config(hf_model).max_positions
         profile = profile or self._profile(hf_model)
