@@ -58,6 +58,10 @@ _FLAGS = [
     ("--no-memory-check", "policy.no_memory_check", "lemix without the wait-or-offload memory gate"),
     ("--force-profile", "model.force_profile", "accept a profile made for another model/stages/device"),
 ]
+_ENGINE_FLAGS = [
+    ("--byte-tokenizer", "model.byte_tokenizer", "byte-level tokenizer for a checkpoint without tokenizer files"),
+    ("--recompute", "model.recompute", "gradient checkpointing per stage"),
+]
 _SIM = [("--sim-model", "model.sim_model", str, "modeled model of the built-in profile: tiny | 3b | 7b"),
         ("--sim-preset", "model.sim_preset", str, "e.g. 7b-bf16-lora16-80gb (lemix.sched.presets)")]
 _ENGINE = [
@@ -66,13 +70,13 @@ _ENGINE = [
     ("--backend", "cluster.backend", str, "local | ray"),
     ("--ray-address", "cluster.ray_address", str, "default: start a local Ray; 'auto' joins a cluster"),
     ("--dataset", "workload.dataset", str, ""),
+    ("--tokenizer", "model.tokenizer", str, ""),
     ("--lr", "model.lr", float, ""),
     ("--dtype", "model.dtype", str, "auto | float32 | bfloat16 | float16"),
     ("--lora-rank", "model.lora_rank", int, ""),
     ("--lora-alpha", "model.lora_alpha", float, ""),
     ("--lora-targets", "model.lora_targets", str, "e.g. q_proj,v_proj"),
 ]
-_ENGINE_FLAGS = [("--recompute", "model.recompute", "gradient checkpointing per stage")]
 
 
 def _describe(dotted: str) -> str:
@@ -149,7 +153,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from lemix.engine.api import run_engine
+    from lemix.api import run_engine
 
     cfg = _config(args, RUN_DEFAULTS)
     c, w = cfg.cluster, cfg.workload
@@ -158,17 +162,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from lemix.engine.api import set_threads_per_worker, stage_devices
+    from lemix.api import set_threads_per_worker, stage_devices
     from lemix.engine.model import load_model, split_stages
     from lemix.engine.worker import StageWorker
     from lemix.profiling import measure_profile, plot_profile, save_profile
     from lemix.profiling.measure import grid_size
-
     from lemix.engine.adapt import spec_from_config
 
     cfg = _config(args, RUN_DEFAULTS)
     S = cfg.cluster.stages
-    hf_model, _, _ = load_model(cfg.model.name, seed=cfg.seed, adapt=spec_from_config(cfg.model))
+    hf_model, _, _ = load_model(cfg.model.name, seed=cfg.seed, tokenizer=cfg.model.tokenizer,
+                                byte_tokenizer=cfg.model.byte_tokenizer, adapt=spec_from_config(cfg.model))
     devices = stage_devices(cfg)
     set_threads_per_worker(S)
     workers = [StageWorker(m, s, S, devices[s], lr=cfg.model.lr) for s, m in enumerate(split_stages(hf_model, S))]
@@ -198,7 +202,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from lemix.engine.api import engine_tasks, run_engine
+    from lemix.api import engine_tasks, run_engine
     from lemix.profiling import load_profile
     from lemix.sim import simulate_policy
     from lemix.validate import compare, plot_validation, write_validation

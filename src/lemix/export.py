@@ -115,6 +115,8 @@ def export_stages(stages: list[tuple[dict, dict]], out: str | Path, *, adapter: 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, family = load_model(base_ref["model"], seed=int(base_ref.get("seed", 0)),
+                                          tokenizer=base_ref.get("tokenizer"),
+                                          byte_tokenizer=bool(base_ref.get("byte_tokenizer")),
                                           adapt=AdaptSpec(dtype=spec.dtype))
     if expected != model.config.num_hidden_layers:
         raise ExportError(f"the stages cover {expected} layers, the base model has "
@@ -158,7 +160,7 @@ def _save_tokenizer(tokenizer, spec: str, out: Path) -> None:
     inner = getattr(tokenizer, "_tok", None)
     if inner is not None:
         inner.save_pretrained(out)
-    elif spec == BUILTIN_TINY:
+    else:   # the built-in model, or a checkpoint run with --byte-tokenizer
         from lemix.engine.tokenizer import hf_byte_tokenizer
 
         hf_byte_tokenizer().save_pretrained(out)

@@ -47,6 +47,26 @@ class Task:
 
 
 @dataclass(frozen=True)
+class SyncSpec:
+    """Where a SYNC op's weights come from: one node's copy of the stage, or a weighted average
+    of several nodes' copies (a co-located merge)."""
+
+    source: int = -1                  # copy node `source`'s stage (-1 when `mix` is given)
+    mix: tuple[float, ...] = ()       # weight of each node's copy (sums to 1; 0 = not used)
+    version: int = 0                  # the weight version the receiver has afterwards
+
+    @property
+    def average(self) -> bool:
+        return bool(self.mix)
+
+    def sources(self, receiver: int) -> tuple[int, ...]:
+        """The nodes whose copies are read (a merge reads the receiver's own copy too)."""
+        if not self.mix:
+            return (self.source,)
+        return tuple(i for i, w in enumerate(self.mix) if w > 0)
+
+
+@dataclass(frozen=True)
 class Op:
     """A scheduler decision: run this op now on device (node, stage)."""
 
@@ -61,9 +81,8 @@ class Op:
     seq_tokens: int = 0               # padded tokens per sequence (fwd/bwd); 1 for decode
     kv_tokens: int = 0                # summed KV length of the batch (decode)
     bytes: int = 0                    # offload/reload/sync bytes
-    peer: int = -1                    # SYNC: source node (-2: a weighted average, see mix)
     predicted_s: float = 0.0
-    mix: tuple[float, ...] = ()       # SYNC average: weight of each node's copy (sums to 1)
+    sync: SyncSpec | None = None      # SYNC: where the new weights come from
 
 
 @dataclass(frozen=True)
@@ -156,6 +175,96 @@ class TrainStepRecord:
     loss: float | None = None
 
 
+class EventKind(str, enum.Enum):
+    TASK_FAILED = "task_failed"              # a task will not finish (error says why)
+    TASK_RETRIED = "task_retried"            # a training task offered again after a failed op
+    OOM = "oom"                              # an op did not fit its device (memory gate off)
+    MEMORY_OVERCOMMIT = "memory_overcommit"  # the gate ran an op over kappa x capacity (nothing to free)
+    OFFLOAD = "offload"                      # bytes moved device -> host
+    NODE_FAILED = "node_failed"              # task_ids: the tasks offered again
+    NODE_RESTORED = "node_restored"          # version: the weights it came back with
+    NODE_ABANDONED = "node_abandoned"        # restarts exhausted (or the backend cannot restart)
+    RESTORE_FAILED = "restore_failed"
+    SYNC_SKIPPED = "sync_skipped"            # a weight copy lost its source; the receiver kept its weights
+
+
+@dataclass(frozen=True)
+class Event:
+    """A notable event of a run (failures, offloads, recoveries), for reports and executors."""
+
+    time_s: float
+    kind: EventKind
+    node: int = -1
+    stage: int = -1
+    task_ids: tuple[int, ...] = ()
+    bytes: int = 0
+    version: int = -1
+    error: str = ""
+
+    def as_dict(self) -> dict:
+        return {"time_s": self.time_s, "event": self.kind.value, "node": self.node, "stage": self.stage,
+                "task_ids": list(self.task_ids), "bytes": self.bytes, "version": self.version,
+                "error": self.error}
+
+
+@dataclass(frozen=True)
+class Release:
+    """Worker state of node `node` to drop on every stage: the KV cache of finished or failed
+    inference sequences, and the stashed activations / partial gradients flow of abandoned
+    training micro-batches (keyed by batch id, as Forward/Backward key them)."""
+
+    node: int
+    seq_ids: tuple[int, ...] = ()
+    batch_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Applied:
+    """An optimizer step of `node` applied the gradients of these training tasks."""
+
+    node: int
+    version: int
+    time_s: float
+    task_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What happened during one scheduler call: the executor's only view of the results."""
+
+    requests: tuple[RequestRecord, ...] = ()       # finished or failed inference requests
+    train_tasks: tuple[TrainTaskRecord, ...] = ()  # finished (backward done) or failed training tasks
+    train_steps: tuple[TrainStepRecord, ...] = ()
+    applied: tuple[Applied, ...] = ()
+    releases: tuple[Release, ...] = ()
+    events: tuple[Event, ...] = ()
+    requeued: tuple[int, ...] = ()                 # tasks offered again (node failure, failed op)
+    ops: tuple[OpRecord, ...] = ()                 # ops that ended (measured times)
+
+
+@dataclass(frozen=True)
+class NodeSnapshot:
+    index: int
+    healthy: bool
+    serves: bool
+    trains: bool
+    version: int                  # the weight version it serves
+    quiescent: bool               # no gradient outside its weights, no weight copy pending, stages in step
+    batch_ids: tuple[int, ...]    # micro-batches / decode iteration in flight (state executors may hold)
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """A read-only picture of the scheduler for executors and the server (taken on its thread)."""
+
+    time_s: float
+    nodes: tuple[NodeSnapshot, ...]
+    idle: bool                    # nothing queued, running, deferred or pending
+    max_version: int
+    deferred_total: int
+    offload_events: int
+
+
 @dataclass
 class RunResult:
     """Everything one policy run produced; metrics turn it into summary/CSV/plots."""
@@ -171,5 +280,5 @@ class RunResult:
     nodes: int = 1
     stages: int = 1
     wall_s: float = 0.0
-    events: list[dict] = field(default_factory=list)   # notable events (failures, offloads) for reports
+    events: list[Event] = field(default_factory=list)  # notable events (failures, offloads) for reports
     extras: dict = field(default_factory=dict)         # executor-specific figures, copied into the summary

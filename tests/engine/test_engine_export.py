@@ -17,7 +17,7 @@ from lemix.serve.journal import Journal
 
 
 def trained_workers(spec: str, adapt: AdaptSpec, stages: int = 2, steps: int = 2):
-    model, tok, _ = load_model(spec, seed=3, adapt=adapt)
+    model, tok, _ = load_model(spec, seed=3, adapt=adapt, byte_tokenizer=spec != "builtin-tiny")
     workers = make_workers(model, stages, lr=5e-3)
     for i in range(steps):
         ids, mask = padded_batch([9, 6], seed=i)

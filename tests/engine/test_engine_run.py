@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lemix.config import RUN_DEFAULTS, load_config
-from lemix.engine.api import run_engine
+from lemix.api import run_engine
 from lemix.metrics import summarize, write_run_dir
 from lemix.sched.latency import OpCoeffs, Profile, StageProfile
 from lemix.types import OpKind
@@ -37,7 +37,7 @@ def test_every_policy_completes_every_task(tmp_path):
     n_tasks = len(results[0].requests) + len(results[0].train_tasks)
     for r in results:
         s = summarize(r)
-        assert s["failed"] == 0, (r.policy, [e for e in r.events if e["event"] == "task_failed"][:3])
+        assert s["failed"] == 0, (r.policy, [e for e in r.events if e.kind.value == "task_failed"][:3])
         assert s["completed"] == n_tasks
         assert all(q.inference_loss is not None and q.inference_loss > 0 for q in r.requests)
         assert s["train_steps"] > 0 and s["train_loss_last"] is not None

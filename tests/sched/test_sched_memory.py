@@ -40,8 +40,8 @@ def test_gate_offloads_under_a_tight_budget_and_reloads_before_backward(generate
     assert result.offload_events > 0
     offloads = [o for o in result.ops if o.kind is OpKind.OFFLOAD]
     assert len(offloads) == result.offload_events
-    assert [e for e in result.events if e["event"] == "offload"]
-    assert not [e for e in result.events if e["event"] == "oom"]
+    assert [e for e in result.events if e.kind.value == "offload"]
+    assert not [e for e in result.events if e.kind.value == "oom"]
     # every offloaded training stash comes back before its backward on that stage
     for off in (o for o in offloads if o.train):
         reload = [o for o in result.ops if o.kind is OpKind.RELOAD and (o.node, o.stage, o.batch_id)
@@ -58,9 +58,9 @@ def test_gate_off_ooms_are_failed_tasks_with_the_reason():
                     microbatches=4)
     failed = failures(result)
     assert failed and all(f.error.startswith("out of memory on node 0 stage") for f in failed)
-    ooms = [e for e in result.events if e["event"] == "oom"]
+    ooms = [e for e in result.events if e.kind.value == "oom"]
     assert len(ooms) >= 1 and result.offload_events == 0
-    recorded = {e["task_id"] for e in result.events if e["event"] == "task_failed"}
+    recorded = {e.task_ids[0] for e in result.events if e.kind.value == "task_failed"}
     assert recorded == {f.task_id for f in failed}
     assert len(result.requests) + len(result.train_tasks) == len(BURST)   # nothing silently lost
 

@@ -54,7 +54,7 @@ def test_ample_memory_every_task_completes_and_invariants_hold(kw, specs, noise)
     assert sched.idle
     assert failures(result) == []
     assert result.offload_events == 0
-    assert not [e for e in result.events if e["event"] == "memory_overcommit"]
+    assert not [e for e in result.events if e.kind.value == "memory_overcommit"]
     # deferred training is never lost: every training task ran to its last backward
     by_id = {t.task_id: t for t in tasks}
     assert all(r.finish_s is not None for r in result.train_tasks)
@@ -91,7 +91,7 @@ def test_tight_memory_with_the_gate_nothing_is_dropped(kw, specs, capacity):
     # the only failures allowed: tasks no device could ever hold, rejected at admission
     for f in failures(result):
         assert "more than the" in f.error and f.node == -1, f
-    assert not [e for e in result.events if e["event"] == "oom"]
+    assert not [e for e in result.events if e.kind.value == "oom"]
 
 
 @PROPS
@@ -105,7 +105,7 @@ def test_tight_memory_without_the_gate_failures_are_recorded_not_lost(kw, specs,
     result, sched = simulate_full(make_params(**kw), tasks, profile)
     check_all(result, tasks)                     # each task recorded exactly once
     check_memory_released(sched)
-    ooms = [e for e in result.events if e["event"] == "oom"]
+    ooms = [e for e in result.events if e.kind.value == "oom"]
     for f in failures(result):
         assert "out of memory" in f.error or "more than the" in f.error, f
     assert bool(ooms) == any("out of memory" in f.error for f in failures(result))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from lemix.engine.adapt import DTYPES, AdaptSpec, checkpoint_dtype, prepare_model
-from lemix.engine.checkpoint import CheckpointError, check_checkpoint_dir, has_tokenizer_files
+from lemix.engine.checkpoint import TOKENIZER_FILES, CheckpointError, check_checkpoint_dir, has_tokenizer_files
 from lemix.engine.stage import StageModule, split_stages
 from lemix.engine.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
@@ -31,28 +31,39 @@ def build_builtin_tiny(seed: int = 0, num_layers: int = 4):
     return model.float().eval()
 
 
-def load_model(spec: str, seed: int = 0, adapt: AdaptSpec | None = None
-               ) -> tuple[torch.nn.Module, ByteTokenizer | HFTokenizer, str]:
+def load_model(spec: str, seed: int = 0, *, tokenizer: str | None = None, byte_tokenizer: bool = False,
+               adapt: AdaptSpec | None = None) -> tuple[torch.nn.Module, ByteTokenizer | HFTokenizer, str]:
     """spec "builtin-tiny" or a checkpoint dir -> (HF model, tokenizer, family).
 
-    family is the HF model_type: "llama", "qwen2" or "gpt2". The model is in `adapt.dtype`
+    family is the HF model_type: "llama", "qwen2" or "gpt2". The tokenizer is the checkpoint's
+    own (or the one in the `tokenizer` dir); a checkpoint without tokenizer files is refused
+    unless `byte_tokenizer` asks for the byte-level tokenizer on purpose (a silent fallback
+    would feed the model 259 byte ids it was never trained on). The model is in `adapt.dtype`
     (default: the checkpoint's torch_dtype; float32 for the built-in model), with LoRA adapters
     and recompute when `adapt` asks for them (lemix.engine.adapt.prepare_model).
     """
     adapt = adapt or AdaptSpec()
     if spec == BUILTIN_TINY:
-        model, tokenizer, family, dtype = build_builtin_tiny(seed), ByteTokenizer(), "llama", "float32"
+        model, tok, family, dtype = build_builtin_tiny(seed), ByteTokenizer(), "llama", "float32"
+        return prepare_model(model, adapt, family, adapt.dtype or dtype), tok, family
+    config = check_checkpoint_dir(spec)
+    family, dtype = config["model_type"], checkpoint_dtype(config)
+    from transformers import AutoModelForCausalLM
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True,
+                                                     dtype=DTYPES[adapt.dtype or dtype])
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"could not load the checkpoint in {spec}: {exc}") from exc
+    model.eval()
+    # the base reference checkpoints and export keep
+    model.lemix_base = {"model": spec, "seed": seed, "tokenizer": tokenizer, "byte_tokenizer": byte_tokenizer}
+    vocab = model.config.vocab_size
+    if byte_tokenizer:
+        tok = load_tokenizer(None, vocab)
     else:
-        config = check_checkpoint_dir(spec)
-        family, dtype = config["model_type"], checkpoint_dtype(config)
-        from transformers import AutoModelForCausalLM
-        try:
-            model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True,
-                                                         dtype=DTYPES[adapt.dtype or dtype])
-        except (OSError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"could not load the checkpoint in {spec}: {exc}") from exc
-        tok_dir = spec if has_tokenizer_files(spec) else None
-        tokenizer = load_tokenizer(tok_dir, model.config.vocab_size)
-        model.eval()
-        model.lemix_base = {"model": spec, "seed": seed}   # the base reference checkpoints and export keep
-    return prepare_model(model, adapt, family, adapt.dtype or dtype), tokenizer, family
+        tok_dir = tokenizer or spec
+        if not has_tokenizer_files(tok_dir):
+            raise CheckpointError(f"{tok_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): pass "
+                                  f"--tokenizer DIR, or --byte-tokenizer to use the byte-level tokenizer on purpose")
+        tok = load_tokenizer(tok_dir, vocab)
+    return prepare_model(model, adapt, family, adapt.dtype or dtype), tok, family

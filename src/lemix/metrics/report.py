@@ -64,7 +64,7 @@ def write_run_dir(run_dir: Path, results: Sequence[RunResult], config_yaml: str,
     written.append(_write_csv(run_dir / "train_steps.csv", TRAIN_STEP_COLUMNS, (
         [label, s.node, s.step, s.time_s, s.samples, s.tokens, s.loss]
         for label, res in zip(labels, results) for s in res.train_steps)))
-    events = [{"policy": label, **e} for label, res in zip(labels, results) for e in res.events]
+    events = [{"policy": label, **ev.as_dict()} for label, res in zip(labels, results) for ev in res.events]
     if events:
         text("events.json", json.dumps(events, indent=1, default=str) + "\n")
 

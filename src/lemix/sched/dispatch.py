@@ -17,11 +17,12 @@ from __future__ import annotations
 import math
 
 from lemix.sched.state import SYNC_AVERAGE, SYNC_NONE, Batch, DecodeIter, NodeState, Seq
-from lemix.types import (Op, OpKind, OpRecord, OpResult, RequestRecord, Task, TrainStepRecord,
-                         TrainTaskRecord)
+from lemix.types import (Applied, Event, EventKind, Op, OpKind, OpRecord, OpResult, RequestRecord, SyncSpec,
+                         Task, TrainStepRecord, TrainTaskRecord)
 
 _SYNC, _OPTIM, _INF, _BWD, _FWD, _NEW, _STARVED_INF = 0, 1, 2, 3, 4, 5, 6
 _SHARE_WINDOW_S = 10.0   # time constant of the training-share window
+MAX_TRAIN_ATTEMPTS = 3   # a training task whose op failed is trained again, up to this many tries
 
 
 class Dispatcher:
@@ -42,6 +43,7 @@ class Dispatcher:
         self._kv: dict[int, list[int]] = {}          # task_id -> KV bytes held per stage
         self._unstepped: dict[int, list[Task]] = {}  # node -> trained tasks its next step applies
         self._cancelled: set[int] = set()            # ops of failed nodes; their results are ignored
+        self._attempts: dict[int, int] = {}          # training task -> tries (after a failed op)
 
     def _touch(self, node: NodeState) -> None:
         node.dirty = True
@@ -171,8 +173,9 @@ class Dispatcher:
                 mix = dev.sync_mix if dev.sync_pending == SYNC_AVERAGE else ()
                 if mix:  # pull every other contributing node's copy
                     nbytes *= max(1, sum(1 for i, w in enumerate(mix) if w > 0 and i != node.index))
+                spec = SyncSpec(-1 if mix else dev.sync_pending, mix, dev.sync_version)
                 return self._start(node, s, OpKind.SYNC, -1, (), False, nbytes=nbytes, ctx=("sync",),
-                                   peer=dev.sync_pending, mix=mix)
+                                   sync=spec)
             if kind == "optim":
                 return self._start(node, s, OpKind.OPTIM, -1, (), True, ctx=("optim",))
             reload = self._reload_needed(node, s, kind, obj)
@@ -240,8 +243,8 @@ class Dispatcher:
             self._waiting_nodes.add(node.index)
             return None
         # nothing can be freed or offloaded: run rather than drop, and say so
-        self.result.events.append({"time_s": now, "event": "memory_overcommit", "node": node.index,
-                                   "stage": s, "need_bytes": need, "used_bytes": dev.used_bytes})
+        self.rec.event(Event(now, EventKind.MEMORY_OVERCOMMIT, node.index, s, bytes=need,
+                             error=f"{dev.used_bytes} bytes in use"))
         dev.wait_key, dev.wait_since_s = None, None
         return "run"
 
@@ -353,10 +356,10 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ starting work
     def _start(self, node: NodeState, s: int, kind: OpKind, bid: int, task_ids: tuple, train: bool, *,
-               batch: int = 0, seq: int = 0, kv: int = 0, nbytes: int = 0, ctx: tuple, peer: int = -1,
-               held: int = 0, extra: int = 0, mix: tuple[float, ...] = ()) -> Op:
-        op = Op(self._next_op, kind, node.index, s, bid, task_ids, train, batch, seq, kv, nbytes, peer,
-                self.lat.predict(kind, s, batch, seq, kv, nbytes), mix)
+               batch: int = 0, seq: int = 0, kv: int = 0, nbytes: int = 0, ctx: tuple,
+               held: int = 0, extra: int = 0, sync: SyncSpec | None = None) -> Op:
+        op = Op(self._next_op, kind, node.index, s, bid, task_ids, train, batch, seq, kv, nbytes,
+                self.lat.predict(kind, s, batch, seq, kv, nbytes), sync)
         self._next_op += 1
         dev = node.devices[s]
         dev.running = op
@@ -428,8 +431,7 @@ class Dispatcher:
     def _oom(self, node: NodeState, s: int, kind: str, obj, need: int) -> None:
         """No memory gate and the op does not fit: it fails as on a real device."""
         why = f"out of memory on node {node.index} stage {s}: needs {need / 1e9:.2f} GB more"
-        self.result.events.append({"time_s": self.clock.now(), "event": "oom", "node": node.index,
-                                   "stage": s, "need_bytes": need})
+        self.rec.event(Event(self.clock.now(), EventKind.OOM, node.index, s, bytes=need, error=why))
         if kind == "infer_new":
             obj = self._form_infer_batch(node, self.clock.now())
         elif kind == "train_new":
@@ -465,7 +467,7 @@ class Dispatcher:
         if op.train:
             dev.train_ewma_s += busy
         self._touch(node)
-        self.result.ops.append(OpRecord(op.node, op.stage, op.kind, result.start_s, result.end_s, op.batch_id,
+        self.rec.op(OpRecord(op.node, op.stage, op.kind, result.start_s, result.end_s, op.batch_id,
                                         op.task_ids, op.train, op.predicted_s, op.batch_size,
                                         op.seq_tokens, op.kv_tokens, op.bytes))
         if op.kind in (OpKind.FWD, OpKind.BWD):
@@ -519,7 +521,7 @@ class Dispatcher:
         node.step_tokens += b.tokens
         for t in b.tasks:
             self._resolved.add(t.task_id)
-            self.result.train_tasks.append(TrainTaskRecord(
+            self.rec.train_task(TrainTaskRecord(
                 t.task_id, t.arrival_s, node.index, result.end_s, t.batch_size, t.batch_size * t.prompt_tokens,
                 self._deferred_s.get(t.task_id, 0.0)))
 
@@ -551,10 +553,11 @@ class Dispatcher:
         node.version += steps - node.steps_done
         node.steps_done = steps
         version = node.version
-        self._unstepped.pop(node.index, None)
+        applied = self._unstepped.pop(node.index, [])
         now = result.end_s
-        self.result.train_steps.append(TrainStepRecord(node.index, version, now, node.step_samples,
-                                                       node.step_tokens))
+        self.rec.train_step(TrainStepRecord(node.index, version, now, node.step_samples, node.step_tokens))
+        if applied:
+            self.rec.applied(Applied(node.index, version, now, tuple(t.task_id for t in applied)))
         node.step_samples = node.step_tokens = 0
         if version > self._max_version:
             self._max_version = version
@@ -605,7 +608,7 @@ class Dispatcher:
 
     def _done_sync(self, node: NodeState, op: Op, ctx: tuple, result: OpResult) -> None:
         dev = node.devices[op.stage]
-        if dev.sync_pending != op.peer:
+        if dev.sync_pending != (SYNC_AVERAGE if op.sync.average else op.sync.source):
             return  # re-requested from another source while this copy ran (its source died)
         dev.sync_pending = SYNC_NONE
         if all(d.sync_pending == SYNC_NONE for d in node.devices):
@@ -617,8 +620,7 @@ class Dispatcher:
         dev.held_bytes -= ctx[1]
         dev.host_bytes += ctx[1]
         self.result.offload_events += 1
-        self.result.events.append({"time_s": result.end_s, "event": "offload", "node": node.index,
-                                   "stage": op.stage, "bytes": ctx[1], "task_ids": list(op.task_ids)})
+        self.rec.event(Event(result.end_s, EventKind.OFFLOAD, node.index, op.stage, op.task_ids, bytes=ctx[1]))
 
     def _done_reload(self, node: NodeState, op: Op, ctx: tuple, result: OpResult) -> None:
         dev = node.devices[op.stage]
@@ -631,8 +633,10 @@ class Dispatcher:
         version, stale_steps, stale_s, first = self._served[task.task_id]
         self._resolved.add(task.task_id)
         self._kv.pop(task.task_id, None)
+        if self.params.generate:
+            self.rec.release(node.index, (task.task_id,))   # its KV cache on every stage
         out = task.output_tokens if generated is None else generated
-        self.result.requests.append(RequestRecord(
+        self.rec.request(RequestRecord(
             task.task_id, task.arrival_s, node.index, task.prompt_tokens, out, first, end_s,
             self.slo_s(task), False, version, stale_steps, stale_s))
 
@@ -648,9 +652,13 @@ class Dispatcher:
     def _drop_seq(self, node: NodeState, seq: Seq, why: str) -> None:
         self._free_kv(node, seq)
         node.seqs.pop(seq.task.task_id, None)
+        self.rec.release(node.index, (seq.task.task_id,))
         self._fail_task(seq.task, node.index, why)
 
-    def _drop_batch(self, node: NodeState, b: Batch, why: str) -> None:
+    def _drop_batch(self, node: NodeState, b: Batch, why: str, retry: bool = False) -> None:
+        """Take a micro-batch off its node: free its memory on every stage, tell the workers to
+        release its state (stashes keyed by batch id, KV by sequence), and fail its tasks; with
+        `retry`, training tasks are offered again instead (up to MAX_TRAIN_ATTEMPTS tries)."""
         for s in b.stash_stages:
             d = node.devices[s]
             nbytes = b.tokens * self.profile.stages[s].act_bytes_per_token
@@ -668,19 +676,31 @@ class Dispatcher:
         if b.train and b.bid in node.batches and node.round_members.get(b.round, 0) > 0:
             node.round_members[b.round] -= 1  # S-PP: the round's flush step stops waiting for it
         node.batches.pop(b.bid, None)
+        seqs = tuple(t.task_id for t in b.tasks) if not b.train and self.params.generate else ()
+        self.rec.release(node.index, seqs, (b.bid,))
         for t in b.tasks:
-            self._fail_task(t, node.index, why)
+            tries = self._attempts.get(t.task_id, 1)
+            if retry and b.train and tries < MAX_TRAIN_ATTEMPTS:
+                self._attempts[t.task_id] = tries + 1
+                self._node_of.pop(t.task_id, None)
+                self._incoming.append(t)
+                self.rec.requeued((t.task_id,))
+                self.rec.event(Event(self.clock.now(), EventKind.TASK_RETRIED, node.index,
+                                     task_ids=(t.task_id,), error=why))
+            else:
+                self._fail_task(t, node.index, why if not retry else f"{why} (after {tries} tries)")
         self._touch(node)
 
     def _op_failed(self, node: NodeState, op: Op, ctx: tuple, error: str) -> None:
         """An executor reported an op error: its tasks fail with that error (never silently)."""
         kind = ctx[0]
         if kind in ("fwd", "bwd"):
-            self._drop_batch(node, ctx[1], error)
+            self._drop_batch(node, ctx[1], error, retry=True)
         elif kind == "decode":
             for tid in ctx[1].seq_ids:
                 if tid in node.seqs:
                     self._drop_seq(node, node.seqs[tid], error)
             node.decode = None
+            self.rec.release(node.index, (), (ctx[1].bid,))
         else:
             raise RuntimeError(f"{op.kind.value} op on node {node.index} stage {op.stage} failed: {error}")

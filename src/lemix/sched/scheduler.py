@@ -1,14 +1,21 @@
 """The LeMix scheduler: one state machine driven by both executors.
 
-Contract (vLLM-v1 style, two calls plus arrivals):
+Contract (vLLM-v1 style: the scheduler returns what happened; executors read nothing else):
 
-    sched.on_arrival(task)          a task arrived (at clock.now())
-    plan = sched.plan()             ops to start now on idle devices (+ when to call again)
-    sched.on_op_finished(result)    an op ended; absorb its result
+    out = sched.on_arrival(task)          a task arrived (at clock.now())
+    plan = sched.plan()                   ops to start now on idle devices, when to call again,
+                                          and plan.outputs (what planning resolved or released)
+    out = sched.on_op_finished(result)    an op ended; absorb its result
+    out = sched.on_node_failed(node, why) a node died (executor side); its tasks are offered again
+    out = sched.on_node_restored(node, v) it is back with weights of version v
+    sched.record_event(event)             an executor-side event (copies, recoveries) for the report
+    snap = sched.snapshot()               read-only picture: node health, versions, quiescence
+    result = sched.finalize()             the run's RunResult
 
-The simulator and the real engine differ only in the clock they inject and in how they execute
-ops. No torch, no threads, no sockets, no wall clock here: `timer` (for measuring decision time)
-is injected too.
+Every `out` is an Outputs value (lemix.types): finished requests and training tasks, applied
+training samples, the worker state to release, typed events, ended ops. The simulator and the
+engines inject a clock and execute ops; no torch, no threads, no sockets, no wall clock here:
+`timer` (for measuring decision time) is injected too.
 """
 from __future__ import annotations
 
@@ -24,9 +31,11 @@ from lemix.sched.forecast import Forecast, NodeTimeline, build_timeline, forecas
 from lemix.sched.latency import LatencyModel, Profile, generic_profile
 from lemix.sched.params import SchedParams
 from lemix.sched.pipeline import make_pipeline
-from lemix.sched.registry import make_policy
+from lemix.sched.policies import make_policy
+from lemix.sched.outputs import Recorder
 from lemix.sched.state import SYNC_NONE, Device, LengthStats, NodeState
-from lemix.types import Op, OpKind, OpResult, RequestRecord, RunResult, Task, TaskKind, TrainTaskRecord
+from lemix.types import (ClusterSnapshot, Event, EventKind, NodeSnapshot, Op, OpKind, OpResult, Outputs,
+                         RequestRecord, RunResult, Task, TaskKind, TrainTaskRecord)
 
 _UNSET = object()
 _CHAIN_CAP = 32  # queued tasks per node modeled one by one in a forecast; the rest as one block
@@ -36,11 +45,12 @@ _CHAIN_CAP = 32  # queued tasks per node modeled one by one in a forecast; the r
 class Plan:
     ops: tuple[Op, ...] = ()
     wakeup_s: float | None = None   # call plan() again at this time even if nothing happens
+    outputs: Outputs = Outputs()    # what planning resolved (e.g. failed at admission) or released
 
 
 class Scheduler(Dispatcher):
     def __init__(self, params: SchedParams, profile: Profile, clock: Clock, *,
-                 timer: Callable[[], float] | None = None) -> None:
+                 timer: Callable[[], float] | None = None, keep_records: bool = True) -> None:
         if profile.num_stages != params.stages:
             raise ValueError(f"profile has {profile.num_stages} stages, the cluster {params.stages}")
         self.params = params
@@ -56,6 +66,7 @@ class Scheduler(Dispatcher):
         self.nodes = [NodeState(i, [Device(0, profile.capacity_bytes) for _ in range(params.stages)])
                       for i in range(params.nodes)]
         self.result = RunResult(policy=params.policy, nodes=params.nodes, stages=params.stages)
+        self.rec = Recorder(self.result, keep=keep_records)
         self._incoming: deque[Task] = deque()
         self._deferred: deque[tuple[Task, float]] = deque()
         self._tasks: dict[int, Task] = {}
@@ -82,7 +93,7 @@ class Scheduler(Dispatcher):
         self._apply_roles(self.policy.roles(self))
 
     # ------------------------------------------------------------------ contract
-    def on_arrival(self, task: Task) -> None:
+    def on_arrival(self, task: Task) -> Outputs:
         if task.task_id in self._tasks:
             raise ValueError(f"task {task.task_id} arrived twice")
         self._tasks[task.task_id] = task
@@ -92,8 +103,9 @@ class Scheduler(Dispatcher):
         too_big = self._too_big(task)
         if too_big:
             self._fail_task(task, -1, too_big)
-            return
-        self._incoming.append(task)
+        else:
+            self._incoming.append(task)
+        return self.rec.take()
 
     def plan(self) -> Plan:
         now = self.clock.now()
@@ -106,17 +118,26 @@ class Scheduler(Dispatcher):
             ops.extend(self._dispatch_node(self.nodes[n], now))
         self._touched = set(self._waiting_nodes)
         wake = min(self._wakeups) if self._wakeups else None
-        return Plan(tuple(ops), wake)
+        return Plan(tuple(ops), wake, self.rec.take())
 
-    def on_op_finished(self, result: OpResult) -> None:
+    def on_op_finished(self, result: OpResult) -> Outputs:
         self._finish_op(result)
+        return self.rec.take()
 
-    def on_node_failed(self, node_idx: int, why: str = "node failed") -> list[int]:
+    def record_event(self, event: Event) -> None:
+        """An executor-side event (a weight copy skipped, a restore failed) for the run's report."""
+        self.rec.event(event)
+
+    def on_node_failed(self, node_idx: int, why: str = "node failed") -> Outputs:
         """A node died: take it out of placement, cancel its ops, and offer every task it held
         again (inference restarts from its prompt; training tasks whose gradients died with the
-        node, applied or not, are trained again). Returns the re-queued task ids."""
+        node, applied or not, are trained again). The outputs' `requeued` lists those tasks and
+        one Release names the batches and sequences the node held (its workers are gone: the
+        executor drops what it kept for them)."""
         node = self.nodes[node_idx]
         now = self.clock.now()
+        held = tuple(node.batches) + ((node.decode.bid,) if node.decode is not None else ())
+        self.rec.release(node_idx, tuple(node.seqs), held)
         node.healthy = False
         for op_id, (op, _) in list(self._running.items()):
             if op.node == node_idx:
@@ -127,7 +148,7 @@ class Scheduler(Dispatcher):
         tasks += [q.task for q in node.seqs.values()]
         lost = self._unstepped.pop(node_idx, [])
         lost_ids = {t.task_id for t in lost}
-        self.result.train_tasks = [r for r in self.result.train_tasks if r.task_id not in lost_ids]
+        self.rec.forget_train_tasks(lost_ids)
         tasks += lost
         node.infer_wait, node.train_wait, node.batches, node.seqs = [], [], {}, {}
         node.decode = None
@@ -155,19 +176,42 @@ class Scheduler(Dispatcher):
             self._kv.pop(t.task_id, None)
             self._incoming.append(t)
             requeued.append(t.task_id)
-        self.result.events.append({"time_s": now, "event": "node_failed", "node": node_idx, "error": why,
-                                   "requeued": requeued})
+        self.rec.requeued(requeued)
+        self.rec.event(Event(now, EventKind.NODE_FAILED, node_idx, task_ids=tuple(requeued), error=why))
         self._touch(node)
-        return requeued
+        return self.rec.take()
 
-    def on_node_restored(self, node_idx: int, version: int) -> None:
+    def on_node_restored(self, node_idx: int, version: int) -> Outputs:
         """A failed node is back, with weights of `version` copied from a healthy peer."""
         node = self.nodes[node_idx]
         node.healthy = True
         node.version = version
-        self.result.events.append({"time_s": self.clock.now(), "event": "node_restored",
-                                   "node": node_idx, "version": version})
+        self.rec.event(Event(self.clock.now(), EventKind.NODE_RESTORED, node_idx, version=version))
         self._touch(node)
+        return self.rec.take()
+
+    def snapshot(self) -> ClusterSnapshot:
+        """A read-only picture for executors and the server (no internals leave the scheduler)."""
+        return ClusterSnapshot(self.clock.now(), tuple(self._node_snapshot(n) for n in self.nodes),
+                               self.idle, self._max_version, self.result.deferred_total,
+                               self.result.offload_events)
+
+    def _node_snapshot(self, node: NodeState) -> NodeSnapshot:
+        bids = tuple(node.batches) + ((node.decode.bid,) if node.decode is not None else ())
+        return NodeSnapshot(node.index, node.healthy, node.serves, node.trains, node.version,
+                            self._quiescent(node), bids)
+
+    @staticmethod
+    def _quiescent(node: NodeState) -> bool:
+        """No gradient of the node lives outside its weights: no training micro-batch has begun
+        its backward (a finished one has left `batches`), no stage holds accumulated gradients or
+        a weight copy in progress, and every stage took the same steps."""
+        last = node.num_stages - 1
+        for b in node.batches.values():
+            if b.train and b.fwd_done and (b.running or b.bwd_next < last):
+                return False
+        return (all(d.grads_pending == 0 and d.sync_pending == SYNC_NONE for d in node.devices)
+                and len({d.step_count for d in node.devices}) == 1)
 
     @property
     def idle(self) -> bool:
@@ -525,15 +569,14 @@ class Scheduler(Dispatcher):
         if task.task_id in self._resolved:
             return
         self._resolved.add(task.task_id)
-        self.result.events.append({"time_s": self.clock.now(), "event": "task_failed",
-                                   "task_id": task.task_id, "node": node, "error": why})
+        self.rec.event(Event(self.clock.now(), EventKind.TASK_FAILED, node, task_ids=(task.task_id,), error=why))
         if task.is_train:
-            self.result.train_tasks.append(TrainTaskRecord(
+            self.rec.train_task(TrainTaskRecord(
                 task.task_id, task.arrival_s, node, None, task.batch_size,
                 task.batch_size * task.prompt_tokens, self._deferred_s.get(task.task_id, 0.0), True, why))
         else:
             served = self._served.get(task.task_id)
-            self.result.requests.append(RequestRecord(
+            self.rec.request(RequestRecord(
                 task.task_id, task.arrival_s, node, task.prompt_tokens, task.output_tokens,
                 served[3] if served else None, None, self.slo_s(task), True, error=why))
 

@@ -35,17 +35,10 @@ log = logging.getLogger("lemix.serve")
 
 def training_quiescent(engine, node: int) -> bool:
     """No gradient of `node` lives outside its weights, and none inside them that the journal
-    does not call applied. Read from the scheduler's node state, on the engine thread: no
-    training micro-batch has begun its backward (a finished one has left `batches`), no stage
-    holds accumulated gradients or a weight sync in progress, every stage took the same steps."""
-    state = engine.sched.nodes[node]
-    last = state.num_stages - 1
-    for b in state.batches.values():
-        if b.train and b.fwd_done and (b.running or b.bwd_next < last):
-            return False
-    devices = state.devices
-    return (all(d.grads_pending == 0 and d.sync_pending < 0 for d in devices)
-            and len({d.step_count for d in devices}) == 1)
+    does not call applied: the scheduler's snapshot says so (no micro-batch has begun its
+    backward, no stage holds accumulated gradients or a weight copy or merge in progress, every
+    stage took the same steps). On the engine thread."""
+    return engine.snapshot().nodes[node].quiescent
 
 
 def _fsync_dir(path: Path) -> None:

@@ -95,8 +95,8 @@ class EngineHost:
             raise
 
     def _build(self, hf_model, tokenizer, profile) -> None:
-        from lemix.engine.api import load_model, stage_devices
-        from lemix.engine.backend import make_backend
+        from lemix.api import load_model, stage_devices
+        from lemix.engine.backends import make_backend
         from lemix.engine.runtime import Engine
         from lemix.engine.stage import arch_config
 
@@ -107,7 +107,8 @@ class EngineHost:
         if hf_model is None:
             from lemix.engine.adapt import spec_from_config
 
-            hf_model, tokenizer, _ = load_model(cfg.model.name, seed=cfg.seed,
+            hf_model, tokenizer, _ = load_model(cfg.model.name, seed=cfg.seed, tokenizer=cfg.model.tokenizer,
+                                                byte_tokenizer=cfg.model.byte_tokenizer,
                                                 adapt=spec_from_config(cfg.model))
         self.tok = tokenizer
         self.context_tokens = arch_config(hf_model).max_positions
@@ -146,7 +147,7 @@ class EngineHost:
     # ------------------------------------------------------------------ start / stop
     def _profile(self, hf_model):
         """--profile FILE, else the one measured earlier for this state dir, else measure now."""
-        from lemix.engine.api import engine_profile
+        from lemix.api import engine_profile
         from lemix.profiling import load_profile, save_profile
 
         if self.cfg.model.profile:

@@ -67,7 +67,7 @@ class ServeMetrics:
     def step_applied(self, node: int, samples: int) -> None:
         """Engine thread, right after a node's step: count samples, time the step's span."""
         self.applied.inc(samples)
-        ops = self.host.engine.sched.result.ops
+        ops = self.host.engine.recent_ops
         prev = self._last_step_end.get(node, float("-inf"))
         first = end = None
         for i in range(len(ops) - 1, -1, -1):
@@ -110,7 +110,7 @@ class _EngineCollector:
 
     def collect(self):
         host = self.m.host
-        res = host.engine.sched.result
+        snap = host.engine.last_snapshot   # taken on the engine thread (this is a scrape thread)
         waiting, running = host.in_flight()
         yield GaugeMetricFamily("lemix:num_requests_running", "Requests generating tokens", value=running)
         yield GaugeMetricFamily("lemix:num_requests_waiting", "Requests waiting for their first token",
@@ -118,16 +118,16 @@ class _EngineCollector:
         yield GaugeMetricFamily("lemix:train_samples_queued", "Training samples accepted, not yet applied",
                                 value=host.feed.queued)
         yield CounterMetricFamily("lemix:deprioritized_training_tasks", "Training tasks the scheduler "
-                                  "deferred to protect inference SLOs", value=res.deferred_total)
+                                  "deferred to protect inference SLOs", value=snap.deferred_total)
         yield CounterMetricFamily("lemix:offload_events", "KV / activation offloads to host memory",
-                                  value=res.offload_events)
+                                  value=snap.offload_events)
         versions = GaugeMetricFamily("lemix:weight_version", "Weight version served by a node", labels=["node"])
         for n, v in enumerate(host.version):
             versions.add_metric([str(n)], v)
         yield versions
         idle = GaugeMetricFamily("lemix:idle_ratio", f"Idle fraction of a stage over the last "
                                  f"{IDLE_WINDOW_S:g} s", labels=["node", "stage"])
-        for (n, s), v in idle_ratios(res.ops, host.nodes, host.stages, host.engine.clock.now()).items():
+        for (n, s), v in idle_ratios(host.engine.recent_ops, host.nodes, host.stages, host.engine.clock.now()).items():
             if v is not None:
                 idle.add_metric([str(n), str(s)], v)
         yield idle

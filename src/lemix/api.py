@@ -8,7 +8,7 @@ import numpy as np
 
 from lemix.config import RUN_DEFAULTS, LemixConfig  # noqa: F401  (re-exported)
 from lemix.engine.adapt import spec_from_config
-from lemix.engine.backend import make_backend
+from lemix.engine.backends import make_backend
 from lemix.engine.data import TaskTexts
 from lemix.engine.model import load_model, split_stages
 from lemix.engine.runtime import Engine
@@ -87,7 +87,9 @@ def run_engine(cfg: LemixConfig, *, progress: Callable[[str, int], Callable[[int
     """Run every policy of cfg.policy.names on the real engine, same tasks, same initial weights."""
     import time
 
-    hf_model, tokenizer, _ = load_model(cfg.model.name, seed=cfg.seed, adapt=spec_from_config(cfg.model))
+    hf_model, tokenizer, _ = load_model(cfg.model.name, seed=cfg.seed, tokenizer=cfg.model.tokenizer,
+                                        byte_tokenizer=cfg.model.byte_tokenizer,
+                                        adapt=spec_from_config(cfg.model))
     tasks = engine_tasks(cfg) if tasks is None else tasks
     profile = profile or engine_profile(cfg, hf_model)
     source = text_source(cfg)
