@@ -45,6 +45,11 @@ class StageOptimizer:
                 for p, m in zip(self.params, self.masters):
                     m.copy_(p)
 
+    @property
+    def state(self) -> dict:
+        """AdamW's per-parameter state (keyed by the masters in half precision)."""
+        return self.inner.state
+
     def state_dict(self) -> dict:
         return self.inner.state_dict()
 

@@ -148,7 +148,8 @@ def remap_stages(profile: Profile, stages: int) -> Profile:
         ops = {op: mix(op) for op in ("fwd", "bwd", "decode")}
         ops["optim"] = OpCoeffs(a=sum(wi * st.optim.a for wi, st in zip(w, old)))   # scales with size
         mem = {m: round(sum(wi * getattr(st, m) for wi, st in zip(w, old))) for m in _MEMORY}
-        sync = round(sum(wi * st.copy_bytes for wi, st in zip(w, old)))
+        sync = (None if all(st.sync_bytes is None for st in old)
+                else round(sum(wi * st.copy_bytes for wi, st in zip(w, old))))
         out.append(StageProfile(**ops, **mem, sync_bytes=sync))
     return replace(profile, stages=tuple(out))
 
