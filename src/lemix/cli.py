@@ -67,6 +67,8 @@ _ENGINE = [
     ("--dataset", "workload.dataset", str, ""),
     ("--lr", "model.lr", float, ""),
 ]
+_RUN = [("--clock", "cluster.clock", str, "wall | virtual")]
+_RUN_FLAGS = [("--ignore-eos", "workload.ignore_eos", "")]
 
 
 def _describe(dotted: str) -> str:
@@ -84,6 +86,7 @@ def _add_options(p: argparse.ArgumentParser, table, flags=()) -> None:
         p.add_argument(flag, dest=dotted, type=typ, default=None, metavar=typ.__name__.upper(),
                        help=f"{desc} [{dotted}]" if desc else f"[{dotted}]")
     for flag, dotted, desc in flags:
+        desc = desc or _describe(dotted)
         p.add_argument(flag, dest=dotted, action="store_const", const=True, default=None,
                        help=f"{desc} [{dotted}]")
     p.add_argument("--config", help="YAML file with any of the sections cluster, model, workload, "
@@ -147,8 +150,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _config(args, RUN_DEFAULTS)
     c, w = cfg.cluster, cfg.workload
+    clock = (f"virtual clock: modeled {cfg.model.profile or 'modeled-' + cfg.model.sim_model} cluster"
+             if c.clock == "virtual" else "wall clock")
     return _compare(args, "run", cfg, f"model {cfg.model.name}, {c.nodes} nodes x {c.stages} stages on "
-                    f"{c.device} ({c.backend} backend), {w.arrival} arrivals for {w.duration_s:g} s", run_engine)
+                    f"{c.device} ({c.backend} backend, {clock}), {w.arrival} arrivals for {w.duration_s:g} s",
+                    run_engine)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -261,8 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run every chosen policy on real model stages (the built-in tiny "
                                    "model or a local Hugging Face checkpoint) on the same workload from "
                                    "the same initial weights; same outputs as `simulate` plus "
-                                   f"inference loss. Defaults differ from simulate: {_defaults_text(RUN_DEFAULTS)}.")
-    _add_options(p, _COMMON + _ENGINE, _FLAGS)
+                                   f"inference loss. --clock virtual times every op on the modeled cluster "
+                                   "(the tasks, profile and op durations of `lemix simulate` with the same "
+                                   "flags) while computing it for real: reproducible learning outcomes. "
+                                   f"Defaults differ from simulate: {_defaults_text(RUN_DEFAULTS)}.")
+    _add_options(p, _COMMON + _ENGINE + _RUN + _SIM, _FLAGS + _RUN_FLAGS)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("profile", help="measure per-stage op latencies and memory of a model",

@@ -48,6 +48,10 @@ class ClusterConfig(_Strict):
     network_bandwidth_gbps: float = Field(10.0, gt=0, description="node<->node bandwidth for weight sync (GB/s)")
     device: str = Field("cpu", description="real engine: 'cpu', 'cuda' (one cuda:i per stage) or a comma list")
     backend: Literal["local", "ray"] = "local"
+    clock: Literal["wall", "virtual"] = Field("wall", description="real engine: 'wall' runs ops in real time "
+                                              "(profile measured here); 'virtual' times them on the modeled "
+                                              "cluster (the simulator's profile, loop and noise) while "
+                                              "computing them for real: reproducible on any machine")
     ray_address: str | None = None
 
 
@@ -74,6 +78,8 @@ class WorkloadConfig(_Strict):
     max_prompt_tokens: int = Field(4096, ge=2)
     max_output_tokens: int = Field(512, ge=1)
     mode: Literal["prefill", "generate"] = "prefill"
+    ignore_eos: bool = Field(False, description="real engine: generate every request's output_tokens "
+                             "even past an EOS token")
     dataset: str | None = Field(None, description="real engine: JSONL of {text} or {prompt, completion}")
     drift_groups: int = Field(4, ge=1)
     priority_share: float = Field(0.0, ge=0, le=1)

@@ -25,6 +25,7 @@ from lemix.sched.scheduler import Scheduler
 from lemix.types import Op, OpResult, Outputs, RunResult, Task
 
 FINISH, ARRIVAL, WAKEUP = 0, 1, 2
+DEFAULT_NOISE = 0.05   # sigma of the log-normal factor on every op duration
 
 
 class OpExecutor(Protocol):
@@ -49,7 +50,7 @@ class OpExecutor(Protocol):
 
 class Simulator:
     def __init__(self, scheduler: Scheduler, clock: SimClock, truth: LatencyModel, *,
-                 noise: float = 0.05, seed: int = 0, horizon_s: float = float("inf"),
+                 noise: float = DEFAULT_NOISE, seed: int = 0, horizon_s: float = float("inf"),
                  executor: OpExecutor | None = None) -> None:
         self.sched = scheduler
         self.executor = executor
@@ -120,7 +121,7 @@ class Simulator:
         return self.sched.finalize()
 
 
-def simulate_policy(params: SchedParams, profile: Profile, tasks: list[Task], *, noise: float = 0.05,
+def simulate_policy(params: SchedParams, profile: Profile, tasks: list[Task], *, noise: float = DEFAULT_NOISE,
                     horizon_s: float = float("inf"),
                     progress: Callable[[int], None] | None = None) -> tuple[RunResult, Simulator]:
     """Run one policy over a task list on a fresh scheduler; return its result and the loop."""
