@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from lemix.config import RUN_DEFAULTS, load_config
-from lemix.engine.api import run_engine
+from lemix.api import run_engine
 from lemix.metrics import summarize
 from lemix.metrics.adaptation import served_loss_curve
 

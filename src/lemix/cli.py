@@ -58,6 +58,9 @@ _FLAGS = [
     ("--no-memory-check", "policy.no_memory_check", "lemix without the wait-or-offload memory gate"),
     ("--force-profile", "model.force_profile", "accept a profile made for another model/stages/device"),
 ]
+_ENGINE_FLAGS = [
+    ("--byte-tokenizer", "model.byte_tokenizer", "byte-level tokenizer for a checkpoint without tokenizer files"),
+]
 _SIM = [("--sim-model", "model.sim_model", str, "modeled model of the built-in profile: tiny | 3b | 7b")]
 _ENGINE = [
     ("--model", "model.name", str, ""),
@@ -65,6 +68,7 @@ _ENGINE = [
     ("--backend", "cluster.backend", str, "local | ray"),
     ("--ray-address", "cluster.ray_address", str, "default: start a local Ray; 'auto' joins a cluster"),
     ("--dataset", "workload.dataset", str, ""),
+    ("--tokenizer", "model.tokenizer", str, ""),
     ("--lr", "model.lr", float, ""),
 ]
 _RUN = [("--clock", "cluster.clock", str, "wall | virtual")]
@@ -146,7 +150,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from lemix.engine.api import run_engine
+    from lemix.api import run_engine
 
     cfg = _config(args, RUN_DEFAULTS)
     c, w = cfg.cluster, cfg.workload
@@ -158,7 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from lemix.engine.api import set_threads_per_worker, stage_devices
+    from lemix.api import set_threads_per_worker, stage_devices
     from lemix.engine.model import load_model, split_stages
     from lemix.engine.worker import StageWorker
     from lemix.profiling import measure_profile, plot_profile, save_profile
@@ -166,7 +170,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     cfg = _config(args, RUN_DEFAULTS)
     S = cfg.cluster.stages
-    hf_model, _, _ = load_model(cfg.model.name, seed=cfg.seed)
+    hf_model, _, _ = load_model(cfg.model.name, seed=cfg.seed, tokenizer=cfg.model.tokenizer,
+                                byte_tokenizer=cfg.model.byte_tokenizer)
     devices = stage_devices(cfg)
     set_threads_per_worker(S)
     workers = [StageWorker(m, s, S, devices[s], lr=cfg.model.lr) for s, m in enumerate(split_stages(hf_model, S))]
@@ -196,7 +201,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from lemix.engine.api import engine_tasks, run_engine
+    from lemix.api import engine_tasks, run_engine
     from lemix.profiling import load_profile
     from lemix.sim import simulate_policy
     from lemix.validate import compare, plot_validation, write_validation
@@ -271,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(the tasks, profile and op durations of `lemix simulate` with the same "
                                    "flags) while computing it for real: reproducible learning outcomes. "
                                    f"Defaults differ from simulate: {_defaults_text(RUN_DEFAULTS)}.")
-    _add_options(p, _COMMON + _ENGINE + _RUN + _SIM, _FLAGS + _RUN_FLAGS)
+    _add_options(p, _COMMON + _ENGINE + _RUN + _SIM, _FLAGS + _ENGINE_FLAGS + _RUN_FLAGS)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("profile", help="measure per-stage op latencies and memory of a model",
@@ -296,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and in the simulator with --profile, and reports the error of per-op "
                                    "durations and of per-request E2E/TTFT (MAPE, p50/p90 absolute error). "
                                    "With --out DIR writes validation.json and validation.png.")
-    _add_options(p, _COMMON + _ENGINE, _FLAGS)
+    _add_options(p, _COMMON + _ENGINE, _FLAGS + _ENGINE_FLAGS)
     p.set_defaults(func=cmd_validate)
 
     from lemix.serve.options import SERVE_DEFAULTS, SERVE_WORKLOAD_FLAGS, add_serve_flags
@@ -307,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(Prometheus) and /health; checkpoints weights and optimizer state. "
                                    f"Defaults differ from simulate: {_defaults_text(SERVE_DEFAULTS)}.")
     _add_options(p, [t for t in _COMMON if not t[1].startswith("workload.") or t[0] in SERVE_WORKLOAD_FLAGS]
-                 + [t for t in _ENGINE if t[0] != "--dataset"], _FLAGS)
+                 + [t for t in _ENGINE if t[0] != "--dataset"], _FLAGS + _ENGINE_FLAGS)
     add_serve_flags(p)
     p.set_defaults(func=cmd_serve)
     return parser

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lemix.sched.params import SchedParams
-from lemix.sched.registry import policy_names
+from lemix.sched.policies import policy_names
 
 
 # Defaults of `lemix run` where they differ from `lemix simulate`: a real tiny model on a
@@ -60,6 +60,9 @@ class ModelConfig(_Strict):
     sim_model: Literal["3b", "7b", "tiny"] = Field("3b", description="modeled model size of the default simulator profile")
     profile: str | None = Field(None, description="profile JSON from `lemix profile`; default: built-in")
     force_profile: bool = False
+    tokenizer: str | None = Field(None, description="tokenizer dir (default: the checkpoint's own files)")
+    byte_tokenizer: bool = Field(False, description="use the byte-level tokenizer with a checkpoint "
+                                 "that has no tokenizer files (on purpose)")
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
 

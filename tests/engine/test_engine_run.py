@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from lemix.config import RUN_DEFAULTS, load_config
-from lemix.engine.api import run_engine
+from lemix.api import run_engine
 from lemix.metrics import summarize, write_run_dir
 from lemix.sched.latency import OpCoeffs, Profile, StageProfile
 from lemix.types import OpKind

@@ -13,7 +13,7 @@ from engine_factories import tiny_hf
 
 from lemix.cli import main
 from lemix.config import RUN_DEFAULTS, load_config
-from lemix.engine.api import run_engine
+from lemix.api import run_engine
 from lemix.experiment import simulate
 from lemix.metrics import summarize
 from lemix.types import OpKind
@@ -116,7 +116,8 @@ def eos_checkpoint(path) -> None:
 
 def test_generated_eos_ends_the_sequence_unless_ignored(tmp_path):
     eos_checkpoint(tmp_path)
-    cfg = virtual_cfg(**{"model.name": str(tmp_path), "workload.mode": "generate", "policy.names": "lemix",
+    cfg = virtual_cfg(**{"model.name": str(tmp_path), "model.byte_tokenizer": True, "workload.mode": "generate",
+                         "policy.names": "lemix",
                          "workload.train_share": 0.0})
     (stopped,) = run_engine(cfg)
     (sim,) = simulate(cfg)

@@ -24,9 +24,10 @@ import queue
 from dataclasses import replace
 from typing import Any, Callable
 
-from lemix.engine.backend import WorkerLost
+from lemix.engine.backend import EngineError, WorkerLost
 from lemix.engine.messages import GetWeights, SetWeights
-from lemix.engine.runtime import Engine, EngineError, average_weights
+from lemix.engine.runtime import Engine, average_weights
+from lemix.engine.tags import FreeTag, GatherTag, OpTag
 from lemix.sched.latency import LatencyModel
 from lemix.sim import DEFAULT_NOISE, Simulator
 from lemix.types import Op, OpKind, OpResult, Outputs, RunResult, Task
@@ -70,20 +71,20 @@ class VirtualEngine:
         eng = self.eng
         if op.kind is OpKind.SYNC:   # read the sources now; the receiver is written at the end
             for n in op.sync.sources(op.node):
-                eng.backend.submit(n, op.stage, GetWeights(), ("virtual_get", op.op_id, n))
+                eng.backend.submit(n, op.stage, GetWeights(), GatherTag(op.op_id, n))
             return
-        eng.backend.submit(op.node, op.stage, eng.command(op), op.op_id)
+        eng.backend.submit(op.node, op.stage, eng.command(op), OpTag(op.op_id))
 
     def finish(self, op: Op, result: OpResult) -> OpResult:
         eng = self.eng
         if op.kind is OpKind.SYNC:
-            copies = [(n, self._reply(("virtual_get", op.op_id, n), op)) for n in op.sync.sources(op.node)]
+            copies = [(n, self._reply(GatherTag(op.op_id, n), op)) for n in op.sync.sources(op.node)]
             if op.sync.average:
                 state = average_weights([(op.sync.mix[n], res.state_dict) for n, res in copies])
             else:
                 state = copies[0][1].state_dict
-            eng.backend.submit(op.node, op.stage, SetWeights(state), op.op_id)
-        res = self._reply(op.op_id, op)
+            eng.backend.submit(op.node, op.stage, SetWeights(state), OpTag(op.op_id))
+        res = self._reply(OpTag(op.op_id), op)
         self._compute_s += getattr(res, "compute_s", 0.0)
         return replace(result, stopped_task_ids=eng.absorb(op, res, result.end_s))
 
@@ -99,7 +100,7 @@ class VirtualEngine:
             if isinstance(res, WorkerLost):
                 raise EngineError(f"{res}: the virtual clock does not model node failures "
                                   f"(use --clock wall for recovery)") from res
-            if isinstance(got, tuple) and got[0] == "free":   # auxiliary: must not fail silently
+            if isinstance(got, FreeTag):   # auxiliary: must not fail silently
                 if isinstance(res, Exception):
                     raise EngineError(f"auxiliary command {got} failed: {res!r}") from res
                 continue

@@ -31,7 +31,7 @@ from lemix.sched.forecast import Forecast, NodeTimeline, build_timeline, forecas
 from lemix.sched.latency import LatencyModel, Profile, generic_profile
 from lemix.sched.params import SchedParams
 from lemix.sched.pipeline import make_pipeline
-from lemix.sched.registry import make_policy
+from lemix.sched.policies import make_policy
 from lemix.sched.outputs import Recorder
 from lemix.sched.state import SYNC_NONE, Device, LengthStats, NodeState
 from lemix.types import (ClusterSnapshot, Event, EventKind, NodeSnapshot, Op, OpKind, OpResult, Outputs,

@@ -7,7 +7,7 @@ from typing import Callable
 import numpy as np
 
 from lemix.config import RUN_DEFAULTS, LemixConfig  # noqa: F401  (re-exported)
-from lemix.engine.backend import make_backend
+from lemix.engine.backends import make_backend
 from lemix.engine.data import TaskTexts
 from lemix.engine.model import load_model, split_stages
 from lemix.engine.runtime import Engine
@@ -97,7 +97,8 @@ def run_engine(cfg: LemixConfig, *, progress: Callable[[str, int], Callable[[int
     from lemix.experiment import build_tasks, sim_horizon_s, sim_profile
 
     virtual = cfg.cluster.clock == "virtual"
-    hf_model, tokenizer, _ = load_model(cfg.model.name, seed=cfg.seed)
+    hf_model, tokenizer, _ = load_model(cfg.model.name, seed=cfg.seed, tokenizer=cfg.model.tokenizer,
+                                        byte_tokenizer=cfg.model.byte_tokenizer)
     if tasks is None:
         tasks = build_tasks(cfg) if virtual else engine_tasks(cfg)
     profile = profile or (sim_profile(cfg) if virtual else engine_profile(cfg, hf_model))
