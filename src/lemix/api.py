@@ -115,7 +115,7 @@ def run_engine(cfg: LemixConfig, *, progress: Callable[[str, int], Callable[[int
         tick = progress(name, len(tasks)) if progress else None
         t0 = time.perf_counter()
         if virtual:
-            result = VirtualEngine(engine).run(tasks, progress=tick, horizon_s=sim_horizon_s(cfg))
+            result = VirtualEngine(engine, profile).run(tasks, progress=tick, horizon_s=sim_horizon_s(cfg))
         else:
             result = engine.run(tasks, progress=tick, horizon_s=cfg.workload.duration_s * 10 + 60)
         result.wall_s = time.perf_counter() - t0

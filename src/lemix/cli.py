@@ -154,8 +154,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _config(args, RUN_DEFAULTS)
     c, w = cfg.cluster, cfg.workload
-    clock = (f"virtual clock: modeled {cfg.model.profile or 'modeled-' + cfg.model.sim_model} cluster"
-             if c.clock == "virtual" else "wall clock")
+    modeled = f"profile {cfg.model.profile}" if cfg.model.profile else f"modeled {cfg.model.sim_model}"
+    clock = f"virtual clock: {modeled} cluster" if c.clock == "virtual" else "wall clock"
     return _compare(args, "run", cfg, f"model {cfg.model.name}, {c.nodes} nodes x {c.stages} stages on "
                     f"{c.device} ({c.backend} backend, {clock}), {w.arrival} arrivals for {w.duration_s:g} s",
                     run_engine)

@@ -28,7 +28,8 @@ from lemix.engine.backend import EngineError, WorkerLost
 from lemix.engine.messages import GetWeights, SetWeights
 from lemix.engine.runtime import Engine, average_weights
 from lemix.engine.tags import FreeTag, GatherTag, OpTag
-from lemix.sched.latency import LatencyModel
+from lemix.clock import SimClock
+from lemix.sched.latency import LatencyModel, Profile
 from lemix.sim import DEFAULT_NOISE, Simulator
 from lemix.types import Op, OpKind, OpResult, Outputs, RunResult, Task
 
@@ -36,10 +37,14 @@ REPLY_TIMEOUT_S = 900.0   # a worker silent this long is hung: fail the run inst
 
 
 class VirtualEngine:
-    """Executes one policy run of `engine` (built with a SimClock) on the simulator's schedule."""
+    """Executes one policy run of `engine` (built with a SimClock) on the simulator's schedule;
+    `profile` is the truth op durations are drawn from (the one the engine's scheduler got)."""
 
-    def __init__(self, engine: Engine, *, noise: float = DEFAULT_NOISE) -> None:
+    def __init__(self, engine: Engine, profile: Profile, *, noise: float = DEFAULT_NOISE) -> None:
+        if not isinstance(engine.clock, SimClock):
+            raise ValueError("the virtual-clock engine needs an Engine built with clock=SimClock()")
         self.eng = engine
+        self.truth = LatencyModel(profile, calibrate=False)
         self.noise = noise
         self._replies: dict[Any, Any] = {}
         self._compute_s = 0.0
@@ -47,8 +52,7 @@ class VirtualEngine:
     def run(self, tasks: list[Task], *, progress: Callable[[int], None] | None = None,
             horizon_s: float = float("inf")) -> RunResult:
         eng = self.eng
-        truth = LatencyModel(eng.sched.profile, calibrate=False)
-        sim = Simulator(eng.sched, eng.clock, truth, noise=self.noise, seed=eng.params.seed,
+        sim = Simulator(eng.sched, eng.clock, self.truth, noise=self.noise, seed=eng.params.seed,
                         horizon_s=horizon_s, executor=self)
         try:
             sim.run(tasks, progress)
