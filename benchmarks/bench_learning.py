@@ -153,7 +153,7 @@ def plot(per_policy: dict[str, tuple], shifts: list[float], path: Path, title: s
     for label, (t, loss) in per_policy.items():
         ax.plot(t, loss, label=label, linewidth=1.2)
     for i, s in enumerate(shifts):
-        ax.axvline(s, color="grey", linestyle=":", label="topic shift" if i == 0 else None)
+        ax.axvline(s, color="grey", linestyle=":", label="drift shift" if i == 0 else None)
     ax.set_xlabel("request arrival (modeled s)")
     ax.set_ylabel("served inference loss (nats/token, mean of 20 requests)")
     ax.set_title(title)
