@@ -272,14 +272,16 @@ def _bar(enabled: bool, total: int, desc: str):
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from lemix.metrics import sweep_report as rep
-    from lemix.sweep import SweepGrid, capacity, check_target, sweep, sweep_points
+    from lemix.sweep import SweepGrid, capacity, capacity_plan, check_jobs, sweep, sweep_points
 
+    # Phase 1: validate everything (grid, capacity search, jobs) before anything runs.
     cfg = _config(args)
-    if args.target is not None:
-        check_target(args.target)
     grid = SweepGrid.parse(**{axis: getattr(args, axis) for _, axis, _ in _GRID})
     points = sweep_points(cfg, grid)
-    cap_range = _capacity_range(args.capacity_range)
+    check_jobs(args.jobs)
+    lo, hi = _capacity_range(args.capacity_range)
+    plan = (capacity_plan(cfg, grid, target=args.target, lo=lo, hi=hi, tol=args.capacity_tol)
+            if args.target is not None else [])
     run_dir = _run_dir(args, "sweep")
     total = len(points) * len(cfg.policy.names)
     print(f"lemix sweep: {len(points)} points x {len(cfg.policy.names)} policies = {total} runs "
@@ -308,10 +310,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"best training samples/s at SLO attainment >= {100 * target:g}%: {front}")
     text = f"{title}\n\n{table}\n"
     if args.target is not None:
-        n = len(sweep_points(cfg, grid.without("rates", "trace_speedups"))) * len(cfg.policy.names)
-        bar, tick = _bar(not args.no_progress, n, "capacity")
-        caps = capacity(cfg, grid, target=args.target, lo=cap_range[0], hi=cap_range[1],
-                        tol=args.capacity_tol, jobs=args.jobs, on_done=tick)
+        bar, tick = _bar(not args.no_progress, len(plan), "capacity")
+        caps = capacity(cfg, grid, target=args.target, lo=lo, hi=hi, tol=args.capacity_tol,
+                        jobs=args.jobs, on_done=tick)
         if bar is not None:
             bar.close()
         rep.write_rows_csv(run_dir / "capacity.csv", caps)

@@ -36,7 +36,8 @@ from lemix.experiment import simulate
 from lemix.metrics import summarize
 
 __all__ = ["AXES", "SweepGrid", "SweepPoint", "Bound", "sweep_points", "sweep", "capacity",
-           "bisect_capacity", "bisection_evaluations", "check_target"]
+           "bisect_capacity", "bisection_evaluations", "check_target",
+           "capacity_plan", "check_jobs"]
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def _overrides(cfg: LemixConfig, chosen: Sequence[tuple[Axis, Any]]) -> dict[str
     arrival = next((v for a, v in chosen if a.name == "arrivals"), cfg.workload.arrival)
     out: dict[str, Any] = {}
     for axis, value in chosen:
-        if arrival in axis.arrivals:
+        if axis.name == "arrivals" or arrival in axis.arrivals:
             out[axis.field] = value
     if arrival != "trace":
         out["workload.trace"] = None     # else the config would turn the point back into trace replay
@@ -171,7 +172,8 @@ def sweep_points(cfg: LemixConfig, grid: SweepGrid) -> list[SweepPoint]:
         if key in seen:
             continue
         seen.add(key)
-        used.update(a.name for a, _ in combo if a.field in over)
+        arrival = over.get("workload.arrival", cfg.workload.arrival)
+        used.update(a.name for a, _ in combo if a.name == "arrivals" or arrival in a.arrivals)
         try:
             points.append(SweepPoint(len(points), with_overrides(cfg, over)))
         except ConfigError as e:
@@ -237,8 +239,7 @@ def sweep(cfg: LemixConfig, grid: SweepGrid | Sequence[SweepPoint], *, jobs: int
     the point's axis columns, `policy`, `load_per_s`, `offered_tasks_per_s`, then the summary
     fields of `lemix simulate`. `on_row` is called as each run finishes (in finishing order)."""
     points = sweep_points(cfg, grid) if isinstance(grid, SweepGrid) else list(grid)
-    if jobs < 1:
-        raise ConfigError(f"--jobs: must be >= 1, got {jobs}")
+    check_jobs(jobs)
     work = [(_row, (p.index, p.cfg, name)) for p in points for name in cfg.policy.names]
     return _map(work, jobs, on_row)
 
@@ -290,6 +291,11 @@ def bisect_capacity(attainment: Callable[[float], float | None], lo: float, hi: 
     return lo, Bound.FOUND, seen
 
 
+def _lowest_miss(seen: Sequence[tuple[float, float]], target: float) -> float | None:
+    misses = [x for x, a in seen if not a >= target]
+    return min(misses) if misses else None
+
+
 def _capacity_job(cfg: LemixConfig, policy: str, target: float, lo: float, hi: float, tol: float) -> dict:
     axis = LOAD_AXIS[cfg.workload.arrival]
     found: dict[float, dict] = {}
@@ -308,7 +314,13 @@ def _capacity_job(cfg: LemixConfig, policy: str, target: float, lo: float, hi: f
             "capacity_request_rate": None if at is None else at["requests_total"] / dur,
             "slo_at_capacity": None if at is None else at["slo_attainment"],
             "train_samples_per_s_at_capacity": None if at is None else at["train_samples_per_s"],
+            "missed_at": _lowest_miss(seen, target),   # the bracket's upper end: SLO < target there
             "bound": bound.value, "lo": lo, "hi": hi, "tol": tol, "evaluations": len(seen)}
+
+
+def check_jobs(jobs: int) -> None:
+    if jobs < 1:
+        raise ConfigError(f"--jobs: must be >= 1, got {jobs}")
 
 
 def check_target(target: float) -> None:
@@ -325,20 +337,26 @@ def capacity_range(grid: SweepGrid, cfg: LemixConfig, arrival: str) -> tuple[flo
     return min(values) / 4, 2 * max(values)
 
 
+def capacity_plan(cfg: LemixConfig, grid: SweepGrid, *, target: float, lo: float | None = None,
+                  hi: float | None = None, tol: float | None = None) -> list[tuple]:
+    """The bisections `capacity` runs, one (series config, policy, target, lo, hi, tol) per series
+    x policy; validates the target and the ranges, runs nothing."""
+    check_target(target)
+    plan = []
+    for p in sweep_points(cfg, grid.without("rates", "trace_speedups")):
+        d_lo, d_hi = capacity_range(grid, cfg, p.cfg.workload.arrival)
+        s_lo, s_hi = lo if lo is not None else d_lo, hi if hi is not None else d_hi
+        s_tol = tol if tol is not None else 0.01 * s_hi
+        _check_range(s_lo, s_hi, s_tol)
+        plan += [(p.cfg, name, target, s_lo, s_hi, s_tol) for name in cfg.policy.names]
+    return plan
+
+
 def capacity(cfg: LemixConfig, grid: SweepGrid, *, target: float, lo: float | None = None,
              hi: float | None = None, tol: float | None = None, jobs: int = 1,
              on_done: Callable[[dict], None] | None = None) -> list[dict]:
     """Per series (the grid without its load axes) and policy, the highest load with SLO attainment
-    >= target; one dict per series x policy. Range and tol default per arrival process (see
-    capacity_range; tol = 1% of hi). `on_done` is called once per finished bisection."""
-    check_target(target)
-    series = sweep_points(cfg, grid.without("rates", "trace_speedups"))
-    work = []
-    for p in series:
-        a = p.cfg.workload.arrival
-        d_lo, d_hi = capacity_range(grid, cfg, a)
-        s_lo, s_hi = lo if lo is not None else d_lo, hi if hi is not None else d_hi
-        s_tol = tol if tol is not None else 0.01 * s_hi
-        _check_range(s_lo, s_hi, s_tol)
-        work += [(_capacity_job, (p.cfg, name, target, s_lo, s_hi, s_tol)) for name in cfg.policy.names]
-    return _map(work, jobs, on_done)
+    >= target; one dict per series x policy, in series then policy order. Range and tol default per
+    arrival process (see capacity_range; tol = 1% of hi). `on_done` is called per finished search."""
+    plan = capacity_plan(cfg, grid, target=target, lo=lo, hi=hi, tol=tol)
+    return _map([(_capacity_job, args) for args in plan], jobs, on_done)
