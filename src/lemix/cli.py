@@ -290,38 +290,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     rows = sweep(cfg, points, jobs=args.jobs, on_row=tick)
     if bar is not None:
         bar.close()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    grid_yaml = {a: list(v) for a, v in vars(grid).items() if v}
-    import yaml
-    (run_dir / "grid.yaml").write_text(yaml.safe_dump({"grid": grid_yaml, "target": args.target,
-                                                       "argv": sys.argv[1:]}, sort_keys=False))
-    rep.write_rows_csv(run_dir / "sweep.csv", rows)
-    target = args.target if args.target is not None else 0.9
-    title = f"lemix sweep, {cfg.workload.duration_s:g} s per run"
-    rep.plot_vs_load(rows, "slo_attainment", "SLO attainment (%)", run_dir / "slo_vs_load.png",
-                     scale=100.0, title=title, target=target)
-    rep.plot_vs_load(rows, "train_samples_per_s", "training samples/s", run_dir / "train_vs_load.png", title=title)
-    rep.plot_frontier(rows, run_dir / "frontier.png", target=target, title=title)
-    table = rep.format_sweep_table(rows)
-    print(table)
+    # Phase 2: the sweep's files first (kept if the capacity search is interrupted), then capacity.
+    target = args.target if args.target is not None else 0.9   # the frontier plot's target
+    rep.write_sweep_dir(run_dir, rows, config_yaml=cfg.to_yaml(), target=target,
+                        grid={a: list(v) for a, v in vars(grid).items() if v},
+                        title=f"lemix sweep, {cfg.workload.duration_s:g} s per run")
+    print(rep.format_sweep_table(rows))
     best = rep.frontier_best(rows, target)
-    front = ", ".join(f"{p} {'none' if v is None else f'{v:.2f}'}" for p, v in best.items())
-    print(f"best training samples/s at SLO attainment >= {100 * target:g}%: {front}")
-    text = f"{title}\n\n{table}\n"
-    if args.target is not None:
+    print(f"best training samples/s at SLO attainment >= {100 * target:g}%: "
+          + ", ".join(f"{p} {'none' if v is None else f'{v:.2f}'}" for p, v in best.items()))
+    if plan:
         bar, tick = _bar(not args.no_progress, len(plan), "capacity")
         caps = capacity(cfg, grid, target=args.target, lo=lo, hi=hi, tol=args.capacity_tol,
                         jobs=args.jobs, on_done=tick)
         if bar is not None:
             bar.close()
-        rep.write_rows_csv(run_dir / "capacity.csv", caps)
-        cap_table = rep.format_capacity_table(caps)
-        print(cap_table)
-        text += f"\n{cap_table}\n"
-    (run_dir / "sweep.txt").write_text(text)
-    print(f"results in {run_dir}/ (sweep.csv, {'capacity.csv, ' if args.target is not None else ''}"
-          f"config.yaml, grid.yaml, *.png)")
+        rep.write_capacity(run_dir, caps)
+        print(rep.format_capacity_table(caps))
+    print(f"results in {run_dir}/ (sweep.csv, {'capacity.csv, ' if plan else ''}config.yaml, grid.yaml, "
+          f"sweep.txt, *.png)")
     return 0
 
 

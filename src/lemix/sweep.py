@@ -191,11 +191,8 @@ def sweep_points(cfg: LemixConfig, grid: SweepGrid) -> list[SweepPoint]:
 def _single(cfg: LemixConfig, policy: str, load: dict[str, Any] | None = None) -> dict:
     """Simulate one policy on cfg (optionally with its load replaced) and summarize it."""
     one = with_overrides(cfg, {"policy.names": [policy], **(load or {})})
-    (result,) = simulate(one, noise=_NOISE)
+    (result,) = simulate(one)           # op-duration noise as `lemix simulate` runs it
     return summarize(result)
-
-
-_NOISE = 0.05   # the simulator's op-duration noise, as `lemix simulate` runs it
 
 
 def _row(point_index: int, cfg: LemixConfig, policy: str) -> dict:
@@ -224,12 +221,17 @@ def _map(jobs: list[tuple], n_procs: int, on_done: Callable[[dict], None] | None
                 on_done(out[i])
         return out
     # spawn, not fork: the parent may hold threads (a progress bar's monitor, a server)
-    with ProcessPoolExecutor(max_workers=min(n_procs, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
+    ex = ProcessPoolExecutor(max_workers=min(n_procs, len(jobs)), mp_context=mp.get_context("spawn"))
+    try:
         futures = {ex.submit(_run_job, job): i for i, job in enumerate(jobs)}
         for fut in as_completed(futures):
             out[futures[fut]] = fut.result()
             if on_done:
                 on_done(out[futures[fut]])
+    except BaseException:               # a failed run or Ctrl-C: do not run the rest
+        ex.shutdown(wait=True, cancel_futures=True)
+        raise
+    ex.shutdown(wait=True)
     return out
 
 

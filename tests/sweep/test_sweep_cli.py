@@ -26,7 +26,7 @@ def test_sweep_writes_csv_config_plots_and_capacity(tmp_path, capsys):
     cfg = load_config(out / "config.yaml")                # loadable as --config
     assert cfg.cluster.nodes == 2 and cfg.workload.duration_s == 4.0
     grid = yaml.safe_load((out / "grid.yaml").read_text())
-    assert grid["grid"] == {"train_shares": [0.2, 0.5], "rates": [2.0, 4.0, 6.0]}
+    assert grid == {"grid": {"train_shares": [0.2, 0.5], "rates": [2.0, 4.0, 6.0]}, "target": 0.5}
     for png in ("slo_vs_load.png", "train_vs_load.png", "frontier.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG")
     cap = pd.read_csv(out / "capacity.csv")

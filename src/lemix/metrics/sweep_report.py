@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["AXIS_COLUMNS", "write_rows_csv", "format_sweep_table", "format_capacity_table",
+__all__ = ["AXIS_COLUMNS", "write_sweep_dir", "write_capacity", "write_rows_csv", "format_sweep_table", "format_capacity_table",
            "plot_vs_load", "plot_frontier", "frontier_best"]
 
 AXIS_COLUMNS = ("arrival", "mode", "nodes", "stages", "train_share", "burstiness", "rate",
@@ -25,6 +26,33 @@ AXIS_COLUMNS = ("arrival", "mode", "nodes", "stages", "train_share", "burstiness
 _LOAD_COLUMNS = ("rate", "trace_speedup")
 _SHORT = {"arrival": "arr", "mode": "mode", "nodes": "N", "stages": "S", "train_share": "share",
           "burstiness": "cv2", "rate": "rate", "trace_speedup": "speedup", "seed": "seed"}
+
+
+def write_sweep_dir(run_dir: Path, rows: Sequence[dict], *, config_yaml: str, grid: dict,
+                    target: float, title: str = "lemix sweep") -> list[Path]:
+    """Write a sweep's run directory (created if missing): config.yaml (the base config, loadable
+    with --config), grid.yaml (the axes and target), sweep.csv, sweep.txt (the table) and the
+    plots. Returns the written paths."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config_yaml if config_yaml.endswith("\n") else config_yaml + "\n")
+    (run_dir / "grid.yaml").write_text(yaml.safe_dump({"grid": grid, "target": target}, sort_keys=False))
+    (run_dir / "sweep.txt").write_text(f"{title}\n\n{format_sweep_table(rows)}\n")
+    written = [run_dir / "config.yaml", run_dir / "grid.yaml", run_dir / "sweep.txt",
+               write_rows_csv(run_dir / "sweep.csv", rows)]
+    made = [plot_vs_load(rows, "slo_attainment", "SLO attainment (%)", run_dir / "slo_vs_load.png",
+                         scale=100.0, title=title, target=target),
+            plot_vs_load(rows, "train_samples_per_s", "training samples/s", run_dir / "train_vs_load.png",
+                         title=title),
+            plot_frontier(rows, run_dir / "frontier.png", target=target, title=title)]
+    return written + [p for p in made if p is not None]
+
+
+def write_capacity(run_dir: Path, capacity_rows: Sequence[dict]) -> Path:
+    """capacity.csv beside sweep.csv; its table is appended to sweep.txt."""
+    with (Path(run_dir) / "sweep.txt").open("a") as f:
+        f.write(f"\n{format_capacity_table(capacity_rows)}\n")
+    return write_rows_csv(Path(run_dir) / "capacity.csv", capacity_rows)
 
 
 def write_rows_csv(path: Path, rows: Sequence[dict]) -> Path:
