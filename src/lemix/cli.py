@@ -353,15 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(p, _COMMON + _SIM, _FLAGS)
     for flag, axis, desc in _GRID:
         p.add_argument(flag, dest=axis, default=None, metavar="LIST", help=f"comma list: {desc}")
-    p.add_argument("--target", type=float, default=None,
+    p.add_argument("--target", type=float, default=None, metavar="FLOAT",
                    help="SLO attainment target in (0, 1]: find each policy's capacity by bisection "
                         "(the frontier plot uses it too; default 0.9 there)")
     p.add_argument("--capacity-range", default=None, metavar="LO,HI",
                    help="bisection range of the load axis (rate, or trace speedup for traces); "
                         "default: [min/4, 2 x max] of the grid's values")
-    p.add_argument("--capacity-tol", type=float, default=None,
+    p.add_argument("--capacity-tol", type=float, default=None, metavar="FLOAT",
                    help="stop bisecting when the range is this narrow (default: 1%% of HI)")
-    p.add_argument("--jobs", type=int, default=1, help="worker processes (results are identical for any)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="worker processes (results are identical for any)")
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("run", help="run policies on real model stages (serving + training)",
                        description="Run every chosen policy on real model stages (the built-in tiny "

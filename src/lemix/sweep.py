@@ -17,8 +17,9 @@ Load (`load_per_s`, the x axis of the plots): the configured task rate for Poiss
 the offered tasks per second (tasks / duration) for trace replay.
 
 Capacity (Vidur-Search's question): per series (a point without its load axis) and policy, the
-highest load at which SLO attainment stays >= target, by bisection over the request rate (the
-trace speedup for traces) in [lo, hi] down to `tol`. SLO attainment is not strictly monotone in
+highest load at which SLO attainment stays >= target, by bisection over the task arrival rate
+(`workload.rate`, of which 1 - train share are requests; the trace speedup for traces) in
+[lo, hi] down to `tol`. SLO attainment is not strictly monotone in
 load (finite samples, noise), so the answer is one crossing of the target, bracketed within tol.
 """
 from __future__ import annotations
@@ -35,9 +36,9 @@ from lemix.config import ConfigError, LemixConfig, with_overrides
 from lemix.experiment import simulate
 from lemix.metrics import summarize
 
-__all__ = ["AXES", "SweepGrid", "SweepPoint", "Bound", "sweep_points", "sweep", "capacity",
-           "bisect_capacity", "bisection_evaluations", "check_target",
-           "capacity_plan", "check_jobs"]
+__all__ = ["AXES", "SweepGrid", "SweepPoint", "Bound", "sweep_points", "point_columns", "sweep",
+           "capacity", "capacity_plan", "capacity_range", "bisect_capacity", "bisection_evaluations",
+           "check_jobs", "check_target"]
 
 
 @dataclass(frozen=True)

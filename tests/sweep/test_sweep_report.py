@@ -63,3 +63,14 @@ def test_plots(tmp_path):
     assert plot_vs_load([], "slo_attainment", "", tmp_path / "none.png") is None
     assert plot_frontier([dict(r, slo_attainment=None) for r in ROWS], tmp_path / "n.png", target=0.9) is None
     assert not (tmp_path / "none.png").exists() and not (tmp_path / "n.png").exists()
+
+
+def test_sweep_imports_no_torch_pandas_or_pyplot_and_metrics_stays_below_it():
+    import subprocess
+    import sys
+
+    code = ("import sys, lemix.metrics.sweep_report; assert 'lemix.sweep' not in sys.modules; "
+            "import lemix.sweep; "
+            "bad = [m for m in ('torch', 'pandas', 'matplotlib.pyplot') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
