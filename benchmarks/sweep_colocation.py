@@ -101,7 +101,7 @@ def main() -> int:
     for r in rows:
         by_point.setdefault(r["point"], {})[r["policy"]] = r
     head = (f"{'segment':<9} {'point':<31} {'seed':>4} | {'lemix':>6} {'sep':>6} {'sepdyn':>6} {'naive':>6} | "
-            f"{'dSLO pt':>7} {'tput x':>6} {'lem/s':>6} {'sep/s':>6} | flags")
+            f"{'dSLO pt':>7} {'tput x':>7} {'lem/s':>6} {'sep/s':>6} | flags")
     print(head)
     print("-" * len(head))
     bad = 0
@@ -111,7 +111,7 @@ def main() -> int:
         bad += bool(v["flags"])
         desc = " ".join(f"{k}={lem[k]:g}" for k in DESC[seg])
         slo = " ".join(f"{100 * (pols[p]['slo_attainment'] or 0):6.1f}" for p in POLICIES.split(","))
-        print(f"{seg:<9} {desc:<31} {lem['seed']:>4} | {slo} | {v['d_slo_points']:+7.1f} {v['tput_ratio']:6.3f} "
+        print(f"{seg:<9} {desc:<31} {lem['seed']:>4} | {slo} | {v['d_slo_points']:+7.1f} {v['tput_ratio']:7.4f} "
               f"{lem['total_task_throughput']:6.1f} {pols['separate']['total_task_throughput']:6.1f} | "
               f"{' '.join(v['flags']) or 'ok'}")
     print(f"{bad} of {len(by_point)} points break issue 10's criteria "
