@@ -227,3 +227,17 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         return LemixConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_error(e)) from None
+
+
+def with_overrides(cfg: LemixConfig, overrides: dict[str, Any]) -> LemixConfig:
+    """A validated copy of `cfg` with dotted fields replaced (`{"workload.rate": 32}`).
+
+    Unlike load_config's overrides, a None value here clears the field (e.g. `workload.trace`).
+    """
+    tree = cfg.model_dump(mode="json")
+    for key, value in overrides.items():
+        _set_dotted(tree, key, value)
+    try:
+        return LemixConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
