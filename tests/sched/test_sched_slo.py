@@ -8,7 +8,7 @@ import pytest
 from sched_factory import MS, infer, make_params, make_scheduler, simulate, train
 
 from lemix.sched.order import FirstReady, InferenceFirst
-from lemix.sched.registry import make_policy
+from lemix.sched.policies import make_policy
 from lemix.sched.weights import LocalWeights, MergeEvery, SyncServersEvery
 from lemix.types import RequestRecord
 
