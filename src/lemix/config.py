@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lemix.sched.params import SchedParams
 from lemix.sched.policies import policy_names
 
+_SP = SchedParams()   # the scheduler's defaults: the policy and SLO fields below take theirs
+
 
 # Defaults of `lemix run` where they differ from `lemix simulate`: a real tiny model on a
 # 2-core CPU, so fewer workers, short sequences and a short run (under 3 minutes for 3 policies).
@@ -48,6 +50,10 @@ class ClusterConfig(_Strict):
     network_bandwidth_gbps: float = Field(10.0, gt=0, description="node<->node bandwidth for weight sync (GB/s)")
     device: str = Field("cpu", description="real engine: 'cpu', 'cuda' (one cuda:i per stage) or a comma list")
     backend: Literal["local", "ray"] = "local"
+    clock: Literal["wall", "virtual"] = Field("wall", description="real engine: 'wall' runs ops in real time "
+                                              "(profile measured here); 'virtual' times them on the modeled "
+                                              "cluster (the simulator's profile, loop and noise) while "
+                                              "computing them for real: reproducible on any machine")
     ray_address: str | None = None
 
 
@@ -105,6 +111,8 @@ class WorkloadConfig(_Strict):
     max_prompt_tokens: int = Field(4096, ge=2)
     max_output_tokens: int = Field(512, ge=1)
     mode: Literal["prefill", "generate"] = "prefill"
+    ignore_eos: bool = Field(False, description="real engine: generate every request's output_tokens "
+                             "even past an EOS token")
     dataset: str | None = Field(None, description="real engine: JSONL of {text} or {prompt, completion}")
     drift_groups: int = Field(4, ge=1)
     priority_share: float = Field(0.0, ge=0, le=1)
@@ -128,26 +136,27 @@ class WorkloadConfig(_Strict):
 
 
 class PolicyConfig(_Strict):
-    names: list[str] = Field(default_factory=lambda: ["lemix"])
-    lambda1: float = Field(2.0, ge=0, description="weight of response time R/SLO in lemix's score")
-    lambda2: float = Field(0.5, ge=0, description="weight of length consistency in lemix's score")
-    tau: float = Field(0.5, ge=0, description="idleness tolerance (in units of the task's own fill bubble) "
+    # defaults are SchedParams' (the scheduler's own), so the two cannot disagree
+    names: list[str] = Field(default_factory=lambda: [_SP.policy])
+    lambda1: float = Field(_SP.lambda1, ge=0, description="weight of response time R/SLO in lemix's score")
+    lambda2: float = Field(_SP.lambda2, ge=0, description="weight of length consistency in lemix's score")
+    tau: float = Field(_SP.tau, ge=0, description="idleness tolerance (in units of the task's own fill bubble) "
                                               "treated as a tie")
-    tau_r: float = Field(1.0, gt=0, description="defer training when predicted response > tau_r x SLO")
-    t_max_s: float = Field(0.05, ge=0, description="memory gate: wait this long before offloading")
-    kappa: float = Field(0.95, gt=0, le=1, description="memory gate threshold as a fraction of capacity")
-    min_train_share: float = Field(0.1, ge=0, le=1, description="starvation bound for deferred training")
-    max_defer_s: float = Field(30.0, gt=0, description="a deferred training task is placed after this long")
-    max_batch: int = Field(8, ge=1, description="C: max sequences in an inference batch")
-    max_wait_s: float = Field(0.0, ge=0, description="T_w: max time a request waits to fill a batch")
-    pipeline: Literal["apipe", "gpipe", "1f1b"] = "apipe"
-    microbatches: int = Field(4, ge=1, description="M: micro-batches per S-PP round")
-    sync_every: int = Field(8, ge=1, description="K: training steps between weight syncs (separate)")
-    average_every: int = Field(0, ge=0, description="co-located: average weights across training "
+    tau_r: float = Field(_SP.tau_r, gt=0, description="defer training when predicted response > tau_r x SLO")
+    t_max_s: float = Field(_SP.t_max_s, ge=0, description="memory gate: wait this long before offloading")
+    kappa: float = Field(_SP.kappa, gt=0, le=1, description="memory gate threshold as a fraction of capacity")
+    min_train_share: float = Field(_SP.min_train_share, ge=0, le=1, description="starvation bound for deferred training")
+    max_defer_s: float = Field(_SP.max_defer_s, gt=0, description="a deferred training task is placed after this long")
+    max_batch: int = Field(_SP.max_batch, ge=1, description="C: max sequences in an inference batch")
+    max_wait_s: float = Field(_SP.max_wait_s, ge=0, description="T_w: max time a request waits to fill a batch")
+    pipeline: Literal["apipe", "gpipe", "1f1b"] = _SP.pipeline
+    microbatches: int = Field(_SP.microbatches, ge=1, description="M: micro-batches per S-PP round")
+    sync_every: int = Field(_SP.sync_every, ge=1, description="K: training steps between weight syncs (separate)")
+    average_every: int = Field(_SP.average_every, ge=0, description="co-located: average weights across training "
                                "nodes every K of a node's steps (0 = never)")
-    no_profile: bool = False
-    no_prioritization: bool = False
-    no_memory_check: bool = False
+    no_profile: bool = _SP.no_profile
+    no_prioritization: bool = _SP.no_prioritization
+    no_memory_check: bool = _SP.no_memory_check
 
     @field_validator("names", mode="before")
     @classmethod
@@ -168,8 +177,9 @@ class PolicyConfig(_Strict):
 
 
 class SLOConfig(_Strict):
-    scale: float = Field(5.0, gt=0, description="SLO = scale x the request's unloaded latency")
-    ttft_s: float | None = Field(None, gt=0, description="absolute TTFT SLO (generate mode)")
+    scale: float = Field(_SP.slo_scale, gt=0, description="SLO = scale x the request's unloaded latency")
+    ttft_s: float | None = Field(None, gt=0, description="absolute TTFT SLO (generate mode): a request meets "
+                                  "its SLO only if its TTFT is within it too")
     e2e_s: float | None = Field(None, gt=0, description="absolute end-to-end SLO")
 
 
@@ -251,6 +261,20 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(tree, key, value)
+    try:
+        return LemixConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+def with_overrides(cfg: LemixConfig, overrides: dict[str, Any]) -> LemixConfig:
+    """A validated copy of `cfg` with dotted fields replaced (`{"workload.rate": 32}`).
+
+    Unlike load_config's overrides, a None value here clears the field (e.g. `workload.trace`).
+    """
+    tree = cfg.model_dump(mode="json")
+    for key, value in overrides.items():
+        _set_dotted(tree, key, value)
     try:
         return LemixConfig.model_validate(tree)
     except ValidationError as e:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from lemix.clock import WallClock
+from lemix.clock import Clock, WallClock
 from lemix.engine.backend import Backend, EngineError, WorkerLost
 from lemix.engine.data import TaskTexts, TaskTokens
 from lemix.engine.messages import (Backward, Decode, Forward, Free, GetWeights, Offload, Reload,
@@ -59,6 +59,12 @@ class _Flight:
     start_s: float
 
 
+def average_weights(copies: list[tuple[float, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """The weighted average of state dicts (weights need not sum to 1), summed in list order."""
+    total = sum(w for w, _ in copies)
+    return {k: sum(w * sd[k] for w, sd in copies) / total for k in copies[0][1]}
+
+
 class Engine:
     """One policy run on real model stages (build a fresh Engine per run). A worker that dies
     takes its node out until it is restarted (its Recovery, lemix.engine.recovery)."""
@@ -67,12 +73,13 @@ class Engine:
                  texts: TaskTexts, backend: Backend, *, devices: list[str], lr: float = 3e-4,
                  weight_decay: float = 0.0, memory_budget_bytes: int | None = None, strict: bool = True,
                  sampling: Callable[[Task], SamplingParams | None] | None = None,
-                 listener: Listener | None = None) -> None:
+                 listener: Listener | None = None, clock: Clock | None = None,
+                 ignore_eos: bool = False) -> None:
         self.params = params
         # workers first: starting them (Ray actors take seconds) must not count as run time
         nodes = [split_stages(hf_model, params.stages) for _ in range(params.nodes)]
         backend.start(nodes, devices, lr=lr, weight_decay=weight_decay, memory_budget_bytes=memory_budget_bytes)
-        self.clock = WallClock()
+        self.clock = clock or WallClock()   # the virtual-clock engine passes the simulator's SimClock
         try:
             self.sched = Scheduler(params, profile, self.clock, timer=time.perf_counter)
         except Exception:
@@ -82,6 +89,7 @@ class Engine:
         self.texts = texts
         self.backend = backend
         self.strict = strict
+        self.ignore_eos = ignore_eos
         self._sampling_fn = sampling or (lambda task: None)
         self.loss_scale = 1.0 / max(1, params.microbatches)
         self._tasks: dict[int, Task] = {}
@@ -158,9 +166,28 @@ class Engine:
         return self.sched.snapshot()
 
     def _arrive(self, task: Task) -> None:
-        self.texts.tokens(task)  # tokenize before the task competes for devices
-        self._tasks[task.task_id] = task
+        self.admit(task)
         self._take(self.sched.on_arrival(task))
+
+    # what another driver of the same scheduler (lemix.engine.virtual) uses
+    def admit(self, task: Task) -> None:
+        """Get `task` ready to run: its tokens, before it competes for devices."""
+        self.texts.tokens(task)
+        self._tasks[task.task_id] = task
+
+    def command(self, op: Op) -> Any:
+        """The worker command of a (non-SYNC) op."""
+        return self._command(op)
+
+    def absorb(self, op: Op, res: Any, end: float) -> tuple[int, ...]:
+        """Keep what the next stage needs from an op's reply; the sequences that stopped."""
+        return self._absorb(op, res, end)
+
+    def take(self, out: Outputs | None) -> None:
+        self._take(out)
+
+    def result(self) -> RunResult:
+        return self._result()
 
     def _plan(self) -> float | None:
         plan = self.sched.plan()
@@ -208,9 +235,7 @@ class Engine:
             return
         del self._gather[op_id]
         op = self._flights[op_id].op
-        total = sum(w for w, _ in got)
-        avg = {k: sum(w * sd[k] for w, sd in got) / total for k in got[0][1]}
-        self.backend.submit(op.node, op.stage, SetWeights(avg), OpTag(op.op_id))
+        self.backend.submit(op.node, op.stage, SetWeights(average_weights(got)), OpTag(op.op_id))
 
     def _command(self, op: Op) -> Any:
         last = op.stage == self.params.stages - 1
@@ -357,7 +382,7 @@ class Engine:
         stopped = []
         for tid, tok in zip(task_ids, tokens):
             self.generated[tid].append(tok)
-            stop = tok == self.tok.eos_id
+            stop = tok == self.tok.eos_id and not self.ignore_eos
             if self.listener is not None and not stop and self._first_time_streamed(tid):
                 stop = bool(self.listener.on_token(tid, tok))
             if stop:

@@ -116,10 +116,12 @@ def plot_gantt(result: RunResult, path: Path, seconds: float = 5.0, title: str =
 
 def plot_inference_loss(results: Sequence[RunResult], path: Path, window: int = 50,
                         title: str = "", labels: Sequence[str] | None = None) -> Path | None:
-    """Rolling mean (over `window` requests, by finish time) of per-request inference loss."""
+    """Rolling mean (over `window` requests, by finish time) of per-request inference loss; dotted
+    lines where the workload's text distribution shifts (RunResult.extras["drift_shifts_s"])."""
     fig = _figure(8.0, 4.5)
     ax = fig.subplots()
     plotted = False
+    shifts: set[float] = set()
     for res, label in zip(results, _labels(results, labels)):
         pts = sorted((r.finish_s, r.inference_loss) for r in res.requests
                      if r.finish_s is not None and r.inference_loss is not None
@@ -129,9 +131,12 @@ def plot_inference_loss(results: Sequence[RunResult], path: Path, window: int = 
         t, loss = np.array(pts).T
         t0 = min([r.arrival_s for r in res.requests] + [x.arrival_s for x in res.train_tasks])
         ax.plot(t - t0, _rolling_mean(loss, window), label=label)
+        shifts.update(s - t0 for s in res.extras.get("drift_shifts_s") or ())
         plotted = True
     if not plotted:
         return None
+    for i, s in enumerate(sorted(shifts)):   # where the text distribution shifts
+        ax.axvline(s, color="grey", linestyle=":", linewidth=1, label="drift shift" if i == 0 else None)
     ax.set_xlabel("request finish time since first arrival (s)")
     ax.set_ylabel(f"inference loss (nats/token, rolling mean of {window})")
     ax.set_title(title or "Inference loss over time")
