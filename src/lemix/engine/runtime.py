@@ -52,6 +52,7 @@ class Listener(Protocol):
 
 
 _SUBMIT = ("submit",)
+RECORD_WINDOW_S = 120.0   # keep_records=False: how far back op records are kept (idle ratios, step spans)
 
 
 @dataclass
@@ -68,8 +69,13 @@ class Engine(EngineRecovery):
                  texts: TaskTexts, backend: Backend, *, devices: list[str], lr: float = 3e-4,
                  weight_decay: float = 0.0, memory_budget_bytes: int | None = None, strict: bool = True,
                  sampling: Callable[[Task], SamplingParams | None] | None = None,
-                 listener: Listener | None = None) -> None:
+                 listener: Listener | None = None, keep_records: bool = True) -> None:
+        """keep_records=False (a server with a listener): once a record was handed to the
+        listener it is dropped, with every per-task entry of the engine and scheduler; the
+        run's RunResult then holds only ops of the last RECORD_WINDOW_S and no request,
+        training-task or step records."""
         self.params = params
+        self.keep_records = keep_records
         # workers first: starting them (Ray actors take seconds) must not count as run time
         nodes = [split_stages(hf_model, params.stages) for _ in range(params.nodes)]
         backend.start(nodes, devices, lr=lr, weight_decay=weight_decay, memory_budget_bytes=memory_budget_bytes)
@@ -361,10 +367,32 @@ class Engine(EngineRecovery):
             self.listener.on_finish(replace(rec, inference_loss=self.inference_loss.get(rec.task_id)))
         for rec in new_train:
             self.listener.on_finish(rec)
+        applied: list[int] = []
         for step in new_steps:
             ids = tuple(self._unapplied.pop(step.node, []))
             if ids:
                 self.listener.on_applied(ids, step.node, step.step)
+                applied.extend(ids)
+        if not self.keep_records:
+            self._forget([r.task_id for r in new_reqs] + applied)
+
+    def _forget(self, task_ids: list[int]) -> None:
+        """keep_records=False: drop the records just handed to the listener and what the engine
+        and scheduler kept for those tasks; keep ops (and losses) of the last RECORD_WINDOW_S."""
+        res = self.sched.result
+        for records in (res.requests, res.train_tasks, res.train_steps, res.events):
+            records.clear()
+        self._seen.update(requests=0, train_tasks=0, train_steps=0, events=0)
+        del res.decision_us[:-4096]
+        horizon = self.clock.now() - RECORD_WINDOW_S
+        if res.ops and res.ops[0].end_s < horizon - RECORD_WINDOW_S:   # trim now and then, not per op
+            res.ops[:] = [o for o in res.ops if o.end_s >= horizon]
+            self._train_losses[:] = [x for x in self._train_losses if x[1] >= horizon]
+        for tid in task_ids:
+            for store in (self._tasks, self.inference_loss, self.generated, self._sampling, self._streamed):
+                store.pop(tid, None)
+            self._stop_requested.discard(tid)
+        self.sched.forget(task_ids)
 
     def _op_error(self, op: Op, exc: Exception, start: float | None = None, end: float | None = None) -> None:
         if self.strict:

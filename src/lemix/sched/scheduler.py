@@ -177,6 +177,18 @@ class Scheduler(Dispatcher):
                         and not any(d.grads_pending or d.sync_pending != SYNC_NONE for d in n.devices)
                         for n in self.nodes))
 
+    def forget(self, task_ids) -> None:
+        """The driver has consumed these resolved tasks' records (a long-running server that
+        keeps no history): drop every per-task entry, so memory stays flat with uptime. A task
+        still needed (unresolved, or trained but not yet stepped) must not be passed."""
+        for tid in task_ids:
+            self._tasks.pop(tid, None)
+            self._resolved.discard(tid)
+            self._slo.pop(tid, None)
+            self._node_of.pop(tid, None)
+            self._served.pop(tid, None)
+            self._deferred_s.pop(tid, None)
+
     def finalize(self) -> RunResult:
         """Count every task that never finished as failed ("unfinished"); return the result."""
         for tid, task in self._tasks.items():

@@ -2,7 +2,13 @@
 
     HTTP handlers ──submit_infer/accept_samples──► Engine.submit (thread-safe)
     engine thread ──Listener: on_token/on_finish/on_applied/on_train_loss──► streams, journal,
-                                                                             metrics, checkpoints
+                                                                             metrics, records, checkpoints
+
+Life cycle (`phase`):  starting ──► ready ──► draining ──► closed     (starting ──► failed)
+The constructor does the quick, checkable part (state dir, journal, checkpoints, model); `start()`
+finds or measures the profile and builds the engine on a thread, while the HTTP server already
+answers `/health` with 503 "starting". Problems met while serving (a full disk) are kept in
+`problems` and shown by `/health` until the operation succeeds again.
 
 Weight versions are global across restarts: a node restored from checkpoint version V reports
 V + the steps its scheduler took since (`base`).
@@ -23,19 +29,19 @@ from lemix.engine.data import TaskTexts, TaskTokens
 from lemix.engine.messages import SamplingParams
 from lemix.serve import checkpoint as ckpt
 from lemix.serve.feed import FeedSample, TrainFeed
-from lemix.serve.journal import Journal
+from lemix.serve.journal import JournalStorageError
 from lemix.serve.metrics import ServeMetrics
 from lemix.serve.options import ServeOptions
 from lemix.serve.protocol import APIError
+from lemix.serve.records import RecordLog
+from lemix.serve.state import ServeError, cached_profile, choose_checkpoints, open_journal, store_profile
 from lemix.serve.stream import Stream
 from lemix.serve.text import Detokenizer, sample_tokens
 from lemix.types import RequestRecord, Task, TaskKind, TrainTaskRecord
 
 log = logging.getLogger("lemix.serve")
 
-
-class ServeError(ValueError):
-    """A server that cannot start as asked (the message says why)."""
+__all__ = ["EngineHost", "ServeError"]
 
 
 class _NoText:
@@ -78,46 +84,35 @@ class _HeldBackend:
 class EngineHost:
     def __init__(self, cfg: LemixConfig, opts: ServeOptions, *, hf_model=None, tokenizer=None,
                  profile=None) -> None:
+        """profile: a Profile, or a callable(progress) -> Profile (default: --profile, else the
+        cached one for this model/device/stages, else measure and cache one)."""
         if len(cfg.policy.names) != 1:
             raise ServeError(f"lemix serve runs one policy, got {', '.join(cfg.policy.names)}")
         self.cfg, self.opts = cfg, opts
         self.model_name = opts.served_model_name or cfg.model.name
         self.state_dir = Path(opts.state_dir)
-        self.journal = Journal(self.state_dir / "journal.sqlite")
+        self.nodes, self.stages = cfg.cluster.nodes, cfg.cluster.stages
+        self.phase = "starting"
+        self.progress: tuple[int, int] | None = None     # profiling points (done, total)
+        self.problems: dict[str, str] = {}               # what /health reports as degraded
+        self.failure: BaseException | None = None        # the engine loop died, or start-up failed
+        self.close_error: str | None = None              # why shutdown did not end cleanly
+        self.on_fatal = None                             # set by run_server: stop the HTTP server
+        self.engine = self.feed = self.writer = self.backend = None
+        self.journal = open_journal(self.state_dir, opts.resume)
         try:
-            self._build(hf_model, tokenizer, profile)
+            self._restore_from = (choose_checkpoints(self.journal, self.nodes, self.stages, cfg.model.name)
+                                  if opts.resume else {})
+            if hf_model is None:
+                from lemix.engine.api import load_model
+                hf_model, tokenizer, _ = load_model(cfg.model.name, seed=cfg.seed)
         except BaseException:
-            if hasattr(self, "writer"):
-                self.writer.close()
-            if hasattr(self, "backend"):
-                self.backend.release()
             self.journal.close()
             raise
-
-    def _build(self, hf_model, tokenizer, profile) -> None:
-        from lemix.engine.api import load_model, stage_devices
-        from lemix.engine.backend import make_backend
-        from lemix.engine.runtime import Engine
         from lemix.engine.stage import arch_config
-
-        cfg, opts = self.cfg, self.opts
-        if not opts.resume and not self.journal.is_empty():
-            raise ServeError(f"{self.state_dir} already holds a training journal; pass --resume to "
-                             "continue from it, or choose an empty --state-dir")
-        if hf_model is None:
-            hf_model, tokenizer, _ = load_model(cfg.model.name, seed=cfg.seed)
-        self.tok = tokenizer
+        self._hf_model, self.tok = hf_model, tokenizer
+        self._profile_source = profile
         self.context_tokens = arch_config(hf_model).max_positions
-        profile = profile or self._profile(hf_model)
-        self.nodes, self.stages = cfg.cluster.nodes, cfg.cluster.stages
-        params = replace(cfg.sched_params(cfg.policy.names[0]), generate=True)
-        self.backend = _HeldBackend(make_backend(cfg.cluster.backend, **(
-            {"address": cfg.cluster.ray_address} if cfg.cluster.backend == "ray" else {})))
-        self.engine = Engine(params, profile, hf_model, tokenizer, TaskTexts(tokenizer, _NoText()),
-                             self.backend, devices=stage_devices(cfg), lr=cfg.model.lr,
-                             weight_decay=cfg.model.weight_decay,
-                             memory_budget_bytes=int(cfg.cluster.device_memory_gb * 1e9),
-                             strict=False, listener=self)
         self.base = [0] * self.nodes
         self.version = [0] * self.nodes
         self._lock = threading.Lock()
@@ -125,48 +120,106 @@ class EngineHost:
         self._next_id = 0
         self._steps_since_ckpt = [0] * self.nodes
         self._ckpt_due = [False] * self.nodes
-        self._ckpt_version = [0] * self.nodes          # version of the last checkpoint taken
-        self.writer = ckpt.CheckpointWriter(self.journal, self.state_dir / "checkpoints",
-                                            cfg.model.name, on_written=self._written)
+        self._ckpt_version = [0] * self.nodes          # version of the last checkpoint taken (-1: it failed)
+        self._unjournaled: list[list[tuple[list[int], int]]] = [[] for _ in range(self.nodes)]
         self.train_losses: deque[tuple[float, int, float]] = deque(maxlen=256)   # (unix time, node, loss)
         self._rng = np.random.default_rng(cfg.seed)   # sampling seeds of requests that give none
-        self.failure: BaseException | None = None
         self.accepting = True
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._starter: threading.Thread | None = None
+        self.records = RecordLog(self.state_dir, on_error=lambda why: self._problem("records", why))
         self.metrics = ServeMetrics(self)
+
+    def _problem(self, kind: str, why: str | None) -> None:
+        if why is None:
+            self.problems.pop(kind, None)
+        else:
+            self.problems[kind] = why
+
+    # ------------------------------------------------------------------ start-up
+    def start(self) -> None:
+        """Build the engine on a thread (profiling may take minutes) and start serving."""
+        self._starter = threading.Thread(target=self._start_up, name="lemix-startup", daemon=True)
+        self._starter.start()
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        if self._starter is not None:
+            self._starter.join(timeout_s)
+
+    def _start_up(self) -> None:
+        try:
+            self._build(self._profile())
+            self._thread = threading.Thread(target=self._run_engine, name="lemix-engine", daemon=True)
+            self._thread.start()
+            self.feed.start()
+            self.phase = "ready"
+            log.info("ready: serving %s on %d node(s) x %d stage(s)", self.model_name, self.nodes, self.stages)
+        except BaseException as exc:   # start-up failed: say why, stop the HTTP server
+            self.failure = exc
+            self.phase = "failed"
+            log.error("lemix serve could not start: %s", exc, exc_info=not isinstance(exc, ValueError))
+            if self.on_fatal is not None:
+                self.on_fatal()
+
+    def _profile(self):
+        from lemix.engine.api import engine_profile
+        from lemix.profiling.measure import grid_size
+
+        src = self._profile_source
+        if src is not None and not callable(src):
+            return src
+        if src is None and self.cfg.model.profile:
+            return engine_profile(self.cfg, self._hf_model)
+        if src is None:
+            cached = cached_profile(self.opts.profile_cache_dir, self.cfg)
+            if cached is not None:
+                return cached
+        total = grid_size(quick=True, num_stages=self.stages)
+        self.progress = (0, total)
+        bar = _progress_bar(total)
+        log.info("measuring a quick profile of %s on %s (%d stages); /health says 'starting' until it is done",
+                 self.cfg.model.name, self.cfg.cluster.device, self.stages)
+
+        def tick(n: int = 1) -> None:
+            self.progress = (self.progress[0] + n, total)
+            if bar is not None:
+                bar.update(n)
+        try:
+            profile = src(tick) if src is not None else engine_profile(self.cfg, self._hf_model, progress=tick)
+        finally:
+            if bar is not None:
+                bar.close()
+        if src is None:
+            store_profile(self.opts.profile_cache_dir, self.cfg, profile)
+        return profile
+
+    def _build(self, profile) -> None:
+        from lemix.engine.api import stage_devices
+        from lemix.engine.backend import make_backend
+        from lemix.engine.runtime import Engine
+
+        cfg, opts = self.cfg, self.opts
+        params = replace(cfg.sched_params(cfg.policy.names[0]), generate=True)
+        self.backend = _HeldBackend(make_backend(cfg.cluster.backend, **(
+            {"address": cfg.cluster.ray_address} if cfg.cluster.backend == "ray" else {})))
+        self.engine = Engine(params, profile, self._hf_model, self.tok, TaskTexts(self.tok, _NoText()),
+                             self.backend, devices=stage_devices(cfg), lr=cfg.model.lr,
+                             weight_decay=cfg.model.weight_decay,
+                             memory_budget_bytes=int(cfg.cluster.device_memory_gb * 1e9),
+                             strict=False, listener=self, keep_records=False)
+        self.writer = ckpt.CheckpointWriter(self.journal, self.state_dir / "checkpoints", cfg.model.name,
+                                            on_written=self._written, on_failed=self._write_failed)
         self.feed = TrainFeed(self._submit_train, batch_size=cfg.workload.train_batch_size,
                               wait_s=opts.train_batch_wait_s, now=self.engine.clock.now)
         if opts.resume:
             self._restore()
 
-    # ------------------------------------------------------------------ start / stop
-    def _profile(self, hf_model):
-        """--profile FILE, else the one measured earlier for this state dir, else measure now."""
-        from lemix.engine.api import engine_profile
-        from lemix.profiling import load_profile, save_profile
-
-        if self.cfg.model.profile:
-            return engine_profile(self.cfg, hf_model)
-        cached = self.state_dir / "profile.json"
-        if cached.is_file():
-            try:
-                return load_profile(cached, stages=self.cfg.cluster.stages, model=self.cfg.model.name,
-                                    device=self.cfg.cluster.device,
-                                    capacity_bytes=int(self.cfg.cluster.device_memory_gb * 1e9))
-            except ValueError as exc:
-                log.warning("not reusing %s (%s); measuring again", cached, exc)
-        log.info("measuring a quick profile of %s (saved to %s)", self.cfg.model.name, cached)
-        profile = engine_profile(self.cfg, hf_model)
-        save_profile(profile, cached)
-        return profile
-
     def _restore(self) -> None:
-        """Latest checkpoint of every node (weights + optimizer); roll back applications no
+        """The chosen checkpoint of every node (weights + optimizer); roll back applications no
         checkpoint holds; queue every unapplied sample again."""
-        latest = self.journal.latest_checkpoints()
         for n in range(self.nodes):
-            version, path = latest.get(n, (0, None))
+            version, path = self._restore_from.get(n, (0, None))
             if path is not None:
                 version = ckpt.load_node(self.backend, path, n, self.stages, self.cfg.model.name)
                 log.info("node %d restored from %s (weight version %d)", n, path, version)
@@ -182,14 +235,9 @@ class EngineHost:
         if queued:
             log.info("resuming %d unapplied training samples", len(queued))
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run_engine, name="lemix-engine", daemon=True)
-        self._thread.start()
-        self.feed.start()
-
     def _run_engine(self) -> None:
         try:
-            self.result = self.engine.serve(self._stop, drain=False)
+            self.engine.serve(self._stop, drain=True)
         except BaseException as exc:   # the engine died: fail what waits, answer 503 from now on
             log.exception("the engine loop failed")
             self.failure = exc
@@ -199,31 +247,92 @@ class EngineHost:
                 s.fail(f"the engine failed: {exc!r}")
 
     @property
+    def ready(self) -> bool:
+        return self.phase == "ready" and self.failure is None
+
+    @property
     def alive(self) -> bool:
         return self.failure is None and self._thread is not None and self._thread.is_alive()
 
-    def close(self) -> None:
-        """Stop accepting; let in-flight requests and submitted training finish (up to
-        drain_timeout_s); stop the engine; checkpoint every quiescent node; release workers."""
+    def health(self) -> tuple[int, dict]:
+        """(HTTP status, body) of /health: 200 only when ready with no problem."""
+        if self.phase == "starting":
+            body = {"status": "starting"}
+            if self.progress is not None:
+                body["profiling"] = {"done": self.progress[0], "total": self.progress[1]}
+            return 503, body
+        if self.failure is not None:
+            return 503, {"status": "failed", "reason": str(self.failure) or repr(self.failure)}
+        if not self.accepting or self.phase != "ready":
+            return 503, {"status": "draining"}
+        if self.problems:
+            return 503, {"status": "degraded", "problems": dict(self.problems)}
+        return 200, {"status": "ok"}
+
+    # ------------------------------------------------------------------ shutdown
+    def begin_drain(self) -> None:
+        """Stop taking requests and training samples (503); in-flight work continues."""
         self.accepting = False
+
+    def open_streams(self) -> int:
+        """Requests still being answered (not finished, failed or cut)."""
+        with self._lock:
+            return sum(1 for s in self._streams.values() if not s.closed)
+
+    def cut_streams(self, why: str) -> int:
+        """End every open request with an error (a stream: an error event, then [DONE]); the
+        engine stops each sequence at its next token."""
+        with self._lock:
+            streams = [s for s in self._streams.values() if not s.closed]
+        for s in streams:
+            s.cancelled = True
+            s.fail(why, status=503, code="server_shutting_down")
+        return len(streams)
+
+    def close(self) -> None:
+        """Stop accepting; let in-flight requests finish (up to drain_timeout_s), cut the rest;
+        stop feeding training and let the engine finish what it holds; write every node's
+        final checkpoint; flush the records; release the workers. `close_error` says what failed."""
+        self.begin_drain()
+        if self._starter is not None:
+            self._starter.join()
+        if self.engine is None:      # start-up never finished
+            self.records.flush()
+            self.journal.close()
+            return
         self.feed.stop()
         deadline = time.monotonic() + self.opts.drain_timeout_s
-        while self.alive and (self._streams or self.feed.in_engine) and time.monotonic() < deadline:
+        while self.alive and self.open_streams() and time.monotonic() < deadline:
             time.sleep(0.05)
-        if self._streams or self.feed.in_engine:
-            log.warning("drain timed out: %d requests and %d training tasks unfinished",
-                        len(self._streams), self.feed.in_engine)
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        cut = self.cut_streams("the server is shutting down; this request was cut before it finished")
+        if cut:
+            log.warning("drain timed out: %d requests cut", cut)
+        self.phase = "draining"
+        self._stop.set()             # the engine finishes its training micro-batches, then stops
+        self._thread.join(timeout=max(120.0, self.opts.drain_timeout_s))
+        errors = []
         try:
-            if self.failure is None:
+            if self._thread.is_alive():
+                errors.append("the engine did not stop within 120 s; no final checkpoint")
+            elif self.failure is None:
                 for n in range(self.nodes):
                     self._checkpoint(n, final=True)
-        finally:
             self.writer.close()
+            for n in range(self.nodes):
+                if self.failure is None and self._ckpt_version[n] != self.version[n]:
+                    errors.append(f"node {n}: the final checkpoint (weight version {self.version[n]}) "
+                                  f"was not written ({self.problems.get('checkpoint', 'training in flight')}); "
+                                  "--resume will train its samples applied since again")
+        finally:
+            self.records.flush()
             self.backend.release()
             self.journal.close()
+            self.phase = "closed"
+        if self.failure is not None:
+            errors.append(f"the engine had failed: {self.failure!r}")
+        self.close_error = "; ".join(errors) or None
+        if self.close_error:
+            log.error("%s", self.close_error)
 
     # ------------------------------------------------------------------ requests (HTTP side)
     def _new_id(self) -> int:
@@ -232,7 +341,11 @@ class EngineHost:
             return self._next_id
 
     def _check_open(self) -> None:
-        if self.failure is not None or not self.accepting:
+        if self.phase == "starting":
+            done = f" (measuring the profile: {self.progress[0]}/{self.progress[1]})" if self.progress else ""
+            raise APIError(503, f"the server is starting{done}; retry later", type="server_error",
+                           code="starting", headers={"Retry-After": "5"})
+        if self.failure is not None or not self.accepting or self.phase != "ready":
             raise APIError(503, "the server is shutting down" if self.failure is None
                            else f"the engine failed: {self.failure!r}", type="server_error",
                            code="service_unavailable")
@@ -268,13 +381,25 @@ class EngineHost:
         """Journal the samples (committed before this returns), then queue them for training.
         Blocking (an fsync): call it from a worker thread."""
         self._check_open()
-        if self.feed.queued + len(payloads) > self.opts.max_queued_samples:
+        limit = self.opts.max_queued_samples
+        if len(payloads) > limit:
+            raise APIError(413, f"{len(payloads)} samples in one request can never be accepted: at most "
+                           f"{limit} may wait (--max-queued-samples); send them in smaller requests",
+                           param="samples", code="too_many_samples")
+        if self.feed.queued + len(payloads) > limit:
             raise APIError(429, f"{self.feed.queued} training samples not yet applied "
-                           f"(limit {self.opts.max_queued_samples}); retry later",
+                           f"(limit {limit}); retry later",
                            type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "5"})
         seq = self.cfg.workload.train_seq_tokens
         ids = [tuple(sample_tokens(self.tok, p, seq)) for p in payloads]
-        rows = self.journal.add([(p, len(i)) for p, i in zip(payloads, ids)], max(self.version))
+        try:
+            rows = self.journal.add([(p, len(i)) for p, i in zip(payloads, ids)], max(self.version))
+        except JournalStorageError as exc:   # nothing was committed: nothing was accepted
+            self._problem("journal", str(exc))
+            raise APIError(507 if exc.full else 503, f"the samples were not accepted: {exc}",
+                           type="server_error", code="insufficient_storage" if exc.full else "storage_error",
+                           headers={"Retry-After": "30"}) from exc
+        self._problem("journal", None)
         self.feed.add([FeedSample(r.sample_id, i) for r, i in zip(rows, ids)])
         return [r.sample_id for r in rows]
 
@@ -286,6 +411,7 @@ class EngineHost:
         return tid
 
     def train_status(self) -> dict:
+        self._check_started()
         counts = self.journal.counts()
         lag = self.journal.lag(200)
         losses = list(self.train_losses)
@@ -299,12 +425,18 @@ class EngineHost:
             "micro_batch_size": self.feed.batch_size, "micro_batch_wait_s": self.feed.wait_s,
         }
 
+    def _check_started(self) -> None:
+        if self.engine is None or self.phase == "closed":
+            self._check_open()
+            raise APIError(503, "the server is not serving", type="server_error", code="service_unavailable")
+
     # ------------------------------------------------------------------ Listener (engine thread)
     def on_token(self, task_id: int, token: int) -> bool:
         stream = self._streams.get(task_id)
         return False if stream is None else stream.on_token(token)
 
     def on_finish(self, record) -> None:
+        self.records.add(record)
         if isinstance(record, RequestRecord):
             with self._lock:
                 stream = self._streams.pop(record.task_id, None)
@@ -313,6 +445,7 @@ class EngineHost:
                 done = stream.finish(record, self.base[max(record.node, 0)] + record.weight_version)
                 self.metrics.request_finished(record, done)
         elif isinstance(record, TrainTaskRecord) and record.failed:
+            self.engine.texts.drop(record.task_id)
             n = self.feed.requeue(record.task_id)
             log.warning("training task %d failed (%s); its %d samples are queued again",
                         record.task_id, record.error, n)
@@ -324,10 +457,8 @@ class EngineHost:
         gv = self.base[node] + version
         self.version[node] = gv
         if sample_ids:
-            try:
-                self.journal.mark_applied(sample_ids, node, gv)
-            except Exception:   # never kill the engine over it; resume would train them again
-                log.exception("could not journal %d applied samples of node %d", len(sample_ids), node)
+            self._unjournaled[node].append((sample_ids, gv))
+        self._journal_applied(node)
         self.metrics.step_applied(node, len(sample_ids))
         self._steps_since_ckpt[node] += 1
         if self.opts.checkpoint_every and self._steps_since_ckpt[node] >= self.opts.checkpoint_every:
@@ -335,16 +466,39 @@ class EngineHost:
         if self._ckpt_due[node]:
             self._checkpoint(node)
 
+    def _journal_applied(self, node: int) -> None:
+        """Mark applied samples in the journal, oldest first; what fails (a full disk) is kept
+        and tried again at the next step, and no checkpoint is taken meanwhile (it would hold
+        samples the journal calls queued, trained again on --resume)."""
+        pending = self._unjournaled[node]
+        while pending:
+            ids, gv = pending[0]
+            try:
+                self.journal.mark_applied(ids, node, gv)
+            except JournalStorageError as exc:
+                self._problem("journal", f"{exc} ({sum(len(i) for i, _ in pending)} applied samples "
+                                         "not yet marked; retried at the next step)")
+                return
+            pending.pop(0)
+        if "applied samples" in self.problems.get("journal", ""):
+            self._problem("journal", None)
+
     def on_train_loss(self, node: int, loss: float) -> None:
         self.train_losses.append((time.time(), node, float(loss)))
 
     def _checkpoint(self, node: int, final: bool = False) -> None:
         """Engine thread (or after it stopped): checkpoint `node` if no gradient is in flight;
         otherwise it stays due and is tried again at the node's next step."""
+        if self._unjournaled[node]:
+            self._journal_applied(node)
+            if self._unjournaled[node]:
+                self._ckpt_due[node] = True
+                return
         if not ckpt.training_quiescent(self.engine, node):
             if final:
                 log.warning("node %d: training in flight at exit, no final checkpoint; its samples "
                             "applied since the last one will be trained again on --resume", node)
+            self._ckpt_due[node] = True
             return
         if self._ckpt_version[node] == self.version[node]:
             self._ckpt_due[node] = False
@@ -360,5 +514,23 @@ class EngineHost:
         self._steps_since_ckpt[node] = 0
 
     def _written(self, node: int, version: int, path) -> None:
+        self._problem("checkpoint", None)
         self.metrics.checkpoints.inc()
         log.info("checkpoint of node %d at weight version %d: %s", node, version, path)
+
+    def _write_failed(self, node: int, version: int, exc: BaseException) -> None:
+        """Checkpoint thread: the write failed (its temporary files are gone); take it again at
+        the node's next step (or at shutdown)."""
+        self._problem("checkpoint", f"writing checkpoint v{version} of node {node} failed: {exc}")
+        if self._ckpt_version[node] == version:
+            self._ckpt_version[node] = -1
+        self._ckpt_due[node] = True
+
+
+def _progress_bar(total: int):
+    """A tqdm bar on stderr for the profiling (None without tqdm's terminal)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="lemix serve: profiling", unit="point", disable=None, mininterval=0.5)
