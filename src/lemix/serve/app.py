@@ -113,7 +113,9 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
-    first = exc.errors()[0] if exc.errors() else {}
+    errors = exc.errors()
+    # of a union's several complaints, ours (a value error: a surrogate, an empty prompt) says most
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return APIError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}",

@@ -72,9 +72,11 @@ def _correct(doc: dict, host) -> None:
             for st in statuses:
                 responses.setdefault(str(st), _error(st))
             if path in ("/v1/completions", "/v1/chat/completions"):
-                responses["200"]["content"]["text/event-stream"] = {
-                    "schema": {"type": "string", "description": "with stream: true, `data: {chunk}` "
-                               "events, then `data: [DONE]`"}}
+                responses["200"]["content"]["text/event-stream"] = {"schema": {
+                    "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}},
+                    "description": "with stream: true, one event per chunk (`data: {chunk JSON}`), an "
+                                   "error event (`data: {\"error\": ...}`) if it fails or is cut, then "
+                                   "`data: [DONE]`"}}
     doc["paths"]["/metrics"]["get"]["responses"]["200"] = {
         "description": "Prometheus text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}}
     health = doc["paths"]["/health"]["get"]["responses"]
