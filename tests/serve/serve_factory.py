@@ -52,9 +52,10 @@ def free_port() -> int:
 
 @contextmanager
 def server_thread(tmp_path: Path, *, stages: int = 1, cfg_overrides: dict | None = None,
-                  profile=None, wait_ready: bool = True, **opts):
+                  profile="hand", wait_ready: bool = True, **opts):
     """A live server in this process (ready to serve unless wait_ready=False); yields (base_url, app).
-    profile: a Profile or a callable(progress) -> Profile (default: the hand-made one)."""
+    profile: "hand" (the hand-made one), a Profile, a callable(progress) -> Profile, or None (the
+    server's own choice: the cached one, else measure)."""
     import uvicorn
 
     from lemix.serve.app import create_app
@@ -63,7 +64,7 @@ def server_thread(tmp_path: Path, *, stages: int = 1, cfg_overrides: dict | None
     port = free_port()
     options = ServeOptions(host="127.0.0.1", port=port, state_dir=str(tmp_path / "state"),
                            log_level="warning", **opts)
-    app = create_app(cfg, options, profile=profile or hand_profile(stages))
+    app = create_app(cfg, options, profile=hand_profile(stages) if profile == "hand" else profile)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -90,9 +90,16 @@ def write_node(states: list, journal: Journal, root: Path, node: int, version: i
         files = {}
         for s, st in enumerate(states):
             f = tmp / f"stage{s}.pt"
-            torch.save({"weights": st.weights, "optimizer": st.optimizer, "version": version,
-                        "stage": s, "num_stages": stages, "model": model}, f)
-            with open(f, "rb") as fh:
+            with open(f, "wb") as fh:
+                try:
+                    torch.save({"weights": st.weights, "optimizer": st.optimizer, "version": version,
+                                "stage": s, "num_stages": stages, "model": model}, fh)
+                except RuntimeError as exc:   # torch hides a failed write ("unexpected pos")
+                    cause = _os_error(exc)
+                    if cause is None:
+                        raise
+                    raise cause from exc
+                fh.flush()
                 os.fsync(fh.fileno())
             files[f.name] = _sha256(f)
         manifest = tmp / MANIFEST
@@ -114,6 +121,14 @@ def write_node(states: list, journal: Journal, root: Path, node: int, version: i
         if _inside(old_path, root):
             shutil.rmtree(old_path, ignore_errors=True)
     return final
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError (ENOSPC, EFBIG, EIO) behind torch's RuntimeError, if there is one."""
+    seen = exc.__cause__ or exc.__context__
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__cause__ or seen.__context__
+    return seen
 
 
 def _inside(path: Path, root: Path) -> bool:
