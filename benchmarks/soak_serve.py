@@ -118,7 +118,8 @@ def main() -> int:
     rss = out["rss"]
     base = rss[0][1]
     per10k = (rss[-1][1] - base) / (rss[-1][0] - rss[0][0]) * 10_000 if len(rss) > 1 else None
-    rows = open(state / "requests.csv").read().count("\n") - 1
+    csv_path = state / "requests.csv"
+    rows = csv_path.read_text().count("\n") - 1 if csv_path.is_file() else None
     report = {"requests": args.requests, "warmup": args.warmup, "clients": args.clients, "wall_s": wall,
               "codes": out["codes"], "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
               "p99_ms": float(np.percentile(lat, 99)), "rss_mb": rss, "rss_growth_mb_per_10k": per10k,

@@ -48,7 +48,7 @@ def create_app(cfg=None, options=None, *, host: EngineHost | None = None, **host
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        host.start()       # the engine is built on a thread; /health says "starting" meanwhile
+        host.start(asyncio.get_running_loop())   # /health says "starting" until it is built
         yield
         await asyncio.to_thread(host.close)
 

@@ -128,6 +128,8 @@ class EngineHost:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._starter: threading.Thread | None = None
+        self._settled = threading.Event()              # ready, or start-up failed
+        self._loop = None
         self.records = RecordLog(self.state_dir, on_error=lambda why: self._problem("records", why))
         self.metrics = ServeMetrics(self)
 
@@ -138,29 +140,52 @@ class EngineHost:
             self.problems[kind] = why
 
     # ------------------------------------------------------------------ start-up
-    def start(self) -> None:
-        """Build the engine on a thread (profiling may take minutes) and start serving."""
-        self._starter = threading.Thread(target=self._start_up, name="lemix-startup", daemon=True)
+    def start(self, loop=None) -> None:
+        """Find or measure the profile on a thread (profiling may take minutes), then build the
+        engine and start serving. With `loop`, the engine is built on that loop's thread: stage
+        workers started from a short-lived helper thread run torch several times slower (seen
+        on CPU: 10x the time per op), so only the profile is made off it."""
+        self._loop = loop
+        self._starter = threading.Thread(target=self._find_profile, name="lemix-startup", daemon=True)
         self._starter.start()
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
-        if self._starter is not None:
-            self._starter.join(timeout_s)
+        self._settled.wait(timeout_s)
 
-    def _start_up(self) -> None:
+    def _find_profile(self) -> None:
         try:
-            self._build(self._profile())
+            profile = self._profile()
+        except BaseException as exc:
+            self._start_failed(exc)
+            return
+        if self._loop is None:
+            self._start_up(profile)
+        else:
+            try:
+                self._loop.call_soon_threadsafe(self._start_up, profile)
+            except RuntimeError as exc:   # the loop is closed: the server stopped meanwhile
+                self._start_failed(exc)
+
+    def _start_up(self, profile) -> None:
+        try:
+            self._build(profile)
             self._thread = threading.Thread(target=self._run_engine, name="lemix-engine", daemon=True)
             self._thread.start()
             self.feed.start()
             self.phase = "ready"
+            self._settled.set()
             log.info("ready: serving %s on %d node(s) x %d stage(s)", self.model_name, self.nodes, self.stages)
-        except BaseException as exc:   # start-up failed: say why, stop the HTTP server
-            self.failure = exc
-            self.phase = "failed"
-            log.error("lemix serve could not start: %s", exc, exc_info=not isinstance(exc, ValueError))
-            if self.on_fatal is not None:
-                self.on_fatal()
+        except BaseException as exc:
+            self._start_failed(exc)
+
+    def _start_failed(self, exc: BaseException) -> None:
+        """Start-up failed: say why, stop the HTTP server."""
+        self.failure = exc
+        self.phase = "failed"
+        self._settled.set()
+        log.error("lemix serve could not start: %s", exc, exc_info=not isinstance(exc, ValueError))
+        if self.on_fatal is not None:
+            self.on_fatal()
 
     def _profile(self):
         from lemix.engine.api import engine_profile
@@ -296,7 +321,8 @@ class EngineHost:
         self.begin_drain()
         if self._starter is not None:
             self._starter.join()
-        if self.engine is None:      # start-up never finished
+            self._settled.wait(30)   # a build queued on the event loop that is stopping may never run
+        if self.engine is None or self._thread is None:      # start-up never finished
             self.records.flush()
             self.journal.close()
             return
