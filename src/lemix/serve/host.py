@@ -34,7 +34,8 @@ from lemix.serve.metrics import ServeMetrics
 from lemix.serve.options import ServeOptions
 from lemix.serve.protocol import APIError
 from lemix.serve.records import RecordLog
-from lemix.serve.state import ServeError, cached_profile, choose_checkpoints, open_journal, store_profile
+from lemix.serve.stagehold import HeldBackend, NoText
+from lemix.serve.state import ServeError, choose_checkpoints, find_profile, open_journal
 from lemix.serve.stream import Stream
 from lemix.serve.text import Detokenizer, sample_tokens
 from lemix.types import RequestRecord, Task, TaskKind, TrainTaskRecord
@@ -42,43 +43,6 @@ from lemix.types import RequestRecord, Task, TaskKind, TrainTaskRecord
 log = logging.getLogger("lemix.serve")
 
 __all__ = ["EngineHost", "ServeError"]
-
-
-class _NoText:
-    """Every served task brings its own tokens; the engine must never draw text for one."""
-
-    def sample_text(self, t_s, n_chars, rng):
-        raise RuntimeError("lemix serve: a task reached the engine without its tokens")
-
-
-class _HeldBackend:
-    """The engine shuts its backend down when its loop ends; the server still needs the
-    workers then (the final checkpoint), so that shutdown waits for `release()`."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.completions = inner.completions
-
-    def start(self, *a, **k):
-        return self.inner.start(*a, **k)
-
-    def submit(self, node, stage, cmd, tag):
-        return self.inner.submit(node, stage, cmd, tag)
-
-    def call(self, node, stage, cmd):
-        return self.inner.call(node, stage, cmd)
-
-    def restart_node(self, node, stages) -> None:
-        return self.inner.restart_node(node, stages)
-
-    def describe(self) -> dict:
-        return self.inner.describe()
-
-    def shutdown(self) -> None:
-        pass
-
-    def release(self) -> None:
-        self.inner.shutdown()
 
 
 class EngineHost:
@@ -188,36 +152,9 @@ class EngineHost:
             self.on_fatal()
 
     def _profile(self):
-        from lemix.engine.api import engine_profile
-        from lemix.profiling.measure import grid_size
-
-        src = self._profile_source
-        if src is not None and not callable(src):
-            return src
-        if src is None and self.cfg.model.profile:
-            return engine_profile(self.cfg, self._hf_model)
-        if src is None:
-            cached = cached_profile(self.opts.profile_cache_dir, self.cfg)
-            if cached is not None:
-                return cached
-        total = grid_size(quick=True, num_stages=self.stages)
-        self.progress = (0, total)
-        bar = _progress_bar(total)
-        log.info("measuring a quick profile of %s on %s (%d stages); /health says 'starting' until it is done",
-                 self.cfg.model.name, self.cfg.cluster.device, self.stages)
-
-        def tick(n: int = 1) -> None:
-            self.progress = (self.progress[0] + n, total)
-            if bar is not None:
-                bar.update(n)
-        try:
-            profile = src(tick) if src is not None else engine_profile(self.cfg, self._hf_model, progress=tick)
-        finally:
-            if bar is not None:
-                bar.close()
-        if src is None:
-            store_profile(self.opts.profile_cache_dir, self.cfg, profile)
-        return profile
+        def progress(done: int, total: int) -> None:
+            self.progress = (done, total)
+        return find_profile(self.cfg, self.opts, self._profile_source, self._hf_model, progress)
 
     def _build(self, profile) -> None:
         from lemix.engine.api import stage_devices
@@ -226,9 +163,9 @@ class EngineHost:
 
         cfg, opts = self.cfg, self.opts
         params = replace(cfg.sched_params(cfg.policy.names[0]), generate=True)
-        self.backend = _HeldBackend(make_backend(cfg.cluster.backend, **(
+        self.backend = HeldBackend(make_backend(cfg.cluster.backend, **(
             {"address": cfg.cluster.ray_address} if cfg.cluster.backend == "ray" else {})))
-        self.engine = Engine(params, profile, self._hf_model, self.tok, TaskTexts(self.tok, _NoText()),
+        self.engine = Engine(params, profile, self._hf_model, self.tok, TaskTexts(self.tok, NoText()),
                              self.backend, devices=stage_devices(cfg), lr=cfg.model.lr,
                              weight_decay=cfg.model.weight_decay,
                              memory_budget_bytes=int(cfg.cluster.device_memory_gb * 1e9),
@@ -551,12 +488,3 @@ class EngineHost:
         if self._ckpt_version[node] == version:
             self._ckpt_version[node] = -1
         self._ckpt_due[node] = True
-
-
-def _progress_bar(total: int):
-    """A tqdm bar on stderr for the profiling (None without tqdm's terminal)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="lemix serve: profiling", unit="point", disable=None, mininterval=0.5)

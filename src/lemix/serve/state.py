@@ -176,3 +176,50 @@ def store_profile(cache_dir: str | None, cfg, profile) -> None:
         log.info("profile cached in %s", path)
     except OSError as exc:   # a cache that cannot be written only costs the next start its time
         log.warning("could not cache the profile in %s: %s", path, exc)
+
+
+def find_profile(cfg, opts, source, hf_model, on_progress):
+    """The profile to schedule with: `source` (a Profile, or a callable(progress) -> Profile),
+    else --profile FILE, else the cached one for this model/device/stages, else measured now
+    (a progress bar on stderr, on_progress(done, total) for /health) and cached."""
+    from lemix.engine.api import engine_profile
+    from lemix.profiling.measure import grid_size
+
+    if source is not None and not callable(source):
+        return source
+    if source is None and cfg.model.profile:
+        return engine_profile(cfg, hf_model)
+    if source is None:
+        cached = cached_profile(opts.profile_cache_dir, cfg)
+        if cached is not None:
+            return cached
+    total = grid_size(quick=True, num_stages=cfg.cluster.stages)
+    done = 0
+    on_progress(0, total)
+    bar = _progress_bar(total)
+    log.info("measuring a quick profile of %s on %s (%d stages); /health says 'starting' until it is done",
+             cfg.model.name, cfg.cluster.device, cfg.cluster.stages)
+
+    def tick(n: int = 1) -> None:
+        nonlocal done
+        done += n
+        on_progress(done, total)
+        if bar is not None:
+            bar.update(n)
+    try:
+        profile = source(tick) if source is not None else engine_profile(cfg, hf_model, progress=tick)
+    finally:
+        if bar is not None:
+            bar.close()
+    if source is None:
+        store_profile(opts.profile_cache_dir, cfg, profile)
+    return profile
+
+
+def _progress_bar(total: int):
+    """A tqdm bar on stderr for the profiling (None without tqdm's terminal)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="lemix serve: profiling", unit="point", disable=None, mininterval=0.5)
