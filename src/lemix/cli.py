@@ -251,7 +251,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"lemix serve: model {cfg.model.name}, {c.nodes} nodes x {c.stages} stages on {c.device}, "
           f"policy {', '.join(cfg.policy.names)}, http://{opts.host}:{opts.port}/v1, "
           f"state in {opts.state_dir}{' (resuming)' if opts.resume else ''}", flush=True)
-    run_server(cfg, opts)
+    run_server(cfg, opts)   # every failure to start or to shut down cleanly is a ServeError
     return 0
 
 

@@ -245,6 +245,10 @@ class Outputs:
     requeued: tuple[int, ...] = ()                 # tasks offered again (node failure, failed op)
     ops: tuple[OpRecord, ...] = ()                 # ops that ended (measured times)
 
+    def __bool__(self) -> bool:
+        return bool(self.requests or self.train_tasks or self.train_steps or self.applied
+                    or self.releases or self.events or self.requeued or self.ops)
+
 
 @dataclass(frozen=True)
 class NodeSnapshot:

@@ -51,8 +51,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def server_thread(tmp_path: Path, *, stages: int = 1, cfg_overrides: dict | None = None, **opts):
-    """A live server in this process; yields (base_url, app)."""
+def server_thread(tmp_path: Path, *, stages: int = 1, cfg_overrides: dict | None = None,
+                  profile="hand", wait_ready: bool = True, **opts):
+    """A live server in this process (ready to serve unless wait_ready=False); yields (base_url, app).
+    profile: "hand" (the hand-made one), a Profile, a callable(progress) -> Profile, or None (the
+    server's own choice: the cached one, else measure)."""
     import uvicorn
 
     from lemix.serve.app import create_app
@@ -61,7 +64,7 @@ def server_thread(tmp_path: Path, *, stages: int = 1, cfg_overrides: dict | None
     port = free_port()
     options = ServeOptions(host="127.0.0.1", port=port, state_dir=str(tmp_path / "state"),
                            log_level="warning", **opts)
-    app = create_app(cfg, options, profile=hand_profile(stages))
+    app = create_app(cfg, options, profile=hand_profile(stages) if profile == "hand" else profile)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -71,6 +74,13 @@ def server_thread(tmp_path: Path, *, stages: int = 1, cfg_overrides: dict | None
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the server did not start")
         time.sleep(0.05)
+    host = app.state.host
+    if wait_ready:
+        host.wait_ready(60)
+        if not host.ready:
+            server.should_exit = True
+            thread.join(timeout=60)
+            raise RuntimeError(f"the server did not become ready: {host.failure!r}")
     try:
         yield f"http://127.0.0.1:{port}", app
     finally:

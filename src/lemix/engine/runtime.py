@@ -51,6 +51,7 @@ class Listener(Protocol):
 
 
 RECENT_OPS = 20_000   # ended ops the engine keeps for live metrics (idle ratios, step spans)
+RECORD_WINDOW_S = 120.0   # keep_records=False: training losses kept this far back
 
 
 @dataclass
@@ -74,14 +75,19 @@ class Engine:
                  weight_decay: float = 0.0, memory_budget_bytes: int | None = None, strict: bool = True,
                  sampling: Callable[[Task], SamplingParams | None] | None = None,
                  listener: Listener | None = None, clock: Clock | None = None,
-                 ignore_eos: bool = False) -> None:
+                 ignore_eos: bool = False, keep_records: bool = True) -> None:
+        """keep_records=False (a long-running server with a listener): records are handed to the
+        listener and not kept; the scheduler and the engine drop every per-task entry once a
+        task's record is final, and keep training losses of the last RECORD_WINDOW_S only."""
         self.params = params
+        self.keep_records = keep_records
         # workers first: starting them (Ray actors take seconds) must not count as run time
         nodes = [split_stages(hf_model, params.stages) for _ in range(params.nodes)]
         backend.start(nodes, devices, lr=lr, weight_decay=weight_decay, memory_budget_bytes=memory_budget_bytes)
         self.clock = clock or WallClock()   # the virtual-clock engine passes the simulator's SimClock
         try:
-            self.sched = Scheduler(params, profile, self.clock, timer=time.perf_counter)
+            self.sched = Scheduler(params, profile, self.clock, timer=time.perf_counter,
+                                   keep_records=keep_records)
         except Exception:
             backend.shutdown()
             raise
@@ -427,6 +433,20 @@ class Engine:
             self.listener.on_finish(rec)
         for ap in out.applied:
             self.listener.on_applied(ap.task_ids, ap.node, ap.version)
+        if not self.keep_records:
+            self._forget(out)
+
+    def _forget(self, out: Outputs) -> None:
+        """keep_records=False: drop what the engine kept for tasks whose records are final."""
+        done = [r.task_id for r in out.requests] + [t.task_id for t in out.train_tasks if t.failed]
+        done += [tid for ap in out.applied for tid in ap.task_ids]
+        for tid in done:
+            for store in (self._tasks, self.inference_loss, self.generated, self._sampling, self._streamed):
+                store.pop(tid, None)
+            self._stop_requested.discard(tid)
+        horizon = self.clock.now() - RECORD_WINDOW_S
+        if self._train_losses and self._train_losses[0][1] < horizon - RECORD_WINDOW_S:   # now and then
+            self._train_losses[:] = [x for x in self._train_losses if x[1] >= horizon]
 
     def _op_error(self, op: Op, exc: Exception, start: float | None = None, end: float | None = None) -> None:
         if self.strict:

@@ -22,10 +22,15 @@ def _sample_one(logits: torch.Tensor, p: SamplingParams, position: int) -> int:
     """logits [V] -> one token id."""
     if p.temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float().cpu() / p.temperature, dim=-1)   # [V]
+    scaled = logits.float().cpu() / p.temperature                          # [V]
+    if not bool(torch.isfinite(scaled).all()):   # a temperature so close to 0 that it is greedy
+        return int(logits.argmax())
+    probs = torch.softmax(scaled, dim=-1)
     sorted_probs, order = probs.sort(descending=True)
-    # Keep the smallest prefix whose mass reaches top_p (the most likely token is always kept).
+    # Keep the smallest prefix whose mass reaches top_p; the most likely token is always kept,
+    # however small top_p is (5e-324 underflows every comparison).
     keep = (sorted_probs.cumsum(0) - sorted_probs) < p.top_p
+    keep[0] = True
     sorted_probs = sorted_probs * keep
     gen = torch.Generator().manual_seed(_draw_seed(p.seed, position))
     pick = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=gen)

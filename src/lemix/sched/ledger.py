@@ -78,6 +78,13 @@ class TaskLedger:
                 t.task_id, t.arrival_s, node, end_s, t.batch_size, t.batch_size * t.prompt_tokens,
                 self.deferred_s.get(t.task_id, 0.0)))
 
+    def forget(self, task_ids: list[int]) -> None:
+        """Tasks whose records are final and handed out (records are not kept)."""
+        for tid in task_ids:
+            for table in (self.tasks, self.node_of, self.served, self.deferred_s, self.attempts):
+                table.pop(tid, None)
+            self.resolved.discard(tid)
+
     def finalize(self) -> None:
         """Count every task that never finished as failed ("unfinished")."""
         for tid, task in self.tasks.items():

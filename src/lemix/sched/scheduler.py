@@ -109,7 +109,7 @@ class Scheduler:
             self.ledger.fail(task, -1, too_big)
         else:
             self.placement.offer(task)
-        return self.rec.take()
+        return self._take()
 
     def plan(self) -> Plan:
         now = self.clock.now()
@@ -119,11 +119,11 @@ class Scheduler:
         for node in self.cluster.take_touched():
             ops.extend(self.dispatcher.dispatch_node(node, now))
         self.cluster.end_plan()
-        return Plan(tuple(ops), self.cluster.next_wakeup(), self.rec.take())
+        return Plan(tuple(ops), self.cluster.next_wakeup(), self._take())
 
     def on_op_finished(self, result: OpResult) -> Outputs:
         self.completion.finish(result)
-        return self.rec.take()
+        return self._take()
 
     def record_event(self, event: Event) -> None:
         """An executor-side event (a weight copy skipped, a restore failed) for the run's report."""
@@ -162,7 +162,7 @@ class Scheduler:
         self.rec.requeued(requeued)
         self.rec.event(Event(now, EventKind.NODE_FAILED, node_idx, task_ids=tuple(requeued), error=why))
         self.cluster.touch(node)
-        return self.rec.take()
+        return self._take()
 
     def _restart_rounds(self, node: NodeState) -> None:
         """The node's S-PP rounds restart after the last one every stage completed."""
@@ -181,7 +181,7 @@ class Scheduler:
         node.version = version
         self.rec.event(Event(self.clock.now(), EventKind.NODE_RESTORED, node_idx, version=version))
         self.cluster.touch(node)
-        return self.rec.take()
+        return self._take()
 
     def snapshot(self) -> ClusterSnapshot:
         """A read-only picture for executors and the server (no internals leave the scheduler)."""
@@ -195,6 +195,21 @@ class Scheduler:
         """Nothing queued, nothing running, nothing deferred."""
         return (not self.placement.pending and not self.dispatcher.running
                 and all(n.holds_nothing() for n in self.nodes))
+
+    def _take(self) -> Outputs:
+        """The Outputs of this call. Without kept records (a long-running server), a task whose
+        record is final -- a request's, a training task's once applied or failed -- leaves every
+        per-task table here too, so memory stays flat with uptime."""
+        out = self.rec.take()
+        if not self.rec.keep and out:
+            done = [r.task_id for r in out.requests]
+            done += [t.task_id for t in out.train_tasks if t.failed]
+            done += [tid for ap in out.applied for tid in ap.task_ids]
+            if done:
+                self.ledger.forget(done)
+                self.times.forget(done)
+            del self.result.decision_us[:-4096]
+        return out
 
     def finalize(self) -> RunResult:
         """Count every task that never finished as failed ("unfinished"); return the result."""

@@ -83,6 +83,10 @@ class StageTimes:
             self._slo[task.task_id] = slo
         return slo
 
+    def forget(self, task_ids: list[int]) -> None:
+        for tid in task_ids:
+            self._slo.pop(tid, None)
+
     def compute_slo(self, task: Task) -> float:
         """The task's end-to-end SLO: an absolute one (config, then the task's own), else
         slo_scale x its unloaded latency on the true profile (training: 3 x its forward pass;

@@ -10,26 +10,30 @@
 
 Every response to a completion carries `lemix: {inference_loss, weight_version, node, ttft_s,
 e2e_s}`; inference_loss is the prompt's mean per-token NLL under the weights that served it
-(None for a one-token prompt). With --api-key, /v1/* needs `Authorization: Bearer KEY`.
+(None for a one-token prompt). With an API key, every path but /health and the docs (and
+/metrics with --metrics-public) needs `Authorization: Bearer KEY`; the key and the body-size
+limit are checked before a body is read (lemix.serve.guard). /openapi.json describes exactly
+this (lemix.serve.schema).
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lemix.engine.messages import SamplingParams
 from lemix.serve import protocol as P
+from lemix.serve.guard import Guard
 from lemix.serve.host import EngineHost
 from lemix.serve.protocol import APIError
-from lemix.serve.stream import Done, Stream
+from lemix.serve.schema import install_openapi
+from lemix.serve.stream import Done, Failure, Stream
 from lemix.serve.text import chat_prompt
 
 log = logging.getLogger("lemix.serve")
@@ -44,30 +48,36 @@ def create_app(cfg=None, options=None, *, host: EngineHost | None = None, **host
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        host.start()
-        log.info("serving %s on %d node(s) x %d stage(s)", host.model_name, host.nodes, host.stages)
+        host.start(asyncio.get_running_loop())   # /health says "starting" until it is built
         yield
         await asyncio.to_thread(host.close)
 
-    app = FastAPI(title="LeMix", lifespan=lifespan)
+    app = FastAPI(title="LeMix", version=_version(), lifespan=lifespan)
     app.state.host = host
     _install_errors(app)
-    api = APIRouter(prefix="/v1", dependencies=[Depends(_auth(host.opts.api_key))])
+    api = APIRouter(prefix="/v1")
     _routes(api, host)
     app.include_router(api)
 
     @app.get("/health")
     async def health():
-        if host.alive and host.accepting:
-            return {"status": "ok"}
-        return JSONResponse({"status": "unavailable"}, status_code=503)
+        status, body = host.health()
+        return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
     async def metrics():
         from prometheus_client import CONTENT_TYPE_LATEST
         return Response(host.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    install_openapi(app, host)
+    app.add_middleware(Guard, api_key=host.opts.api_key, max_body_bytes=host.opts.max_body_bytes,
+                       metrics_public=host.opts.metrics_public)
     return app
+
+
+def _version() -> str:
+    from lemix import __version__
+    return __version__
 
 
 # ---------------------------------------------------------------------- errors and auth
@@ -88,7 +98,9 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(APIError(exc.status_code, str(exc.detail), type=kind))
+        # the router's headers (a 405's Allow) are kept
+        return _error_response(APIError(exc.status_code, str(exc.detail), type=kind,
+                                        headers=dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
@@ -101,7 +113,9 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
-    first = exc.errors()[0] if exc.errors() else {}
+    errors = exc.errors()
+    # of a union's several complaints, ours (a value error: a surrogate, an empty prompt) says most
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return APIError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}",
@@ -112,19 +126,6 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     # drop the union-member tags pydantic puts in locations ("prompt.list[int].0" -> "prompt.0")
     param = ".".join(p for p in loc if "[" not in p and p not in _TYPE_TAGS) or None
     return APIError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
-
-
-def _auth(key: str | None):
-    expected = f"Bearer {key}".encode() if key else None
-
-    async def check(request: Request) -> None:
-        if expected is None:
-            return
-        got = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(got, expected):
-            raise APIError(401, "invalid or missing API key (Authorization: Bearer KEY)",
-                           code="invalid_api_key")
-    return check
 
 
 # ---------------------------------------------------------------------- routes
@@ -163,11 +164,13 @@ def _routes(api: APIRouter, host: EngineHost) -> None:
 
     @api.get("/models")
     async def models():
+        host._check_open()
         return {"object": "list", "data": [{"id": host.model_name, "object": "model", "created": created,
                                             "owned_by": "lemix", "max_model_len": host.context_tokens}]}
 
     @api.post("/completions")
     async def completions(body: P.CompletionRequest):
+        host._check_open()
         check_model(body.model)
         ids = _prompt_ids(host, body.prompt)
         max_tokens = check_lengths(len(ids), body.max_tokens, host.opts.default_max_tokens)
@@ -182,6 +185,7 @@ def _routes(api: APIRouter, host: EngineHost) -> None:
 
     @api.post("/chat/completions")
     async def chat(body: P.ChatRequest):
+        host._check_open()
         check_model(body.model)
         messages = [{"role": m.role, "content": m.text} for m in body.messages]
         ids = chat_prompt(host.tok, messages)
@@ -200,6 +204,13 @@ def _routes(api: APIRouter, host: EngineHost) -> None:
 
     @api.post("/train")
     async def train(body: P.TrainRequest):
+        limit = host.opts.max_sample_chars
+        for i, s in enumerate(body.samples):
+            if s.chars > limit:
+                raise APIError(400, f"sample {i} has {s.chars} characters, more than this server's limit "
+                               f"of {limit} (--max-sample-chars; training uses its first "
+                               f"{host.cfg.workload.train_seq_tokens} tokens)",
+                               param=f"samples.{i}", code="sample_too_long")
         ids = await asyncio.to_thread(host.accept_samples, [s.payload() for s in body.samples])
         return {"object": "train.accepted", "accepted": len(ids), "sample_ids": ids,
                 "queued": host.feed.queued}
@@ -226,6 +237,13 @@ def _prompt_ids(host: EngineHost, prompt) -> list[int]:
     return list(prompt)
 
 
+def _stream_error(f: Failure) -> dict:
+    """The SSE error event: OpenAI's error body (its status in the body, the stream is 200)."""
+    body = P.error_body(f.message, "server_error", None, f.code)
+    body["error"]["status"] = f.status
+    return body
+
+
 async def _collect(stream: Stream) -> tuple[str, Done]:
     parts = []
     while True:
@@ -235,7 +253,7 @@ async def _collect(stream: Stream) -> tuple[str, Done]:
         elif kind == "done":
             return "".join(parts), value
         else:
-            raise APIError(500, value, type="server_error", code="engine_error")
+            raise APIError(value.status, value.message, type="server_error", code=value.code)
 
 
 def _sse(stream: Stream, body: P._Sampling, chunk, first: dict | None) -> StreamingResponse:
@@ -265,7 +283,7 @@ def _sse(stream: Stream, body: P._Sampling, chunk, first: dict | None) -> Stream
                         use["choices"], use["usage"] = [], P.usage(value.prompt_tokens, value.completion_tokens)
                         yield event(use)
                 else:
-                    yield event(P.error_body(value, "server_error", None, "engine_error"))
+                    yield event(_stream_error(value))
                 yield "data: [DONE]\n\n"
                 return
         finally:

@@ -2,7 +2,13 @@
 
     HTTP handlers ──submit_infer/accept_samples──► Engine.submit (thread-safe)
     engine thread ──Listener: on_token/on_finish/on_applied/on_train_loss──► streams, journal,
-                                                                             metrics, checkpoints
+                                                                             metrics, records, checkpoints
+
+Life cycle (`phase`):  starting ──► ready ──► draining ──► closed     (starting ──► failed)
+The constructor does the quick, checkable part (state dir, journal, checkpoints, model); `start()`
+finds or measures the profile and builds the engine on a thread, while the HTTP server already
+answers `/health` with 503 "starting". Problems met while serving (a full disk) are kept in
+`problems` and shown by `/health` until the operation succeeds again.
 
 Weight versions are global across restarts: a node restored from checkpoint version V reports
 V + the steps its scheduler took since (`base`).
@@ -23,105 +29,58 @@ from lemix.engine.data import TaskTexts, TaskTokens
 from lemix.engine.messages import SamplingParams
 from lemix.serve import checkpoint as ckpt
 from lemix.serve.feed import FeedSample, TrainFeed
-from lemix.serve.journal import Journal
+from lemix.serve.journal import JournalStorageError
 from lemix.serve.metrics import ServeMetrics
 from lemix.serve.options import ServeOptions
 from lemix.serve.protocol import APIError
+from lemix.serve.records import RecordLog
+from lemix.serve.stagehold import HeldBackend, NoText
+from lemix.serve.state import ServeError, choose_checkpoints, find_profile, open_journal
 from lemix.serve.stream import Stream
 from lemix.serve.text import Detokenizer, sample_tokens
 from lemix.types import RequestRecord, Task, TaskKind, TrainTaskRecord
 
 log = logging.getLogger("lemix.serve")
 
-
-class ServeError(ValueError):
-    """A server that cannot start as asked (the message says why)."""
-
-
-class _NoText:
-    """Every served task brings its own tokens; the engine must never draw text for one."""
-
-    def sample_text(self, t_s, n_chars, rng):
-        raise RuntimeError("lemix serve: a task reached the engine without its tokens")
-
-
-class _HeldBackend:
-    """The engine shuts its backend down when its loop ends; the server still needs the
-    workers then (the final checkpoint), so that shutdown waits for `release()`."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.completions = inner.completions
-
-    def start(self, *a, **k):
-        return self.inner.start(*a, **k)
-
-    def submit(self, node, stage, cmd, tag):
-        return self.inner.submit(node, stage, cmd, tag)
-
-    def call(self, node, stage, cmd):
-        return self.inner.call(node, stage, cmd)
-
-    def restart_node(self, node, stages) -> None:
-        return self.inner.restart_node(node, stages)
-
-    def describe(self) -> dict:
-        return self.inner.describe()
-
-    def shutdown(self) -> None:
-        pass
-
-    def release(self) -> None:
-        self.inner.shutdown()
+__all__ = ["EngineHost", "ServeError"]
 
 
 class EngineHost:
     def __init__(self, cfg: LemixConfig, opts: ServeOptions, *, hf_model=None, tokenizer=None,
                  profile=None) -> None:
+        """profile: a Profile, or a callable(progress) -> Profile (default: --profile, else the
+        cached one for this model/device/stages, else measure and cache one)."""
         if len(cfg.policy.names) != 1:
             raise ServeError(f"lemix serve runs one policy, got {', '.join(cfg.policy.names)}")
         self.cfg, self.opts = cfg, opts
         self.model_name = opts.served_model_name or cfg.model.name
         self.state_dir = Path(opts.state_dir)
-        self.journal = Journal(self.state_dir / "journal.sqlite")
+        self.nodes, self.stages = cfg.cluster.nodes, cfg.cluster.stages
+        self.phase = "starting"
+        self.progress: tuple[int, int] | None = None     # profiling points (done, total)
+        self.problems: dict[str, str] = {}               # what /health reports as degraded
+        self.failure: BaseException | None = None        # the engine loop died, or start-up failed
+        self.close_error: str | None = None              # why shutdown did not end cleanly
+        self.on_fatal = None                             # set by run_server: stop the HTTP server
+        self.engine = self.feed = self.writer = self.backend = None
+        self.journal = open_journal(self.state_dir, opts.resume)
         try:
-            self._build(hf_model, tokenizer, profile)
+            self._restore_from = (choose_checkpoints(self.journal, self.nodes, self.stages, cfg.model.name)
+                                  if opts.resume else {})
+            if hf_model is None:
+                from lemix.api import load_model
+                from lemix.engine.adapt import spec_from_config
+
+                hf_model, tokenizer, _ = load_model(cfg.model.name, seed=cfg.seed, tokenizer=cfg.model.tokenizer,
+                                                    byte_tokenizer=cfg.model.byte_tokenizer,
+                                                    adapt=spec_from_config(cfg.model))
         except BaseException:
-            if hasattr(self, "writer"):
-                self.writer.close()
-            if hasattr(self, "backend"):
-                self.backend.release()
             self.journal.close()
             raise
-
-    def _build(self, hf_model, tokenizer, profile) -> None:
-        from lemix.api import load_model, stage_devices
-        from lemix.engine.backends import make_backend
-        from lemix.engine.runtime import Engine
         from lemix.engine.stage import arch_config
-
-        cfg, opts = self.cfg, self.opts
-        if not opts.resume and not self.journal.is_empty():
-            raise ServeError(f"{self.state_dir} already holds a training journal; pass --resume to "
-                             "continue from it, or choose an empty --state-dir")
-        if hf_model is None:
-            from lemix.engine.adapt import spec_from_config
-
-            hf_model, tokenizer, _ = load_model(cfg.model.name, seed=cfg.seed, tokenizer=cfg.model.tokenizer,
-                                                byte_tokenizer=cfg.model.byte_tokenizer,
-                                                adapt=spec_from_config(cfg.model))
-        self.tok = tokenizer
+        self._hf_model, self.tok = hf_model, tokenizer
+        self._profile_source = profile
         self.context_tokens = arch_config(hf_model).max_positions
-        profile = profile or self._profile(hf_model)
-        self.nodes, self.stages = cfg.cluster.nodes, cfg.cluster.stages
-        params = replace(cfg.sched_params(cfg.policy.names[0]), generate=True)
-        self.backend = _HeldBackend(make_backend(cfg.cluster.backend, **(
-            {"address": cfg.cluster.ray_address} if cfg.cluster.backend == "ray" else {})))
-        self.engine = Engine(params, profile, hf_model, tokenizer, TaskTexts(tokenizer, _NoText()),
-                             self.backend, devices=stage_devices(cfg), lr=cfg.model.lr,
-                             weight_decay=cfg.model.weight_decay,
-                             memory_budget_bytes=int(cfg.cluster.device_memory_gb * 1e9),
-                             strict=False, listener=self)
         self.base = [0] * self.nodes
         self.version = [0] * self.nodes
         self._lock = threading.Lock()
@@ -129,48 +88,104 @@ class EngineHost:
         self._next_id = 0
         self._steps_since_ckpt = [0] * self.nodes
         self._ckpt_due = [False] * self.nodes
-        self._ckpt_version = [0] * self.nodes          # version of the last checkpoint taken
-        self.writer = ckpt.CheckpointWriter(self.journal, self.state_dir / "checkpoints",
-                                            cfg.model.name, on_written=self._written)
+        self._ckpt_version = [0] * self.nodes          # version of the last checkpoint taken (-1: it failed)
+        self._unjournaled: list[list[tuple[list[int], int]]] = [[] for _ in range(self.nodes)]
         self.train_losses: deque[tuple[float, int, float]] = deque(maxlen=256)   # (unix time, node, loss)
         self._rng = np.random.default_rng(cfg.seed)   # sampling seeds of requests that give none
-        self.failure: BaseException | None = None
         self.accepting = True
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._starter: threading.Thread | None = None
+        self._settled = threading.Event()              # ready, or start-up failed
+        self._loop = None
+        self.records = RecordLog(self.state_dir, on_error=lambda why: self._problem("records", why))
         self.metrics = ServeMetrics(self)
+
+    def _problem(self, kind: str, why: str | None) -> None:
+        if why is None:
+            self.problems.pop(kind, None)
+        else:
+            self.problems[kind] = why
+
+    # ------------------------------------------------------------------ start-up
+    def start(self, loop=None) -> None:
+        """Find or measure the profile on a thread (profiling may take minutes), then build the
+        engine and start serving. With `loop`, the engine is built on that loop's thread: stage
+        workers started from a short-lived helper thread run torch several times slower (seen
+        on CPU: 10x the time per op), so only the profile is made off it."""
+        self._loop = loop
+        self._starter = threading.Thread(target=self._find_profile, name="lemix-startup", daemon=True)
+        self._starter.start()
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        self._settled.wait(timeout_s)
+
+    def _find_profile(self) -> None:
+        try:
+            profile = self._profile()
+        except BaseException as exc:
+            self._start_failed(exc)
+            return
+        if self._loop is None:
+            self._start_up(profile)
+        else:
+            try:
+                self._loop.call_soon_threadsafe(self._start_up, profile)
+            except RuntimeError as exc:   # the loop is closed: the server stopped meanwhile
+                self._start_failed(exc)
+
+    def _start_up(self, profile) -> None:
+        try:
+            self._build(profile)
+            self._thread = threading.Thread(target=self._run_engine, name="lemix-engine", daemon=True)
+            self._thread.start()
+            self.feed.start()
+            self.phase = "ready"
+            self._settled.set()
+            log.info("ready: serving %s on %d node(s) x %d stage(s)", self.model_name, self.nodes, self.stages)
+        except BaseException as exc:
+            self._start_failed(exc)
+
+    def _start_failed(self, exc: BaseException) -> None:
+        """Start-up failed: say why, stop the HTTP server."""
+        self.failure = exc
+        self.phase = "failed"
+        self._settled.set()
+        log.error("lemix serve could not start: %s", exc, exc_info=not isinstance(exc, ValueError))
+        if self.on_fatal is not None:
+            self.on_fatal()
+
+    def _profile(self):
+        def progress(done: int, total: int) -> None:
+            self.progress = (done, total)
+        return find_profile(self.cfg, self.opts, self._profile_source, self._hf_model, progress)
+
+    def _build(self, profile) -> None:
+        from lemix.api import stage_devices
+        from lemix.engine.backends import make_backend
+        from lemix.engine.runtime import Engine
+
+        cfg, opts = self.cfg, self.opts
+        params = replace(cfg.sched_params(cfg.policy.names[0]), generate=True)
+        self.backend = HeldBackend(make_backend(cfg.cluster.backend, **(
+            {"address": cfg.cluster.ray_address} if cfg.cluster.backend == "ray" else {})))
+        self.engine = Engine(params, profile, self._hf_model, self.tok, TaskTexts(self.tok, NoText()),
+                             self.backend, devices=stage_devices(cfg), lr=cfg.model.lr,
+                             weight_decay=cfg.model.weight_decay,
+                             memory_budget_bytes=int(cfg.cluster.device_memory_gb * 1e9),
+                             strict=False, listener=self, keep_records=False)
+        self.writer = ckpt.CheckpointWriter(self.journal, self.state_dir / "checkpoints", cfg.model.name,
+                                            on_written=self._written, on_failed=self._write_failed)
         self.feed = TrainFeed(self._submit_train, batch_size=cfg.workload.train_batch_size,
                               wait_s=opts.train_batch_wait_s, now=self.engine.clock.now)
         if opts.resume:
             self._restore()
 
-    # ------------------------------------------------------------------ start / stop
-    def _profile(self, hf_model):
-        """--profile FILE, else the one measured earlier for this state dir, else measure now."""
-        from lemix.api import engine_profile
-        from lemix.profiling import load_profile, save_profile
-
-        if self.cfg.model.profile:
-            return engine_profile(self.cfg, hf_model)
-        cached = self.state_dir / "profile.json"
-        if cached.is_file():
-            try:
-                return load_profile(cached, stages=self.cfg.cluster.stages, model=self.cfg.model.name,
-                                    device=self.cfg.cluster.device,
-                                    capacity_bytes=int(self.cfg.cluster.device_memory_gb * 1e9))
-            except ValueError as exc:
-                log.warning("not reusing %s (%s); measuring again", cached, exc)
-        log.info("measuring a quick profile of %s (saved to %s)", self.cfg.model.name, cached)
-        profile = engine_profile(self.cfg, hf_model)
-        save_profile(profile, cached)
-        return profile
-
     def _restore(self) -> None:
-        """Latest checkpoint of every node (weights + optimizer); roll back applications no
+        """The chosen checkpoint of every node (weights + optimizer); roll back applications no
         checkpoint holds; queue every unapplied sample again."""
-        latest = self.journal.latest_checkpoints()
         for n in range(self.nodes):
-            version, path = latest.get(n, (0, None))
+            version, path = self._restore_from.get(n, (0, None))
             if path is not None:
                 version = ckpt.load_node(self.backend, path, n, self.stages, self.cfg.model.name)
                 log.info("node %d restored from %s (weight version %d)", n, path, version)
@@ -186,14 +201,9 @@ class EngineHost:
         if queued:
             log.info("resuming %d unapplied training samples", len(queued))
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run_engine, name="lemix-engine", daemon=True)
-        self._thread.start()
-        self.feed.start()
-
     def _run_engine(self) -> None:
         try:
-            self.result = self.engine.serve(self._stop, drain=False)
+            self.engine.serve(self._stop, drain=True)
         except BaseException as exc:   # the engine died: fail what waits, answer 503 from now on
             log.exception("the engine loop failed")
             self.failure = exc
@@ -203,31 +213,93 @@ class EngineHost:
                 s.fail(f"the engine failed: {exc!r}")
 
     @property
+    def ready(self) -> bool:
+        return self.phase == "ready" and self.failure is None
+
+    @property
     def alive(self) -> bool:
         return self.failure is None and self._thread is not None and self._thread.is_alive()
 
-    def close(self) -> None:
-        """Stop accepting; let in-flight requests and submitted training finish (up to
-        drain_timeout_s); stop the engine; checkpoint every quiescent node; release workers."""
+    def health(self) -> tuple[int, dict]:
+        """(HTTP status, body) of /health: 200 only when ready with no problem."""
+        if self.phase == "starting":
+            body = {"status": "starting"}
+            if self.progress is not None:
+                body["profiling"] = {"done": self.progress[0], "total": self.progress[1]}
+            return 503, body
+        if self.failure is not None:
+            return 503, {"status": "failed", "reason": str(self.failure) or repr(self.failure)}
+        if not self.accepting or self.phase != "ready":
+            return 503, {"status": "draining"}
+        if self.problems:
+            return 503, {"status": "degraded", "problems": dict(self.problems)}
+        return 200, {"status": "ok"}
+
+    # ------------------------------------------------------------------ shutdown
+    def begin_drain(self) -> None:
+        """Stop taking requests and training samples (503); in-flight work continues."""
         self.accepting = False
+
+    def open_streams(self) -> int:
+        """Requests still being answered (not finished, failed or cut)."""
+        with self._lock:
+            return sum(1 for s in self._streams.values() if not s.closed)
+
+    def cut_streams(self, why: str) -> int:
+        """End every open request with an error (a stream: an error event, then [DONE]); the
+        engine stops each sequence at its next token."""
+        with self._lock:
+            streams = [s for s in self._streams.values() if not s.closed]
+        for s in streams:
+            s.cancelled = True
+            s.fail(why, status=503, code="server_shutting_down")
+        return len(streams)
+
+    def close(self) -> None:
+        """Stop accepting; let in-flight requests finish (up to drain_timeout_s), cut the rest;
+        stop feeding training and let the engine finish what it holds; write every node's
+        final checkpoint; flush the records; release the workers. `close_error` says what failed."""
+        self.begin_drain()
+        if self._starter is not None:
+            self._starter.join()
+            self._settled.wait(30)   # a build queued on the event loop that is stopping may never run
+        if self.engine is None or self._thread is None:      # start-up never finished
+            self.records.flush()
+            self.journal.close()
+            return
         self.feed.stop()
         deadline = time.monotonic() + self.opts.drain_timeout_s
-        while self.alive and (self._streams or self.feed.in_engine) and time.monotonic() < deadline:
+        while self.alive and self.open_streams() and time.monotonic() < deadline:
             time.sleep(0.05)
-        if self._streams or self.feed.in_engine:
-            log.warning("drain timed out: %d requests and %d training tasks unfinished",
-                        len(self._streams), self.feed.in_engine)
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        cut = self.cut_streams("the server is shutting down; this request was cut before it finished")
+        if cut:
+            log.warning("drain timed out: %d requests cut", cut)
+        self.phase = "draining"
+        self._stop.set()             # the engine finishes its training micro-batches, then stops
+        self._thread.join(timeout=max(120.0, self.opts.drain_timeout_s))
+        errors = []
         try:
-            if self.failure is None:
+            if self._thread.is_alive():
+                errors.append("the engine did not stop within 120 s; no final checkpoint")
+            elif self.failure is None:
                 for n in range(self.nodes):
                     self._checkpoint(n, final=True)
-        finally:
             self.writer.close()
+            for n in range(self.nodes):
+                if self.failure is None and self._ckpt_version[n] != self.version[n]:
+                    errors.append(f"node {n}: the final checkpoint (weight version {self.version[n]}) "
+                                  f"was not written ({self.problems.get('checkpoint', 'training in flight')}); "
+                                  "--resume will train its samples applied since again")
+        finally:
+            self.records.flush()
             self.backend.release()
             self.journal.close()
+            self.phase = "closed"
+        if self.failure is not None:
+            errors.append(f"the engine had failed: {self.failure!r}")
+        self.close_error = "; ".join(errors) or None
+        if self.close_error:
+            log.error("%s", self.close_error)
 
     # ------------------------------------------------------------------ requests (HTTP side)
     def _new_id(self) -> int:
@@ -236,7 +308,11 @@ class EngineHost:
             return self._next_id
 
     def _check_open(self) -> None:
-        if self.failure is not None or not self.accepting:
+        if self.phase == "starting":
+            done = f" (measuring the profile: {self.progress[0]}/{self.progress[1]})" if self.progress else ""
+            raise APIError(503, f"the server is starting{done}; retry later", type="server_error",
+                           code="starting", headers={"Retry-After": "5"})
+        if self.failure is not None or not self.accepting or self.phase != "ready":
             raise APIError(503, "the server is shutting down" if self.failure is None
                            else f"the engine failed: {self.failure!r}", type="server_error",
                            code="service_unavailable")
@@ -272,13 +348,25 @@ class EngineHost:
         """Journal the samples (committed before this returns), then queue them for training.
         Blocking (an fsync): call it from a worker thread."""
         self._check_open()
-        if self.feed.queued + len(payloads) > self.opts.max_queued_samples:
+        limit = self.opts.max_queued_samples
+        if len(payloads) > limit:
+            raise APIError(413, f"{len(payloads)} samples in one request can never be accepted: at most "
+                           f"{limit} may wait (--max-queued-samples); send them in smaller requests",
+                           param="samples", code="too_many_samples")
+        if self.feed.queued + len(payloads) > limit:
             raise APIError(429, f"{self.feed.queued} training samples not yet applied "
-                           f"(limit {self.opts.max_queued_samples}); retry later",
+                           f"(limit {limit}); retry later",
                            type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "5"})
         seq = self.cfg.workload.train_seq_tokens
         ids = [tuple(sample_tokens(self.tok, p, seq)) for p in payloads]
-        rows = self.journal.add([(p, len(i)) for p, i in zip(payloads, ids)], max(self.version))
+        try:
+            rows = self.journal.add([(p, len(i)) for p, i in zip(payloads, ids)], max(self.version))
+        except JournalStorageError as exc:   # nothing was committed: nothing was accepted
+            self._problem("journal", str(exc))
+            raise APIError(507 if exc.full else 503, f"the samples were not accepted: {exc}",
+                           type="server_error", code="insufficient_storage" if exc.full else "storage_error",
+                           headers={"Retry-After": "30"}) from exc
+        self._problem("journal", None)
         self.feed.add([FeedSample(r.sample_id, i) for r, i in zip(rows, ids)])
         return [r.sample_id for r in rows]
 
@@ -290,6 +378,7 @@ class EngineHost:
         return tid
 
     def train_status(self) -> dict:
+        self._check_started()
         counts = self.journal.counts()
         lag = self.journal.lag(200)
         losses = list(self.train_losses)
@@ -303,12 +392,18 @@ class EngineHost:
             "micro_batch_size": self.feed.batch_size, "micro_batch_wait_s": self.feed.wait_s,
         }
 
+    def _check_started(self) -> None:
+        if self.engine is None or self.phase == "closed":
+            self._check_open()
+            raise APIError(503, "the server is not serving", type="server_error", code="service_unavailable")
+
     # ------------------------------------------------------------------ Listener (engine thread)
     def on_token(self, task_id: int, token: int) -> bool:
         stream = self._streams.get(task_id)
         return False if stream is None else stream.on_token(token)
 
     def on_finish(self, record) -> None:
+        self.records.add(record)
         if isinstance(record, RequestRecord):
             with self._lock:
                 stream = self._streams.pop(record.task_id, None)
@@ -317,6 +412,7 @@ class EngineHost:
                 done = stream.finish(record, self.base[max(record.node, 0)] + record.weight_version)
                 self.metrics.request_finished(record, done)
         elif isinstance(record, TrainTaskRecord) and record.failed:
+            self.engine.texts.drop(record.task_id)
             n = self.feed.requeue(record.task_id)
             log.warning("training task %d failed (%s); its %d samples are queued again",
                         record.task_id, record.error, n)
@@ -328,10 +424,8 @@ class EngineHost:
         gv = self.base[node] + version
         self.version[node] = gv
         if sample_ids:
-            try:
-                self.journal.mark_applied(sample_ids, node, gv)
-            except Exception:   # never kill the engine over it; resume would train them again
-                log.exception("could not journal %d applied samples of node %d", len(sample_ids), node)
+            self._unjournaled[node].append((sample_ids, gv))
+        self._journal_applied(node)
         self.metrics.step_applied(node, len(sample_ids))
         self._steps_since_ckpt[node] += 1
         if self.opts.checkpoint_every and self._steps_since_ckpt[node] >= self.opts.checkpoint_every:
@@ -339,16 +433,39 @@ class EngineHost:
         if self._ckpt_due[node]:
             self._checkpoint(node)
 
+    def _journal_applied(self, node: int) -> None:
+        """Mark applied samples in the journal, oldest first; what fails (a full disk) is kept
+        and tried again at the next step, and no checkpoint is taken meanwhile (it would hold
+        samples the journal calls queued, trained again on --resume)."""
+        pending = self._unjournaled[node]
+        while pending:
+            ids, gv = pending[0]
+            try:
+                self.journal.mark_applied(ids, node, gv)
+            except JournalStorageError as exc:
+                self._problem("journal", f"{exc} ({sum(len(i) for i, _ in pending)} applied samples "
+                                         "not yet marked; retried at the next step)")
+                return
+            pending.pop(0)
+        if "applied samples" in self.problems.get("journal", ""):
+            self._problem("journal", None)
+
     def on_train_loss(self, node: int, loss: float) -> None:
         self.train_losses.append((time.time(), node, float(loss)))
 
     def _checkpoint(self, node: int, final: bool = False) -> None:
         """Engine thread (or after it stopped): checkpoint `node` if no gradient is in flight;
         otherwise it stays due and is tried again at the node's next step."""
+        if self._unjournaled[node]:
+            self._journal_applied(node)
+            if self._unjournaled[node]:
+                self._ckpt_due[node] = True
+                return
         if not ckpt.training_quiescent(self.engine, node):
             if final:
                 log.warning("node %d: training in flight at exit, no final checkpoint; its samples "
                             "applied since the last one will be trained again on --resume", node)
+            self._ckpt_due[node] = True
             return
         if self._ckpt_version[node] == self.version[node]:
             self._ckpt_due[node] = False
@@ -364,5 +481,14 @@ class EngineHost:
         self._steps_since_ckpt[node] = 0
 
     def _written(self, node: int, version: int, path) -> None:
+        self._problem("checkpoint", None)
         self.metrics.checkpoints.inc()
         log.info("checkpoint of node %d at weight version %d: %s", node, version, path)
+
+    def _write_failed(self, node: int, version: int, exc: BaseException) -> None:
+        """Checkpoint thread: the write failed (its temporary files are gone); take it again at
+        the node's next step (or at shutdown)."""
+        self._problem("checkpoint", f"writing checkpoint v{version} of node {node} failed: {exc}")
+        if self._ckpt_version[node] == version:
+            self._ckpt_version[node] = -1
+        self._ckpt_due[node] = True

@@ -19,6 +19,15 @@ one fsync per request, not per sample.
 
 Each thread gets its own connection (the HTTP handlers' worker threads write samples, the engine
 thread marks them applied); SQLite serializes the writers.
+
+Relocatable: checkpoint paths are stored relative to the journal's directory (the state dir),
+so a copied state dir (`cp -a A B`) uses and prunes only its own checkpoints. Rows written by
+older versions hold absolute paths; those are read by their `checkpoints/...` tail, re-rooted
+at this state dir, never at the directory they name.
+
+Storage failures (a full disk, an I/O error, a read-only file) raise `JournalStorageError`
+naming SQLite's own reason; a failed transaction is rolled back only if SQLite has not already
+done so, so the reason is never hidden behind "cannot rollback - no transaction is active".
 """
 from __future__ import annotations
 
@@ -26,8 +35,9 @@ import json
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (
@@ -66,14 +76,70 @@ class QueuedSample:
     accepted_at: float
 
 
+class JournalStorageError(RuntimeError):
+    """The journal could not be written or read: `full` when the disk (or database) is full."""
+
+    def __init__(self, message: str, *, full: bool) -> None:
+        super().__init__(message)
+        self.full = full
+
+
+_SQLITE_FULL, _SQLITE_IOERR, _SQLITE_READONLY, _SQLITE_CANTOPEN = 13, 10, 8, 14
+
+
+def storage_error(exc: sqlite3.Error, path: Path) -> JournalStorageError:
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    full = code == _SQLITE_FULL or "full" in str(exc)
+    return JournalStorageError(f"the training journal {path} cannot be written: {exc}", full=full)
+
+
 class Journal:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.root = self.path.parent
+        self.root.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._db().executescript(_SCHEMA)
+
+    @contextmanager
+    def _tx(self):
+        """One write transaction; a storage failure becomes JournalStorageError."""
+        db = self._db()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            yield db
+            db.execute("COMMIT")
+        except BaseException as exc:
+            if db.in_transaction:      # SQLite rolls back by itself on some errors (SQLITE_FULL)
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            if isinstance(exc, sqlite3.OperationalError):
+                raise storage_error(exc, self.path) from exc
+            raise
+
+    # ------------------------------------------------------------------ paths
+    def relative(self, path: str | Path) -> str:
+        """How a checkpoint path is stored: relative to the state dir when inside it."""
+        p = Path(path)
+        try:
+            return p.resolve().relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            return str(p)
+
+    def resolve(self, stored: str) -> Path:
+        """A stored checkpoint path on this state dir. An absolute one (older journals) is
+        re-rooted here by its tail from `checkpoints/` on, whatever directory it names."""
+        p = PurePath(stored)
+        if not p.is_absolute():
+            return self.root / p
+        parts = p.parts
+        if "checkpoints" in parts:
+            return self.root.joinpath(*parts[len(parts) - 1 - parts[::-1].index("checkpoints"):])
+        return Path(p)
 
     def _db(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -97,23 +163,17 @@ class Journal:
     # ------------------------------------------------------------------ writes
     def add(self, samples: list[tuple[dict, int]], version: int) -> list[QueuedSample]:
         """Commit (payload, tokens) samples as queued, in one transaction; return them with ids."""
-        db, now, out = self._db(), time.time(), []
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        now, out = time.time(), []
+        with self._tx() as db:
             for payload, tokens in samples:
                 cur = db.execute("INSERT INTO samples (payload, tokens, accepted_at, accepted_version, state)"
                                  " VALUES (?, ?, ?, ?, 'queued')", (json.dumps(payload), tokens, now, version))
                 out.append(QueuedSample(int(cur.lastrowid), payload, now))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return out
 
     def mark_applied(self, sample_ids: list[int], node: int, version: int) -> None:
-        db, now = self._db(), time.time()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        now = time.time()
+        with self._tx() as db:
             for sid in sample_ids:
                 cur = db.execute("UPDATE samples SET state='applied', node=?, version=?, applied_at=? "
                                  "WHERE id=? AND state='queued'", (node, version, now, sid))
@@ -121,32 +181,24 @@ class Journal:
                     raise RuntimeError(f"sample {sid} applied twice or never journaled")
                 db.execute("INSERT INTO applications (sample_id, node, version, applied_at) VALUES (?, ?, ?, ?)",
                            (sid, node, version, now))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
-    def add_checkpoint(self, node: int, version: int, path: str) -> None:
-        self._db().execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?)",
-                           (node, version, path, time.time()))
+    def add_checkpoint(self, node: int, version: int, path: str | Path) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?)",
+                       (node, version, self.relative(path), time.time()))
 
     def drop_checkpoint(self, node: int, version: int) -> None:
-        self._db().execute("DELETE FROM checkpoints WHERE node=? AND version=?", (node, version))
+        with self._tx() as db:
+            db.execute("DELETE FROM checkpoints WHERE node=? AND version=?", (node, version))
 
     def roll_back(self, node: int, after_version: int) -> int:
         """Applications on `node` newer than its restored checkpoint died with the process:
         queue those samples again. Returns how many."""
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._tx() as db:
             db.execute("UPDATE applications SET rolled_back=1 WHERE node=? AND version>? AND rolled_back=0",
                        (node, after_version))
             cur = db.execute("UPDATE samples SET state='queued', node=NULL, version=NULL, applied_at=NULL "
                              "WHERE state='applied' AND node=? AND version>?", (node, after_version))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return cur.rowcount
 
     # ------------------------------------------------------------------ reads
@@ -160,17 +212,22 @@ class Journal:
         got = dict(rows)
         return {"queued": got.get("queued", 0), "applied": got.get("applied", 0)}
 
-    def latest_checkpoints(self) -> dict[int, tuple[int, str]]:
+    def latest_checkpoints(self) -> dict[int, tuple[int, Path]]:
         """node -> (version, path) of its newest recorded checkpoint."""
         rows = self._db().execute("SELECT node, MAX(version), path FROM checkpoints GROUP BY node").fetchall()
-        return {n: (v, p) for n, v, p in rows}
+        return {n: (v, self.resolve(p)) for n, v, p in rows}
 
-    def checkpoints(self, node: int) -> list[tuple[int, str]]:
-        return self._db().execute("SELECT version, path FROM checkpoints WHERE node=? ORDER BY version",
+    def checkpoints(self, node: int) -> list[tuple[int, Path]]:
+        """(version, path) of `node`'s recorded checkpoints, oldest first."""
+        rows = self._db().execute("SELECT version, path FROM checkpoints WHERE node=? ORDER BY version",
                                   (node,)).fetchall()
+        return [(v, self.resolve(p)) for v, p in rows]
 
     def is_empty(self) -> bool:
-        return self._db().execute("SELECT COUNT(*) FROM samples").fetchone()[0] == 0
+        """No sample and no checkpoint recorded (a new journal, or a 0-byte file)."""
+        db = self._db()
+        return (db.execute("SELECT COUNT(*) FROM samples").fetchone()[0] == 0
+                and db.execute("SELECT COUNT(*) FROM checkpoints").fetchone()[0] == 0)
 
     def lag(self, limit: int = 200) -> list[tuple[float, int, int]]:
         """(seconds from acceptance to application, accepted version, applied version) of the

@@ -110,6 +110,8 @@ class _EngineCollector:
 
     def collect(self):
         host = self.m.host
+        if host.engine is None:      # still starting: nothing to read yet
+            return
         snap = host.engine.last_snapshot   # taken on the engine thread (this is a scrape thread)
         waiting, running = host.in_flight()
         yield GaugeMetricFamily("lemix:num_requests_running", "Requests generating tokens", value=running)

@@ -1,7 +1,9 @@
 """What `lemix serve` takes beyond the run config: the HTTP side, the state directory, limits."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # Config defaults of `lemix serve` where they differ from the schema's (simulator) defaults: one
@@ -18,65 +20,127 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "policy.microbatches": 2,
 }
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class ServeOptionError(ValueError):
+    """A serve option out of range (the message names the flag)."""
+
 
 @dataclass(frozen=True)
 class ServeOptions:
     host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None           # required as `Authorization: Bearer KEY` on /v1/*
-    state_dir: str = "lemix-state"       # journal.sqlite, checkpoints/, profile.json
+    port: int = 8000                     # 0: any free port (the log says which)
+    api_key: str | None = None           # required as `Authorization: Bearer KEY` on /v1/* and /metrics
+    metrics_public: bool = False         # /metrics without the key
+    state_dir: str = "lemix-state"       # journal.sqlite, checkpoints/, requests.csv, train_tasks.csv
     checkpoint_every: int = 50           # optimizer steps of a node between checkpoints (0: only at exit)
     resume: bool = False                 # restore the latest checkpoints, train unapplied samples
     max_queued: int = 256                # inference requests in flight before answering 429
     max_queued_samples: int = 100_000    # training samples not yet applied before answering 429
+    max_body_bytes: int = 4 * 2**20      # request bodies larger than this get a 413, unread
+    max_sample_chars: int = 65_536       # characters of one training sample (text, or prompt + completion)
     train_batch_wait_s: float = 1.0      # how long a sample waits for its micro-batch to fill
     served_model_name: str | None = None # default: the model name of the config
     default_max_tokens: int = 16         # /v1/completions without max_tokens (OpenAI's default)
-    drain_timeout_s: float = 30.0        # at shutdown: how long in-flight work may take to finish
+    drain_timeout_s: float = 30.0        # at shutdown: how long in-flight requests may take to finish
+    profile_cache_dir: str | None = None # measured profiles, keyed by model/device/stages (None: no cache)
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        for name in ("checkpoint_every", "max_queued", "max_queued_samples", "default_max_tokens"):
-            if getattr(self, name) < (0 if name == "checkpoint_every" else 1):
-                raise ValueError(f"serve option {name} must be >= "
-                                 f"{0 if name == 'checkpoint_every' else 1}, got {getattr(self, name)}")
-        if self.train_batch_wait_s < 0 or self.drain_timeout_s < 0:
-            raise ValueError("train_batch_wait_s and drain_timeout_s must be >= 0")
+        minimum = {"checkpoint_every": 0, "max_queued": 1, "max_queued_samples": 1,
+                   "default_max_tokens": 1, "max_body_bytes": 1024, "max_sample_chars": 1}
+        for name, low in minimum.items():
+            if getattr(self, name) < low:
+                raise ServeOptionError(f"{_flag(name)} must be >= {low}, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise ServeOptionError(f"--port must be a TCP port in 0..65535, got {self.port}")
+        for name in ("train_batch_wait_s", "drain_timeout_s"):
+            if not getattr(self, name) >= 0:
+                raise ServeOptionError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ServeOptionError(f"--log-level must be one of {' | '.join(LOG_LEVELS)}, "
+                                   f"got {self.log_level!r}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ServeOptionError("the API key is empty")
+
+
+def _flag(field: str) -> str:
+    for flag, name, _, _ in SERVE_FLAGS:
+        if name == field:
+            return flag
+    return field
 
 
 # `lemix serve`'s own flags: (flag, ServeOptions field, type, help); defaults come from ServeOptions.
 SERVE_FLAGS = [
     ("--host", "host", str, "address to listen on"),
-    ("--port", "port", int, "port to listen on"),
-    ("--api-key", "api_key", str, "require `Authorization: Bearer KEY` on /v1/*"),
-    ("--state-dir", "state_dir", str, "training journal (SQLite), checkpoints and the measured profile"),
+    ("--port", "port", int, "port to listen on (0: any free port)"),
+    ("--api-key", "api_key", str, "require `Authorization: Bearer KEY` on /v1/* and /metrics (visible "
+                                  "in `ps`: prefer LEMIX_API_KEY or --api-key-file)"),
+    ("--state-dir", "state_dir", str, "training journal (SQLite), checkpoints, requests.csv and "
+                                      "train_tasks.csv; relocatable (paths inside are relative to it)"),
     ("--checkpoint-every", "checkpoint_every", int, "optimizer steps of a node between checkpoints "
                                                     "(0: only at shutdown)"),
     ("--max-queued", "max_queued", int, "inference requests in flight before answering 429"),
     ("--max-queued-samples", "max_queued_samples", int, "training samples not yet applied before 429"),
+    ("--max-body-bytes", "max_body_bytes", int, "largest request body; a larger one gets 413 unread"),
+    ("--max-sample-chars", "max_sample_chars", int, "largest training sample in characters (400 above)"),
     ("--train-batch-wait", "train_batch_wait_s", float, "seconds a training sample waits for its "
                                                          "micro-batch (workload.train_batch_size) to fill"),
     ("--served-model-name", "served_model_name", str, "model id in the API (default: --model)"),
     ("--default-max-tokens", "default_max_tokens", int, "max_tokens of a completion that gives none"),
-    ("--drain-timeout", "drain_timeout_s", float, "seconds in-flight work may take at shutdown"),
-    ("--log-level", "log_level", str, "debug | info | warning | error"),
+    ("--drain-timeout", "drain_timeout_s", float, "seconds in-flight requests may take at shutdown; "
+                                                   "streams still open then end with an error event"),
+    ("--profile-cache", "profile_cache_dir", str, "where measured profiles are cached (default: the "
+                                                  "user cache dir, e.g. ~/.cache/lemix/profiles)"),
+    ("--log-level", "log_level", str, " | ".join(LOG_LEVELS)),
 ]
 # run-config workload flags that mean something to a server
 SERVE_WORKLOAD_FLAGS = ("--train-batch-size", "--train-seq-tokens", "--max-prompt-tokens",
                         "--max-output-tokens")
+API_KEY_ENV = "LEMIX_API_KEY"
 
 
 def add_serve_flags(parser) -> None:
     defaults = ServeOptions()
     for flag, field, typ, desc in SERVE_FLAGS:
         default = getattr(defaults, field)
+        kw: dict[str, Any] = {"choices": LOG_LEVELS} if field == "log_level" else {}
         parser.add_argument(flag, dest=f"serve_{field}", type=typ, default=default,
-                            metavar=typ.__name__.upper(), help=f"{desc} (default: {default})")
+                            metavar=typ.__name__.upper(), help=f"{desc} (default: {default})", **kw)
+    parser.add_argument("--api-key-file", dest="api_key_file", metavar="FILE",
+                        help=f"read the API key from FILE (first line); else ${API_KEY_ENV}, else --api-key")
+    parser.add_argument("--metrics-public", dest="serve_metrics_public", action="store_true",
+                        help="serve /metrics without the API key")
     parser.add_argument("--resume", dest="serve_resume", action="store_true",
                         help="restore the latest checkpoints in --state-dir and train the samples "
                              "its journal holds that no checkpoint contains")
 
 
-def options_from_args(args) -> ServeOptions:
-    return ServeOptions(**{k.removeprefix("serve_"): v for k, v in vars(args).items()
-                           if k.startswith("serve_")})
+def default_profile_cache() -> str:
+    """The user cache dir: $XDG_CACHE_HOME/lemix/profiles, else ~/.cache/lemix/profiles."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "lemix" / "profiles")
+
+
+def api_key_from(args_key: str | None, key_file: str | None, environ=os.environ) -> str | None:
+    """--api-key-file, else $LEMIX_API_KEY, else --api-key (the only place the key's sources meet)."""
+    if key_file:
+        try:
+            lines = Path(key_file).read_text().splitlines()
+        except OSError as exc:
+            raise ServeOptionError(f"--api-key-file {key_file}: {exc.strerror or exc}") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ServeOptionError(f"--api-key-file {key_file} is empty")
+        return key
+    return environ.get(API_KEY_ENV) or args_key
+
+
+def options_from_args(args, environ=os.environ) -> ServeOptions:
+    fields = {k.removeprefix("serve_"): v for k, v in vars(args).items() if k.startswith("serve_")}
+    fields["api_key"] = api_key_from(fields.get("api_key"), getattr(args, "api_key_file", None), environ)
+    if fields.get("profile_cache_dir") is None:
+        fields["profile_cache_dir"] = default_profile_cache()
+    return ServeOptions(**fields)

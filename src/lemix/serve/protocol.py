@@ -2,14 +2,32 @@
 wrong type is a 400, never coerced), the error body, and the response/chunk builders.
 
 Error body, for every status:  {"error": {"message", "type", "param", "code"}}
+
+Every string is checked for lone surrogates (`"a\\ud800b"` is valid JSON but not Unicode: no
+tokenizer or database can take it), so such text is a 400 naming the field.
 """
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+MAX_STOP_CHARS = 256
+
+
+def _no_surrogates(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the text holds a lone surrogate ({text[exc.start]!r} at character "
+                         f"{exc.start}), which is not valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_no_surrogates)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class APIError(Exception):
@@ -42,24 +60,18 @@ class StreamOptions(_Body):
 
 
 class _Sampling(_Body):
-    model: str
+    model: Text
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1, le=1, description="only 1")
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: (Annotated[Text, Field(max_length=MAX_STOP_CHARS)]
+           | Annotated[list[Annotated[Text, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=4)]
+           | None) = None
     seed: int | None = None
     priority: int | None = Field(None, ge=-1000, le=1000, description="lemix: higher is served first")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.n not in (None, 1):
-            raise ValueError("only n=1 is supported")
-        if isinstance(self.stop, list) and len(self.stop) > 4:
-            raise ValueError("stop takes at most 4 strings")
-        return self
 
     @property
     def stops(self) -> list[str]:
@@ -67,30 +79,25 @@ class _Sampling(_Body):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int]
-    echo: bool | None = None
-    logprobs: int | None = None
-    suffix: str | None = None
+    prompt: (Annotated[Text, Field(min_length=1)]
+             | Annotated[list[Annotated[Text, Field(min_length=1)]], Field(min_length=1, max_length=1)]
+             | TokenIds)
+    echo: Literal[False] | None = Field(None, description="not supported")
+    logprobs: None = Field(None, description="not supported; see lemix.inference_loss")
+    suffix: Literal[""] | None = Field(None, description="not supported")
 
-    @model_validator(mode="after")
-    def _check_prompt(self):
-        if self.echo or self.logprobs is not None or self.suffix:
-            raise ValueError("echo, logprobs and suffix are not supported; the response's "
-                             "lemix.inference_loss gives the prompt's per-token NLL")
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
-            if len(self.prompt) != 1:
-                raise ValueError("one prompt per request (a list of prompts is not supported)")
-        return self
+    # echo, logprobs and suffix can only be off (their types say so): the response's
+    # lemix.inference_loss gives the prompt's per-token NLL instead of logprobs
 
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     @property
     def text(self) -> str:
@@ -102,7 +109,7 @@ class ChatMessage(_Body):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
+    logprobs: Literal[False] | None = Field(None, description="not supported")
 
     @model_validator(mode="after")
     def _check_chat(self):
@@ -112,9 +119,9 @@ class ChatRequest(_Sampling):
 
 
 class TrainSample(_Body):
-    text: str | None = None
-    prompt: str | None = None
-    completion: str | None = None
+    text: Text | None = None
+    prompt: Text | None = None
+    completion: Text | None = None
 
     @model_validator(mode="after")
     def _check(self):
@@ -128,6 +135,10 @@ class TrainSample(_Body):
         elif not (self.prompt + self.completion):
             raise ValueError("prompt and completion are both empty")
         return self
+
+    @property
+    def chars(self) -> int:
+        return len(self.text) if self.text is not None else len(self.prompt or "") + len(self.completion or "")
 
     def payload(self) -> dict:
         if self.text is not None:

@@ -5,7 +5,7 @@ event loop with `loop.call_soon_threadsafe`, where the HTTP handler reads it fro
 
     ("delta", text)    newly safe text (stop strings cut, partial characters held back)
     ("done", info)     finish_reason, token counts, ttft/e2e, weight version, inference loss
-    ("error", message) the request failed in the engine
+    ("error", Failure) the request failed in the engine, or was cut at shutdown
 """
 from __future__ import annotations
 
@@ -36,6 +36,13 @@ class Done:
                 "e2e_s": self.e2e_s}
 
 
+@dataclass(frozen=True)
+class Failure:
+    message: str
+    status: int = 500
+    code: str = "engine_error"
+
+
 class Stream:
     def __init__(self, task_id: int, loop: asyncio.AbstractEventLoop, detok: Detokenizer,
                  prompt_tokens: int, max_tokens: int) -> None:
@@ -46,11 +53,14 @@ class Stream:
         self.max_tokens = max_tokens
         self.events: asyncio.Queue = asyncio.Queue()
         self.first_token = False
-        self.cancelled = False     # the client went away: stop at the next token
+        self.cancelled = False     # the client went away (or it was cut): stop at the next token
+        self.closed = False        # its last event (done or error) is queued
 
     # ------------------------------------------------------------------ engine thread
     def on_token(self, token: int) -> bool:
         self.first_token = True
+        if self.closed:
+            return True
         delta = self.detok.push(token)
         if delta:
             self._put(("delta", delta))
@@ -58,10 +68,10 @@ class Stream:
 
     def finish(self, rec: RequestRecord, version: int) -> Done | None:
         if rec.failed:
-            self._put(("error", rec.error or "the request failed in the engine"))
+            self.fail(rec.error or "the request failed in the engine")
             return None
         tail = self.detok.flush()
-        if tail:
+        if tail and not self.closed:
             self._put(("delta", tail))
         n = len(self.detok.ids)
         by_length = n >= self.max_tokens and not self.detok.stopped
@@ -70,11 +80,16 @@ class Stream:
         done = Done("length" if by_length else "stop", self.prompt_tokens, n + int(eos), rec.ttft_s,
                     rec.e2e_s, version, rec.node,
                     None if loss is None or math.isnan(loss) else float(loss), rec.staleness_steps)
-        self._put(("done", done))
+        if not self.closed:
+            self.closed = True
+            self._put(("done", done))
         return done
 
-    def fail(self, message: str) -> None:
-        self._put(("error", message))
+    def fail(self, message: str, status: int = 500, code: str = "engine_error") -> None:
+        """End the request with an error (once: a later finish or failure adds nothing)."""
+        if not self.closed:
+            self.closed = True
+            self._put(("error", Failure(message, status, code)))
 
     def _put(self, item: tuple) -> None:
         try:
