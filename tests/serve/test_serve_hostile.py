@@ -147,7 +147,7 @@ def test_finished_requests_leave_memory_and_go_to_csv(live):
     time.sleep(0.3)
     res, sched, engine = host.engine.sched.result, host.engine.sched, host.engine
     assert res.requests == [] and res.train_tasks == [] and res.train_steps == []
-    assert len(sched._tasks) <= 2 and len(engine._tasks) <= 2 and len(engine.inference_loss) <= 2
+    assert len(sched.ledger.tasks) <= 2 and len(engine._tasks) <= 2 and len(engine.inference_loss) <= 2
     host.records.flush()
     with open(state / "requests.csv") as fh:
         rows = list(csv.DictReader(fh))
