@@ -12,7 +12,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 
@@ -21,33 +21,16 @@ from lemix.engine.backend import Backend, EngineError, WorkerLost
 from lemix.engine.data import TaskTexts, TaskTokens
 from lemix.engine.messages import (Backward, Decode, Forward, Free, GetWeights, Offload, Reload,
                                    SamplingParams, SetWeights, Step)
+from lemix.engine.outcomes import Listener, average_weights, step_losses
 from lemix.engine.recovery import Recovery
 from lemix.engine.stage import split_stages
 from lemix.engine.tags import SUBMIT, FetchTag, FreeTag, GatherTag, OpTag, SubmitTag
 from lemix.sched.latency import Profile
 from lemix.sched.params import SchedParams
 from lemix.sched.scheduler import Scheduler
-from lemix.types import (ClusterSnapshot, Event, EventKind, Op, OpKind, OpRecord, OpResult, Outputs,
-                         RequestRecord, RunResult, Task, TrainStepRecord, TrainTaskRecord)
+from lemix.types import ClusterSnapshot, Event, EventKind, Op, OpKind, OpRecord, OpResult, Outputs, RunResult, Task
 
 __all__ = ["Engine", "EngineError", "Listener"]
-
-
-class Listener(Protocol):
-    """What an online user of the engine (the HTTP server) hears, on the engine's thread."""
-
-    def on_token(self, task_id: int, token: int) -> bool:
-        """A generated token; return True to stop the sequence here (a stop string matched)."""
-        ...
-
-    def on_finish(self, record: RequestRecord | TrainTaskRecord) -> None: ...
-
-    def on_applied(self, task_ids: tuple[int, ...], node: int, version: int) -> None:
-        """Training tasks whose gradients an optimizer step of `node` just applied."""
-        ...
-
-    # Optional: on_train_loss(node, loss) -- a training micro-batch's mean token NLL, as soon as
-    # its forward reached the last stage (called only when the listener has the method).
 
 
 RECENT_OPS = 20_000   # ended ops the engine keeps for live metrics (idle ratios, step spans)
@@ -58,12 +41,6 @@ RECORD_WINDOW_S = 120.0   # keep_records=False: training losses kept this far ba
 class _Flight:
     op: Op
     start_s: float
-
-
-def average_weights(copies: list[tuple[float, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
-    """The weighted average of state dicts (weights need not sum to 1), summed in list order."""
-    total = sum(w for w, _ in copies)
-    return {k: sum(w * sd[k] for w, sd in copies) / total for k in copies[0][1]}
 
 
 class Engine:
@@ -460,21 +437,7 @@ class Engine:
     def _result(self) -> RunResult:
         result = self.sched.finalize()
         result.requests = [replace(r, inference_loss=self.inference_loss.get(r.task_id)) for r in result.requests]
-        result.train_steps = self._step_losses(result.train_steps)
+        result.train_steps = step_losses(result.train_steps, self._train_losses)
         result.extras["compute_fraction"] = self._compute_s / self._busy_s if self._busy_s else None
         self.recovery.extras(result.extras)
         return result
-
-    def _step_losses(self, steps: list[TrainStepRecord]) -> list[TrainStepRecord]:
-        """Each node step gets the mean loss of the micro-batches that node finished before it."""
-        out = []
-        by_node: dict[int, list[tuple[float, float]]] = {}
-        for node, t, loss in self._train_losses:
-            by_node.setdefault(node, []).append((t, loss))
-        prev: dict[int, float] = {}
-        for st in sorted(steps, key=lambda s: (s.node, s.time_s)):
-            lo = prev.get(st.node, -1.0)
-            losses = [l for t, l in by_node.get(st.node, []) if lo < t <= st.time_s]
-            prev[st.node] = st.time_s
-            out.append(replace(st, loss=sum(losses) / len(losses) if losses else None))
-        return sorted(out, key=lambda s: s.time_s)

@@ -26,7 +26,8 @@ from typing import Any, Callable
 
 from lemix.engine.backend import EngineError, WorkerLost
 from lemix.engine.messages import GetWeights, SetWeights
-from lemix.engine.runtime import Engine, average_weights
+from lemix.engine.outcomes import average_weights
+from lemix.engine.runtime import Engine
 from lemix.engine.tags import FreeTag, GatherTag, OpTag
 from lemix.clock import SimClock
 from lemix.sched.latency import LatencyModel, Profile
