@@ -37,13 +37,13 @@ def bench(nodes: int, stages: int, policy: str, decisions: int, timer, seed: int
     clock = SimClock()
     sched = Scheduler(cfg.sched_params(policy), profile, clock, timer=timer)
     forecasts = [0]
-    real_forecast = sched.forecast
+    real_forecast = sched.view.forecast
 
     def counted(node, task):
         forecasts[0] += 1
         return real_forecast(node, task)
 
-    sched.forecast = counted   # count the forecasts the policy asks for
+    sched.view.forecast = counted   # count the forecasts the policy asks for
     sim = Simulator(sched, clock, LatencyModel(profile, calibrate=False), seed=seed)
     wall0 = time.perf_counter()
     result = sim.run(tasks)

@@ -114,6 +114,7 @@ class RequestRecord:
     staleness_s: float = 0.0
     inference_loss: float | None = None
     error: str = ""
+    ttft_slo_s: float | None = None   # an absolute TTFT limit it must meet too (generate mode)
 
     @property
     def ttft_s(self) -> float | None:
@@ -126,7 +127,10 @@ class RequestRecord:
     @property
     def slo_met(self) -> bool:
         e2e = self.e2e_s
-        return (not self.failed) and e2e is not None and e2e <= self.slo_s
+        if self.failed or e2e is None or e2e > self.slo_s:
+            return False
+        ttft = self.ttft_s
+        return self.ttft_slo_s is None or (ttft is not None and ttft <= self.ttft_slo_s)
 
 
 @dataclass(frozen=True)

@@ -152,14 +152,14 @@ def test_scheduler_forecast_idle_vs_busy_node_by_hand():
     (op0,) = sched.plan().ops
     assert (op0.node, op0.stage, op0.predicted_s) == (0, 0, pytest.approx(10 * MS))
     probe = infer(1, 0.0, 10)
-    busy, free = sched.forecast(0, probe), sched.forecast(1, probe)
+    busy, free = sched.view.forecast(0, probe), sched.view.forecast(1, probe)
     # node 1 idle: the fill bubble (stage 1 waits one stage time); R = 2 stage times
     assert (free.ii_s, free.r_s) == (pytest.approx(10 * MS), pytest.approx(20 * MS))
     # node 0: behind task 0 (stage 0 [0,10], stage 1 [10,20]) -> [10,20], [20,30]: no idleness
     assert (busy.ii_s, busy.r_s) == (pytest.approx(0.0), pytest.approx(30 * MS))
 
     clock.advance_to(5 * MS)                     # sunk time passes; arrival at 5
-    busy = sched.forecast(0, infer(1, 5 * MS, 10))
+    busy = sched.view.forecast(0, infer(1, 5 * MS, 10))
     assert (busy.ii_s, busy.r_s) == (pytest.approx(0.0), pytest.approx(25 * MS))
 
     clock.advance_to(10 * MS)
@@ -168,7 +168,7 @@ def test_scheduler_forecast_idle_vs_busy_node_by_hand():
     assert (op1.node, op1.stage) == (0, 1)
     # stage 0 free now, stage 1 busy until 20: a training task fwd [10,20], [20,30];
     # bwd s1 [30,50], s0 [50,70]; stage 0 idles 20..50 waiting for its backward.
-    f = sched.forecast(0, train(2, 10 * MS, 10))
+    f = sched.view.forecast(0, train(2, 10 * MS, 10))
     assert (f.ii_s, f.r_s) == (pytest.approx(30 * MS), pytest.approx(20 * MS))
 
 
@@ -177,7 +177,7 @@ def test_scheduler_forecast_when_running_op_overruns_its_prediction():
     sched.on_arrival(infer(0, 0.0, 10))
     sched.plan()
     clock.advance_to(15 * MS)                    # predicted end 10, still running at 15
-    f = sched.forecast(0, infer(1, 15 * MS, 10))
+    f = sched.view.forecast(0, infer(1, 15 * MS, 10))
     # stage 0 free from now: [15,25]; stage 1: task 0 [15,25] then ours [25,35]
     assert f.first_start_s == pytest.approx(15 * MS)
     assert (f.ii_s, f.r_s) == (pytest.approx(0.0), pytest.approx(20 * MS))
@@ -191,7 +191,7 @@ def test_scheduler_inference_jumps_queued_training_only_when_inference_first(pol
     (op,) = sched.plan().ops                     # inference first on stage 0; training queued
     assert op.task_ids == (0,) and not op.train
     clock.advance_to(5 * MS)
-    f = sched.forecast(0, infer(2, 5 * MS, 10))
+    f = sched.view.forecast(0, infer(2, 5 * MS, 10))
     # task 0: stage 0 [0,10], stage 1 [10,20]. Queued training: fwd [10,20], [20,30],
     # bwd s1 [30,50], s0 [50,70].
     # lemix (inference first) jumps it: stage 0 [10,20], stage 1 [20,30] -> R = 30 - 5 = 25.

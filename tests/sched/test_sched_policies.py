@@ -17,7 +17,7 @@ from lemix.types import OpKind
 
 
 def placed(sched) -> dict[int, int]:
-    return dict(sched._node_of)
+    return dict(sched.ledger.node_of)
 
 
 # ---------------------------------------------------------------------------- registry
@@ -74,8 +74,8 @@ def test_luf_least_predicted_work_ties_to_lowest_index():
     # task 0 -> node 0 (tie at 0), then node 1 until it owes as much (tasks 1..10),
     # then the tie goes to the lower index.
     assert placed(sched) == {0: 0, **{i: 1 for i in range(1, 11)}, 11: 0}
-    assert sched.pending_work_s(0) == 220 * 2.0 ** -10
-    assert sched.pending_work_s(1) == 200 * 2.0 ** -10
+    assert sched.view.pending_work_s(0) == 220 * 2.0 ** -10
+    assert sched.view.pending_work_s(1) == 200 * 2.0 ** -10
 
 
 def test_luf_drained_node_owes_exactly_zero():
@@ -129,7 +129,7 @@ def test_separate_dynamic_grows_the_training_side_with_training_load():
     from lemix.sim import simulate_policy
     result, sim = simulate_policy(make_params(policy="separate-dynamic", nodes=4), make_profile(2), tasks,
                                   noise=0.0)
-    assert sim.sched.policy.roles(sim.sched) == (frozenset({0}), frozenset({1, 2, 3}))
+    assert sim.sched.policy.roles(sim.sched.view) == (frozenset({0}), frozenset({1, 2, 3}))
     by_id = {r.task_id: r for r in result.train_tasks + result.requests}
     # before the first re-evaluation (period 10 s): the static 2/2 split
     assert {by_id[2 * i].node for i in range(10)} <= {2, 3}
@@ -150,10 +150,10 @@ def busy_node_scene(policy: str, **kw):
     assert placed(sched) == {0: 0}
     clock.advance_to(5 * MS)
     task = infer(1, 5 * MS, 10)
-    f0, f1 = sched.forecast(0, task), sched.forecast(1, task)
+    f0, f1 = sched.view.forecast(0, task), sched.view.forecast(1, task)
     assert (f0.ii_s, f0.r_s) == (pytest.approx(0.0), pytest.approx(45 * MS))
     assert (f1.ii_s, f1.r_s) == (pytest.approx(60 * MS), pytest.approx(40 * MS))
-    assert sched.slo_s(task) == pytest.approx(200 * MS)
+    assert sched.view.slo_s(task) == pytest.approx(200 * MS)
     return sched, task
 
 
@@ -166,9 +166,9 @@ def busy_node_scene(policy: str, **kw):
 ])
 def test_lemix_score_consolidation_vs_latency(kw, s0, s1, node):
     sched, task = busy_node_scene("lemix", **kw)
-    assert sched.policy.score(task, 0, sched) == pytest.approx(s0)
-    assert sched.policy.score(task, 1, sched) == pytest.approx(s1)
-    assert sched.policy.place(task, sched) == node
+    assert sched.policy.score(task, 0, sched.view) == pytest.approx(s0)
+    assert sched.policy.score(task, 1, sched.view) == pytest.approx(s1)
+    assert sched.policy.place(task, sched.view) == node
 
 
 def test_lemix_tradeoff_on_a_stream():
@@ -194,17 +194,17 @@ def test_lemix_paper_sign_bug_prefers_the_larger_response():
         sched.on_arrival(infer(i, 0.0, 10))
     sched.plan()
     task = infer(3, 0.0, 10)
-    assert [sched.forecast(n, task).r_s for n in (0, 1)] == [pytest.approx(40 * MS), pytest.approx(30 * MS)]
-    assert [sched.forecast(n, task).ii_paper_s for n in (0, 1)] == [pytest.approx(0.0), pytest.approx(0.0)]
+    assert [sched.view.forecast(n, task).r_s for n in (0, 1)] == [pytest.approx(40 * MS), pytest.approx(30 * MS)]
+    assert [sched.view.forecast(n, task).ii_paper_s for n in (0, 1)] == [pytest.approx(0.0), pytest.approx(0.0)]
     paper, fixed = make_policy("lemix-paper", params), make_policy("lemix", params)
     # research formula: (IP + l2 LC) / (l1 R) with IP = -max(II/S - gap, tau) = -0.2 on both
-    assert paper.score(task, 0, sched) == pytest.approx(-0.2 / (0.5 * 0.040))   # -10
-    assert paper.score(task, 1, sched) == pytest.approx(-0.2 / (0.5 * 0.030))   # -13.3
-    assert paper.place(task, sched) == 0         # the LARGER response time wins
+    assert paper.score(task, 0, sched.view) == pytest.approx(-0.2 / (0.5 * 0.040))   # -10
+    assert paper.score(task, 1, sched.view) == pytest.approx(-0.2 / (0.5 * 0.030))   # -13.3
+    assert paper.place(task, sched.view) == 0         # the LARGER response time wins
     # sign-correct: -max(0, tau) - l1 R / SLO, SLO = 100 ms
-    assert fixed.score(task, 0, sched) == pytest.approx(-0.2 - 0.5 * 0.4)
-    assert fixed.score(task, 1, sched) == pytest.approx(-0.2 - 0.5 * 0.3)
-    assert fixed.place(task, sched) == 1
+    assert fixed.score(task, 0, sched.view) == pytest.approx(-0.2 - 0.5 * 0.4)
+    assert fixed.score(task, 1, sched.view) == pytest.approx(-0.2 - 0.5 * 0.3)
+    assert fixed.place(task, sched.view) == 1
 
 
 def test_lemix_length_consistency_prefers_a_node_of_similar_lengths():
@@ -215,10 +215,10 @@ def test_lemix_length_consistency_prefers_a_node_of_similar_lengths():
     sched.plan()
     assert placed(sched) == {0: 0, 1: 1, 2: 0, 3: 1}
     lemix = make_policy("lemix", params)
-    assert lemix.place(infer(9, 0.0, 11), sched) == 0
-    assert lemix.place(infer(9, 0.0, 105), sched) == 1
+    assert lemix.place(infer(9, 0.0, 11), sched.view) == 0
+    assert lemix.place(infer(9, 0.0, 105), sched.view) == 1
     # LC' = exp(-(l - mu)^2 / (2 var)): 11 on node 0 (mu 11, var 2) -> exactly 1
-    assert sched.length_stats(0).consistency(11) == pytest.approx(1.0)
+    assert sched.view.length_stats(0).consistency(11) == pytest.approx(1.0)
 
 
 def test_lemix_defers_training_during_an_inference_burst_and_runs_it_later():

@@ -14,7 +14,7 @@ idle is sunk and does not count.
 from __future__ import annotations
 
 import bisect
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 # An interval: (start_s, end_s, train)
 Interval = tuple[float, float, bool]
@@ -253,5 +253,3 @@ def build_timeline(
         tl.chain(ops, max(now, ready), train)
     return tl
 
-
-CostFn = Callable[[int, float], float]

@@ -22,6 +22,16 @@ class OpCoeffs:
     def scaled(self, k: float) -> "OpCoeffs":
         return OpCoeffs(self.a * k, self.b * k, self.c * k)
 
+    # The latency formulas (DESIGN section 4), written here only: every prediction, forecast
+    # and SLO is computed by these two.
+    def pass_s(self, batch: int, tokens: int) -> float:
+        """A forward or backward of `batch` sequences of `tokens` (padded) tokens."""
+        return self.a + self.b * batch * tokens + self.c * batch * tokens * tokens
+
+    def decode_s(self, batch: int, kv_tokens: int) -> float:
+        """A decode iteration of `batch` sequences holding `kv_tokens` of KV cache in all."""
+        return self.a + self.b * batch + self.c * kv_tokens
+
 
 @dataclass(frozen=True)
 class StageProfile:
@@ -119,12 +129,12 @@ def generic_profile(like: Profile) -> Profile:
 
 def _raw(profile: Profile, kind: OpKind, stage: int, batch: int, seq: int, kv: int, nbytes: int) -> float:
     st = profile.stages[stage]
-    if kind is OpKind.FWD or kind is OpKind.BWD:
-        k = st.fwd if kind is OpKind.FWD else st.bwd
-        return k.a + k.b * batch * seq + k.c * batch * seq * seq
+    if kind is OpKind.FWD:
+        return st.fwd.pass_s(batch, seq)
+    if kind is OpKind.BWD:
+        return st.bwd.pass_s(batch, seq)
     if kind is OpKind.DECODE:
-        k = st.decode
-        return k.a + k.b * batch + k.c * kv
+        return st.decode.decode_s(batch, kv)
     if kind is OpKind.OPTIM:
         return st.optim.a
     if kind is OpKind.OFFLOAD or kind is OpKind.RELOAD:

@@ -1,6 +1,7 @@
 """The scheduler's picture of each node: micro-batches in flight, decode sequences, devices.
 
-Internal to sched/: mutable, never handed to executors (they only see Op / OpResult).
+Internal to sched/: mutable. Executors see only what lemix.types carries (Op, Outputs,
+ClusterSnapshot); policies read a node's LengthStats through ClusterView.
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from lemix.types import Op, Task
+from lemix.types import Op, SyncSpec, Task
 
 
 @dataclass
@@ -71,10 +72,6 @@ class DecodeIter:
     running: bool = False
 
 
-SYNC_NONE = -1      # Device.sync_pending: no weight sync due
-SYNC_AVERAGE = -2   # ... replace this stage's weights by a weighted average of the nodes' copies
-
-
 @dataclass
 class Device:
     """One stage device of a node: the op it runs and the memory it holds."""
@@ -93,9 +90,7 @@ class Device:
     busy_ewma_s: float = 0.0         # recent busy time (decayed), for the training-share bound
     train_ewma_s: float = 0.0        # ... of which training ops
     ewma_at_s: float = 0.0
-    sync_pending: int = -1           # SYNC: source node; SYNC_NONE (-1); SYNC_AVERAGE (-2)
-    sync_version: int = 0
-    sync_mix: tuple[float, ...] = ()    # SYNC_AVERAGE: weight per node
+    sync: SyncSpec | None = None     # a weight copy (or merge) due on this stage
 
     @property
     def used_bytes(self) -> int:
@@ -163,3 +158,57 @@ class NodeState:
     @property
     def num_stages(self) -> int:
         return len(self.devices)
+
+    # ---- predicates over the node's state (one definition each)
+    def is_idle(self) -> bool:
+        """Nothing running, queued or in flight: its forecast timeline is empty."""
+        return (not self.batches and not self.infer_wait and not self.train_wait and not self.seqs
+                and self.decode is None and all(d.running is None for d in self.devices))
+
+    def has_no_inference(self) -> bool:
+        """No inference running, queued or in flight: its inference-only timeline is empty."""
+        return (not self.infer_wait and not self.seqs and self.decode is None
+                and all(b.train for b in self.batches.values())
+                and all(d.running is None or d.running.train for d in self.devices))
+
+    def holds_nothing(self) -> bool:
+        """Nothing queued, in flight or pending on any stage (no gradients, no weight copy)."""
+        return (not self.infer_wait and not self.train_wait and not self.batches and not self.seqs
+                and not any(d.grads_pending or d.sync is not None for d in self.devices))
+
+    def quiescent(self) -> bool:
+        """No gradient of the node lives outside its weights: no training micro-batch has begun
+        its backward (a finished one has left `batches`), no stage holds accumulated gradients or
+        a weight copy in progress, and every stage took the same steps."""
+        last = self.num_stages - 1
+        for b in self.batches.values():
+            if b.train and b.fwd_done and (b.running or b.bwd_next < last):
+                return False
+        return (all(d.grads_pending == 0 and d.sync is None for d in self.devices)
+                and len({d.step_count for d in self.devices}) == 1)
+
+    def held_batch_ids(self) -> tuple[int, ...]:
+        """Micro-batches and the decode iteration in flight (state its workers may hold)."""
+        return tuple(self.batches) + ((self.decode.bid,) if self.decode is not None else ())
+
+    def stash_on(self, s: int) -> bool:
+        """A training micro-batch's activations are stashed on stage s (its backward is due)."""
+        return any(b.train and s in b.stash_stages for b in self.batches.values())
+
+    def due_stages(self) -> dict[int, list[Batch]]:
+        """The batches by the stage their next op is due on (one pass per dispatch, so a device
+        looks only at its own)."""
+        due: dict[int, list[Batch]] = {}
+        for b in self.batches.values():
+            s = b.bwd_next if b.train and b.fwd_done else b.fwd_next
+            due.setdefault(s, []).append(b)
+        return due
+
+    def running_end(self, stage: int, ready: float) -> float:
+        """When work ready at `ready` can start on `stage` after the op running there."""
+        d = self.devices[stage]
+        return ready if d.running is None else max(ready, d.running_start_s + d.running.predicted_s)
+
+    def decode_set(self, max_batch: int) -> list[int]:
+        """The sequences the next decode iteration takes (the first C of the pool)."""
+        return list(self.seqs)[:max_batch]

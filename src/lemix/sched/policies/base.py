@@ -6,8 +6,10 @@ from typing import Protocol
 import numpy as np
 
 from lemix.sched.forecast import Forecast
+from lemix.sched.order import DispatchOrder, FirstReady
 from lemix.sched.params import SchedParams
 from lemix.sched.state import LengthStats
+from lemix.sched.weights import LocalWeights, MergeEvery, WeightRegime
 from lemix.types import Task
 
 
@@ -31,12 +33,15 @@ class ClusterView(Protocol):
 
 
 class Policy(Protocol):
+    """A policy places tasks and names the mechanisms it runs with: the order devices run
+    their candidates in, and what happens to weights after training steps."""
+
     name: str
-    infer_first: bool        # dispatch inference ops before training ops on a device
-    lookahead: bool          # keep a device free for inference already on its way to it
     use_profile: bool        # False: start from a generic latency model, calibrate online
     memory_check: bool       # the wait-or-offload gate
-    separate: bool           # serving and training on disjoint nodes, weights synced every K steps
+
+    def dispatch_order(self) -> DispatchOrder: ...
+    def weight_regime(self) -> WeightRegime: ...
 
     def roles(self, view: ClusterView) -> tuple[frozenset[int], frozenset[int]] | None:
         """(serving nodes, training nodes) for separate policies; None when co-located."""
@@ -48,17 +53,22 @@ class Policy(Protocol):
 
 
 class PolicyBase:
-    """Defaults shared by the built-in policies: co-located, FCFS dispatch, all mechanisms on."""
+    """Defaults shared by the built-in policies: co-located, first-ready dispatch, the memory
+    gate on, weights merged across nodes every `average_every` steps (0: never)."""
 
-    infer_first = False
-    lookahead = False
     use_profile = True
     memory_check = True
-    separate = False
 
     def __init__(self, name: str, params: SchedParams) -> None:
         self.name = name
         self.params = params
+
+    def dispatch_order(self) -> DispatchOrder:
+        return FirstReady()
+
+    def weight_regime(self) -> WeightRegime:
+        every = self.params.average_every
+        return MergeEvery(every) if every else LocalWeights()
 
     def roles(self, view: ClusterView) -> tuple[frozenset[int], frozenset[int]] | None:
         return None

@@ -41,6 +41,7 @@ with LC the Gaussian density of the length and II counted from the previous op's
 from __future__ import annotations
 
 from lemix.sched.forecast import Forecast
+from lemix.sched.order import DispatchOrder, FirstReady, InferenceFirst
 from lemix.sched.policies.base import ClusterView, PolicyBase
 from lemix.sched.registry import register
 from lemix.types import Task
@@ -48,15 +49,18 @@ from lemix.types import Task
 
 @register("lemix")
 class Lemix(PolicyBase):
-    infer_first = True
-
     def __init__(self, name, params) -> None:
         super().__init__(name, params)
         self.use_profile = not params.no_profile
         self.memory_check = not params.no_memory_check
         self.prioritize = not params.no_prioritization
-        self.infer_first = self.prioritize
-        self.lookahead = self.prioritize
+
+    def dispatch_order(self) -> DispatchOrder:
+        """Prioritization: inference first on every device, with lookahead, training's share
+        bounded below; without it, first ready first served."""
+        if self.prioritize:
+            return InferenceFirst(self.params.min_train_share, lookahead=True)
+        return FirstReady()
 
     prune = True  # bound-and-prune placement (same choice as scoring every node; see place)
 
@@ -152,8 +156,6 @@ class LemixNoPrioritization(Lemix):
     def __init__(self, name, params) -> None:
         super().__init__(name, params)
         self.prioritize = False
-        self.infer_first = False
-        self.lookahead = False
 
 
 @register("lemix/no-memory-check")

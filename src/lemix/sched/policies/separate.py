@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from lemix.sched.policies.base import ClusterView, PolicyBase
 from lemix.sched.registry import register
+from lemix.sched.weights import SyncServersEvery, WeightRegime
 from lemix.types import Task
 
 
@@ -20,7 +21,8 @@ class Separate(PolicyBase):
     """Static split of nodes by the training share; each side places least-loaded first;
     the scheduler copies weights from training to serving nodes every K steps."""
 
-    separate = True
+    def weight_regime(self) -> WeightRegime:
+        return SyncServersEvery(self.params.sync_every)
 
     def roles(self, view: ClusterView):
         share = self.params.train_share if self.params.train_share is not None else 0.5

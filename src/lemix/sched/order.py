@@ -1,0 +1,147 @@
+"""What an idle device may run next, and in which order (a dispatch order, chosen by the policy).
+
+A device's candidates are named values: a `Candidate` is a kind, the work it starts (a Batch, a
+DecodeIter or None for new work formed at start) and a `CandKey`; lower keys go first. Order on
+a device: a pending weight sync; a due optimizer step; then, per the dispatch order,
+
+- `FirstReady` (the baselines, lemix without prioritization): first ready, first served;
+- `InferenceFirst` (lemix): inference (decode, prefill) before training backward before training
+  forward before admitting a new training task; with `lookahead`, a device does not start a
+  training op that would still run when inference already on its way reaches it. Training is
+  not starved: below `min_train_share` of a device's recent busy time (a decayed window) its
+  training ops go first.
+
+The order is a seam: a dispatch order that, say, chunks training ops or backs training off
+under an SLO budget is one new class here that a policy returns.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from typing import NamedTuple, Protocol
+
+from lemix.sched.state import Device, NodeState
+from lemix.types import OpKind
+
+INF = float("inf")
+SHARE_WINDOW_S = 10.0   # time constant of the training-share window
+
+
+class CandKind(enum.Enum):
+    SYNC = "sync"              # the stage's pending weight copy / merge
+    OPTIM = "optim"            # the stage's optimizer step
+    DECODE = "decode"          # the node's running decode iteration reaches this stage
+    DECODE_NEW = "decode_new"  # stage 0: start a decode iteration over the pool
+    FWD = "fwd"                # a micro-batch's forward (inference prefill or training)
+    BWD = "bwd"                # a training micro-batch's backward
+    INFER_NEW = "infer_new"    # stage 0: form a prefill batch from the node's queued requests
+    TRAIN_NEW = "train_new"    # stage 0: admit the node's next queued training task
+
+
+class CandKey(NamedTuple):
+    cls: int        # the dispatch class (lower first)
+    ready_s: float  # then the earliest ready
+    tie: int        # then by kind
+    bid: int        # then by batch id (-1: work formed at start)
+
+
+class Candidate(NamedTuple):
+    key: CandKey
+    kind: CandKind
+    obj: object     # Batch (FWD, BWD), DecodeIter (DECODE), None (the rest)
+
+    @property
+    def training(self) -> bool:
+        k = self.kind
+        return (k is CandKind.OPTIM or k is CandKind.TRAIN_NEW or k is CandKind.BWD
+                or (k is CandKind.FWD and self.obj.train))
+
+
+# dispatch classes
+SYNC_CLASS, OPTIM_CLASS, INFER_CLASS, BWD_CLASS, FWD_CLASS, NEW_CLASS, STARVED_INFER_CLASS = 0, 1, 2, 3, 4, 5, 6
+SYNC_KEY = CandKey(SYNC_CLASS, 0.0, 0, 0)
+OPTIM_KEY = CandKey(OPTIM_CLASS, 0.0, 0, 0)
+
+
+class Classes(NamedTuple):
+    """The dispatch class of each kind of work on one device now."""
+
+    inference: int
+    backward: int
+    forward: int     # of a training micro-batch already admitted
+    admit: int       # a new training task
+
+
+class DispatchOrder(Protocol):
+    overtakes_training: bool   # queued inference passes queued training (forecasts model it)
+
+    def classes(self, dev: Device, now: float) -> Classes: ...
+
+    def hold_until(self, node: NodeState, s: int, now: float) -> float:
+        """A training op that would end after this time must not start on stage s now (INF:
+        no such bound)."""
+        ...
+
+
+class FirstReady:
+    overtakes_training = False
+    _ALL = Classes(INFER_CLASS, INFER_CLASS, INFER_CLASS, INFER_CLASS)
+
+    def classes(self, dev: Device, now: float) -> Classes:
+        return self._ALL
+
+    def hold_until(self, node: NodeState, s: int, now: float) -> float:
+        return INF
+
+
+class InferenceFirst:
+    overtakes_training = True
+    _NORMAL = Classes(INFER_CLASS, BWD_CLASS, FWD_CLASS, NEW_CLASS)
+    _STARVED = Classes(STARVED_INFER_CLASS, BWD_CLASS, FWD_CLASS, NEW_CLASS)  # training first until its share recovers
+
+    def __init__(self, min_train_share: float, *, lookahead: bool = True) -> None:
+        self.min_train_share = min_train_share
+        self.lookahead = lookahead
+
+    def classes(self, dev: Device, now: float) -> Classes:
+        return self._STARVED if self.training_starved(dev, now) else self._NORMAL
+
+    def training_starved(self, dev: Device, now: float) -> bool:
+        """Below min_train_share of the device's recent busy time, training goes first."""
+        decay(dev, now)
+        return dev.busy_ewma_s > 0 and dev.train_ewma_s < self.min_train_share * dev.busy_ewma_s
+
+    def hold_until(self, node: NodeState, s: int, now: float) -> float:
+        """Lookahead: when running inference work reaches stage s (its op on the stage before
+        ends; for stage 0, a decode iteration finishing the last stage). The training-share
+        bound overrides it."""
+        if not self.lookahead:
+            return INF
+        prev = node.devices[s - 1] if s > 0 else node.devices[-1]
+        op = prev.running
+        if op is None or op.train:
+            return INF
+        if s == 0 and op.kind is not OpKind.DECODE:
+            return INF
+        due = prev.running_start_s + op.predicted_s
+        if self.training_starved(node.devices[s], now):
+            return INF
+        return due
+
+
+def decay(dev: Device, now: float) -> None:
+    """Age the device's busy-time window to `now`."""
+    if now > dev.ewma_at_s:
+        k = math.exp(-(now - dev.ewma_at_s) / SHARE_WINDOW_S)
+        dev.busy_ewma_s *= k
+        dev.train_ewma_s *= k
+        dev.ewma_at_s = now
+
+
+def account_busy(dev: Device, train: bool, start_s: float, end_s: float) -> None:
+    """An op ended on the device: add its time (within the window) to the busy share."""
+    decay(dev, end_s)
+    busy = max(0.0, end_s - max(start_s, end_s - SHARE_WINDOW_S))
+    dev.busy_ewma_s += busy
+    if train:
+        dev.train_ewma_s += busy
