@@ -117,6 +117,14 @@ class PolicyConfig(_Strict):
     no_profile: bool = False
     no_prioritization: bool = False
     no_memory_check: bool = False
+    no_chunking: bool = False
+    no_late_binding: bool = False
+    train_queue_depth: int = Field(1, ge=1, description="lemix late binding: placed training tasks "
+                                   "waiting per node to enter its pipeline")
+    train_chunk_ms: float | None = Field(None, gt=0, description="lemix: longest predicted training chunk (ms); "
+                                         "default chunk_frac x the tightest SLO in force")
+    chunk_frac: float = Field(0.25, gt=0, description="lemix: a training chunk's predicted time under this "
+                              "x the tightest SLO in force")
 
     @field_validator("names", mode="before")
     @classmethod
@@ -162,7 +170,9 @@ class LemixConfig(_Strict):
             generate=self.workload.mode == "generate",
             train_share=self.workload.effective_train_share,
             no_profile=p.no_profile, no_prioritization=p.no_prioritization,
-            no_memory_check=p.no_memory_check, slo_scale=self.slo.scale, slo_ttft_s=self.slo.ttft_s,
+            no_memory_check=p.no_memory_check, no_chunking=p.no_chunking, train_chunk_ms=p.train_chunk_ms,
+            chunk_frac=p.chunk_frac, no_late_binding=p.no_late_binding, train_queue_depth=p.train_queue_depth,
+            slo_scale=self.slo.scale, slo_ttft_s=self.slo.ttft_s,
             slo_e2e_s=self.slo.e2e_s, seed=self.seed,
         )
 

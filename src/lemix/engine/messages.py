@@ -46,6 +46,7 @@ class Forward:
     keep_kv: bool = False
     sampling: tuple[SamplingParams, ...] | None = None
     loss_scale: float = 1.0
+    layers: tuple[int, int] | tuple[()] = ()   # training chunk: the stage's layers [lo, hi) (engine/chunks.py)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Backward:
 
     batch_id: int
     grad_output: torch.Tensor | None = None
+    layers: tuple[int, int] | tuple[()] = ()   # training chunk: the stage's layers [lo, hi) (engine/chunks.py)
 
 
 @dataclass(frozen=True)

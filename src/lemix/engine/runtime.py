@@ -217,6 +217,9 @@ class Engine(EngineRecovery):
         if op.kind is OpKind.FWD:
             return self._forward(op, last)
         if op.kind is OpKind.BWD:
+            if op.layers:   # a chunk: only the top one takes the next stage's gradient
+                return Backward(op.batch_id, None if last else self._grads.pop((op.batch_id, op.stage), None),
+                                layers=op.layers)
             return Backward(op.batch_id, None if last else self._grads.pop((op.batch_id, op.stage)))
         if op.kind is OpKind.DECODE:
             sampling = tuple(self.sampling(self._tasks[t]) or SamplingParams() for t in op.task_ids)
@@ -233,6 +236,10 @@ class Engine(EngineRecovery):
         raise ValueError(f"no command for {op.kind}")
 
     def _forward(self, op: Op, last: bool) -> Forward:
+        if op.layers and op.layers[0] > 0:   # a later chunk: its input is on the worker
+            ids, lengths = self._ids[op.batch_id]
+            return Forward(op.batch_id, True, tuple(range(len(lengths))), lengths,
+                           labels=ids if last else None, loss_scale=self.loss_scale, layers=op.layers)
         if op.stage == 0:
             rows = [row for t in op.task_ids for row in self.texts.tokens(self._tasks[t]).samples]
             lengths = tuple(len(r) for r in rows)
@@ -241,7 +248,7 @@ class Engine(EngineRecovery):
                 ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             self._ids[op.batch_id] = (ids, lengths)
         ids, lengths = self._ids[op.batch_id]
-        if last:
+        if last and not op.layers:   # (a chunked batch's ids go when its backward is done)
             self._ids.pop(op.batch_id)
         keep_kv = self.params.generate and not op.train
         seq_ids = op.task_ids if not op.train else tuple(range(len(lengths)))
@@ -251,7 +258,7 @@ class Engine(EngineRecovery):
                        input_ids=ids if op.stage == 0 else None,
                        hidden=None if op.stage == 0 else self._acts.pop((op.batch_id, op.stage)),
                        labels=ids if last else None, keep_kv=keep_kv, sampling=sampling,
-                       loss_scale=self.loss_scale)
+                       loss_scale=self.loss_scale, layers=op.layers)
 
     # ------------------------------------------------------------------ results -> OpResults
     def _complete(self, tag: Any, res: Any) -> None:
@@ -293,6 +300,8 @@ class Engine(EngineRecovery):
         """Keep what the next stage needs; return the sequences that stopped (EOS)."""
         last = op.stage == self.params.stages - 1
         if op.kind is OpKind.FWD:
+            if op.layers and res.hidden is None and res.loss is None:
+                return ()   # a chunk that is not the stage's last: nothing leaves the worker
             if not last:
                 self._acts[(op.batch_id, op.stage + 1)] = res.hidden
                 return ()
@@ -309,7 +318,9 @@ class Engine(EngineRecovery):
                     self.generated[tid] = []
                 return self._emit(op.task_ids, res.next_tokens)
             return ()
-        if op.kind is OpKind.BWD and op.stage > 0:
+        if op.kind is OpKind.BWD and op.layers and op.layers[0] == 0 and op.stage == 0:
+            self._ids.pop(op.batch_id, None)   # a chunked batch's backward is complete
+        if op.kind is OpKind.BWD and op.stage > 0 and not (op.layers and op.layers[0] > 0):
             self._grads[(op.batch_id, op.stage - 1)] = res.grad_input
         if op.kind is OpKind.DECODE:
             if not last:

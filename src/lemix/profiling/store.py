@@ -72,7 +72,7 @@ def profile_from_dict(data: dict, where: str = "profile") -> Profile:
     try:
         stages = tuple(
             StageProfile(**{op: OpCoeffs(**{k: float(v) for k, v in st[op].items()}) for op in _OPS},
-                         **{m: int(st[m]) for m in _MEMORY})
+                         **{m: int(st[m]) for m in _MEMORY}, layers=int(st.get("layers", 0)))
             for st in data["stages"])
         return Profile(model=str(data["model"]), device=str(data["device"]), dtype=str(data["dtype"]),
                        stages=stages, capacity_bytes=int(data["capacity_bytes"]),
@@ -140,7 +140,8 @@ def remap_stages(profile: Profile, stages: int) -> Profile:
         ops = {op: mix(op) for op in ("fwd", "bwd", "decode")}
         ops["optim"] = OpCoeffs(a=sum(wi * st.optim.a for wi, st in zip(w, old)))   # scales with size
         mem = {m: round(sum(wi * getattr(st, m) for wi, st in zip(w, old))) for m in _MEMORY}
-        out.append(StageProfile(**ops, **mem))
+        layers = round(sum(wi * st.layers for wi, st in zip(w, old)))
+        out.append(StageProfile(**ops, **mem, layers=layers))
     return replace(profile, stages=tuple(out))
 
 

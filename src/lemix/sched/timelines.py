@@ -36,6 +36,7 @@ class Timelines:
         self._probe: tuple = ((),)                                   # see inference_congested
         self._infer_len = LengthStats()   # the typical request (Eq. 4's probe)
         self._infer_out = LengthStats()
+        self.chunker = None   # set by the Scheduler: chunked training chains (chunking.py)
 
     def arrived(self, task: Task) -> None:
         if not task.is_train:
@@ -100,8 +101,10 @@ class Timelines:
             limit = self.params.tau_r * self.times.compute_slo(probe)
             self._probe = (key, probe, fwd, limit, forecast_alone(now, now, fwd, []).r_s > limit)
         _, probe, fwd, limit, empty_verdict = self._probe
-        if self.cluster.nodes[node].has_no_inference():   # its inference view is empty
-            return empty_verdict
+        if self.cluster.nodes[node].has_no_inference():
+            # no inference to protect (issue 10, liveness): a probe that misses even alone
+            # means the SLO cannot be met by deferring; placing training here harms no request
+            return False
         f = forecast_chain(self._timeline(node, _INFER), now, probe.arrival_s, fwd, [], False)
         return f.r_s > limit
 
@@ -150,7 +153,10 @@ class Timelines:
                 left = S + (S - 1 - b.bwd_next) + (1 if b.running else 0)
             else:
                 left = b.fwd_next + (1 if b.running else 0)
-            ops = shape_chain(b.size, b.seq_tokens, b.train)[left:]
+            if b.chunks:   # bounded blocking: what is left of its chunks
+                ops = self.chunker.remaining_chain(b)
+            else:
+                ops = shape_chain(b.size, b.seq_tokens, b.train)[left:]
             (train if b.train else infer).append((ready, ops, b.train))
         for t in node.infer_wait[:CHAIN_CAP]:
             infer.append((t.arrival_s, shape_chain(t.batch_size, t.prompt_tokens, False), False))
@@ -165,8 +171,10 @@ class Timelines:
         S = node.num_stages
         out = []
         per_stage = [0.0] * S
+        chunker = self.chunker
         for t in node.train_wait[:CHAIN_CAP]:
-            out.append((t.arrival_s, self.times.chain(t.batch_size, t.prompt_tokens, True), True))
+            ops = chunker.task_chain(t) if chunker is not None else None
+            out.append((t.arrival_s, ops or self.times.chain(t.batch_size, t.prompt_tokens, True), True))
         extra = len(node.train_wait) - CHAIN_CAP
         if extra > 0:
             for t in node.train_wait[:CHAIN_CAP]:
