@@ -136,6 +136,8 @@ class Lemix(PolicyBase):
 
     def _place_scan(self, task: Task, view: ClusterView, nodes: list[int], screen: bool) -> int | None:
         """Score every node (the reference the pruned visit must agree with)."""
+        if task.is_train:   # late binding: only nodes with room in their training queue
+            nodes = [n for n in nodes if view.train_room(n)] or nodes
         if screen:
             nodes = [n for n in nodes if not view.inference_congested(n)]
             if not nodes:
