@@ -61,6 +61,12 @@ _FLAGS = [
     ("--no-prioritization", "policy.no_prioritization", "lemix without SLO-aware deprioritization"),
     ("--no-memory-check", "policy.no_memory_check", "lemix without the wait-or-offload memory gate"),
     ("--no-chunking", "policy.no_chunking", "lemix without bounded blocking (one training op per stage)"),
+    ("--train-backlog", "workload.train_backlog", "training data always waiting (simulator): a training task "
+                                                  "is drawn whenever a policy would place one"),
+    ("--no-lookahead-slack", "policy.no_lookahead_slack", "lemix: the lookahead never lets a training chunk "
+                                                          "delay inference on its way"),
+    ("--eq4-inference-only", "policy.eq4_inference_only", "lemix: Eq. 4 forecasts queued inference only, "
+                                                          "not the training ahead of it"),
     ("--no-late-binding", "policy.no_late_binding", "lemix places training at arrival, not when a node has room"),
     ("--force-profile", "model.force_profile", "accept a profile made for another model/stages/device"),
 ]

@@ -77,6 +77,9 @@ class WorkloadConfig(_Strict):
     dataset: str | None = Field(None, description="real engine: JSONL of {text} or {prompt, completion}")
     drift_groups: int = Field(4, ge=1)
     priority_share: float = Field(0.0, ge=0, le=1)
+    train_backlog: bool = Field(False, description="training data always waiting: a training task is drawn "
+                                "whenever a policy would place one (simulator); arrivals are all inference "
+                                "and train_share only sets separate's split (default half/half)")
 
     @model_validator(mode="after")
     def _check_sources(self) -> "WorkloadConfig":
@@ -86,6 +89,8 @@ class WorkloadConfig(_Strict):
             self.arrival = "trace"
         if self.train_rate is not None and self.train_share is not None:
             raise ValueError("set workload.train_share or workload.train_rate, not both")
+        if self.train_backlog and self.train_rate is not None:
+            raise ValueError("workload.train_backlog draws training on demand: drop workload.train_rate")
         return self
 
     @property
@@ -94,6 +99,11 @@ class WorkloadConfig(_Strict):
         if self.train_rate is not None:
             return None
         return 0.5 if self.train_share is None else self.train_share
+
+    @property
+    def arrival_train_share(self) -> float | None:
+        """The share of arrivals that are training tasks (0 with a backlog: it is drawn instead)."""
+        return 0.0 if self.train_backlog else self.effective_train_share
 
 
 class PolicyConfig(_Strict):
@@ -119,6 +129,8 @@ class PolicyConfig(_Strict):
     no_memory_check: bool = False
     no_chunking: bool = False
     no_late_binding: bool = False
+    eq4_inference_only: bool = False
+    no_lookahead_slack: bool = False
     train_queue_depth: int = Field(1, ge=1, description="lemix late binding: placed training tasks "
                                    "waiting per node to enter its pipeline")
     train_chunk_ms: float | None = Field(None, gt=0, description="lemix: longest predicted training chunk (ms); "
@@ -171,10 +183,17 @@ class LemixConfig(_Strict):
             train_share=self.workload.effective_train_share,
             no_profile=p.no_profile, no_prioritization=p.no_prioritization,
             no_memory_check=p.no_memory_check, no_chunking=p.no_chunking, train_chunk_ms=p.train_chunk_ms,
-            chunk_frac=p.chunk_frac, no_late_binding=p.no_late_binding, train_queue_depth=p.train_queue_depth,
+            chunk_frac=p.chunk_frac, no_late_binding=p.no_late_binding, eq4_inference_only=p.eq4_inference_only, no_lookahead_slack=p.no_lookahead_slack, train_queue_depth=p.train_queue_depth,
             slo_scale=self.slo.scale, slo_ttft_s=self.slo.ttft_s,
-            slo_e2e_s=self.slo.e2e_s, seed=self.seed,
+            slo_e2e_s=self.slo.e2e_s, seed=self.seed, **self._backlog(),
         )
+
+    def _backlog(self) -> dict:
+        w = self.workload
+        if not w.train_backlog:
+            return {}
+        return dict(train_backlog=True, backlog_batch=w.train_batch_size, backlog_tokens=w.train_seq_tokens,
+                    backlog_until_s=w.duration_s)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

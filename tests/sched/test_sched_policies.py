@@ -227,8 +227,9 @@ def test_lemix_defers_training_during_an_inference_burst_and_runs_it_later():
     # 560 - t <= 400, i.e. t >= 160 ms (the 4th stage-0 op end). Training arriving at 1..4 ms
     # is deferred until then.
     tasks = [infer(i, 0.0, 40) for i in range(12)] + [train(12 + i, (i + 1) * MS, 10) for i in range(4)]
-    # (Eq. 4 alone: with late binding the node also takes one training task at a time)
-    result = simulate(make_params(policy="lemix", nodes=1, min_train_share=0.0, no_late_binding=True), tasks)
+    # (the paper's Eq. 4 alone: with late binding the node also takes one training task at a time)
+    result = simulate(make_params(policy="lemix", nodes=1, min_train_share=0.0, no_late_binding=True,
+                                  eq4_inference_only=True), tasks)
     check_all(result, tasks)
     assert result.deferred_total == 4
     assert all(t.finish_s is not None and not t.failed for t in result.train_tasks)
@@ -243,7 +244,8 @@ def test_lemix_defers_training_during_an_inference_burst_and_runs_it_later():
 
 def test_lemix_starvation_bound_forces_training_through():
     tasks = [infer(i, 0.0, 40) for i in range(12)] + [train(12 + i, (i + 1) * MS, 10) for i in range(4)]
-    result = simulate(make_params(policy="lemix", nodes=1, min_train_share=0.1, no_late_binding=True), tasks)
+    result = simulate(make_params(policy="lemix", nodes=1, min_train_share=0.1, no_late_binding=True,
+                                  eq4_inference_only=True), tasks)
     # 0/12 and 1/13 placed tasks were training (< 10 %): tasks 12 and 13 are forced at once;
     # the device-level training share then lets their ops through between requests, which is
     # why 14 and 15 wait a little longer for the congestion to clear

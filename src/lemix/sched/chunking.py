@@ -20,6 +20,12 @@ of a one-token request. A stage whose profile does not know its layer count is n
 A micro-batch's plan is fixed when it is admitted (`Batch.chunks`: per stage, its chunks'
 layer boundaries) and is followed to the end. Memory follows the chunks: a forward chunk stashes
 its layers' share of the stage's activations, a backward chunk frees it (`stash_bytes`).
+Lookahead slack: the lookahead (a device does not start training that would still run when
+inference on its way arrives) lets a training op start if it ends within the chunk bound of
+that arrival: the same blocking a request accepts from a chunk already running. Without it,
+a node with a decode pool (iterations alternate between stages, leaving gaps shorter than a
+chunk) ran training only at the minimum training share. `--no-lookahead-slack` turns it off.
+
 A chunk started on a stage is continued whatever the pipeline mode says about new forwards
 (the stage is already committed to the micro-batch), and no step or weight copy touches a stage
 in between (its stash is held until the stage's backward is complete).
@@ -125,6 +131,7 @@ class Chunker:
         self.params = params
         self.lat = lat
         self.enabled = enabled
+        self.lookahead_slack = enabled and not params.no_lookahead_slack
         self._per_unit: deque[float] = deque(maxlen=_WINDOW)
         self._seen = 0
         probe = Task(-1, TaskKind.INFER, 0.0, 1, 1)

@@ -133,6 +133,10 @@ class Dispatcher:
                          by_stage: dict[int, list[Batch]] | None = None) -> Op | None:
         dev = node.devices[s]
         hold = self.order.hold_until(node, s, now)
+        if hold < INF and self.chunker is not None and self.chunker.lookahead_slack:
+            # hook (issue 10): a chunk may delay inference on its way by up to the chunk bound,
+            # the blocking bounded blocking accepts anyway (chunking.py, "lookahead slack")
+            hold += self.chunker.target_s()
         candidates = self.candidates(node, s, now, by_stage)
         if dev.wait_key is not None and all(c.key != dev.wait_key for c in candidates):
             dev.wait_key, dev.wait_since_s = None, None  # the waiting op is no longer a candidate

@@ -40,6 +40,7 @@ import numpy as np
 
 from lemix.clock import Clock
 from lemix.sched.admission import TrainAdmission
+from lemix.sched.backlog import TrainBacklog
 from lemix.sched.chunking import Chunker
 from lemix.sched.cluster import Cluster
 from lemix.sched.completion import Completion
@@ -112,6 +113,10 @@ class Scheduler:
         if getattr(self.policy, "late_binding", False):
             self.placement.admission = self.admission
         self.view.train_room = self.admission.room
+        self.timelines.eq4_sees_training = (getattr(self.policy, "chunk_training", False)
+                                            and not params.eq4_inference_only)
+        # hook (issue 10, --train-backlog): training tasks drawn whenever a node lacks one
+        self.backlog = TrainBacklog(params, self.cluster, self.placement, self.ledger, self.memory)
 
     # ------------------------------------------------------------------ contract
     def on_arrival(self, task: Task) -> Outputs:
@@ -129,6 +134,7 @@ class Scheduler:
     def plan(self) -> Plan:
         now = self.clock.now()
         self.cluster.begin_plan(now)
+        self.backlog.draw(now)
         self.placement.place(now, self.view)
         ops: list[Op] = []
         for node in self.cluster.take_touched():

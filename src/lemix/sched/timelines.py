@@ -37,6 +37,7 @@ class Timelines:
         self._infer_len = LengthStats()   # the typical request (Eq. 4's probe)
         self._infer_out = LengthStats()
         self.chunker = None   # set by the Scheduler: chunked training chains (chunking.py)
+        self.eq4_sees_training = False   # set by the Scheduler (issue 10): see _congested_with_training
 
     def arrived(self, task: Task) -> None:
         if not task.is_train:
@@ -101,12 +102,28 @@ class Timelines:
             limit = self.params.tau_r * self.times.compute_slo(probe)
             self._probe = (key, probe, fwd, limit, forecast_alone(now, now, fwd, []).r_s > limit)
         _, probe, fwd, limit, empty_verdict = self._probe
+        if self.eq4_sees_training:
+            return self._congested_with_training(node, now, probe, fwd, limit)
         if self.cluster.nodes[node].has_no_inference():
             # no inference to protect (issue 10, liveness): a probe that misses even alone
             # means the SLO cannot be met by deferring; placing training here harms no request
             return False
         f = forecast_chain(self._timeline(node, _INFER), now, probe.arrival_s, fwd, [], False)
         return f.r_s > limit
+
+    def _congested_with_training(self, node: int, now: float, probe: Task, fwd: list[float],
+                                 limit: float) -> bool:
+        """Eq. 4 that sees training (issue 10): the typical request forecast on the node's whole
+        timeline as dispatch will treat it (it overtakes queued training, but waits for the
+        training op running or due when it gets to a stage), plus the one chunk per stage the
+        new task may add (the chunk bound; devices are non-preemptive). A node with no
+        inference and no training is never congested (nothing to protect; liveness)."""
+        n = self.cluster.nodes[node]
+        if n.is_idle():
+            return False
+        f = forecast_chain(self._timeline(node, _ALL), now, probe.arrival_s, fwd, [], self.jump)
+        block = self.chunker.target_s() if self.chunker is not None else 0.0
+        return f.r_s + block > limit
 
     # ------------------------------------------------------------------ timelines
     def _timeline(self, node_idx: int, view: str) -> NodeTimeline:
@@ -160,6 +177,15 @@ class Timelines:
             (train if b.train else infer).append((ready, ops, b.train))
         for t in node.infer_wait[:CHAIN_CAP]:
             infer.append((t.arrival_s, shape_chain(t.batch_size, t.prompt_tokens, False), False))
+        if len(node.infer_wait) > CHAIN_CAP:
+            # (issue 10) the requests queued beyond the cap, as one block per stage: without it
+            # R stopped growing at 32 queued requests and a burst piled onto one node (the code
+            # trace at 4x: 260 of 594 requests on one node, 17 s mean latency there)
+            per_stage = [0.0] * S
+            for t in node.infer_wait[CHAIN_CAP:]:
+                for s, d in enumerate(times.of(t)[0]):
+                    per_stage[s] += d
+            infer.append((node.infer_wait[CHAIN_CAP].arrival_s, list(enumerate(per_stage)), False))
         if include_train:
             train.extend(self._train_wait_chains(node))
         chains = infer + train if self.jump else sorted(infer + train, key=lambda c: c[0])
