@@ -13,7 +13,7 @@ import argparse
 import time
 
 from lemix.config import RUN_DEFAULTS, load_config
-from lemix.engine.api import engine_profile, run_engine
+from lemix.api import engine_profile, run_engine
 from lemix.engine.model import load_model
 from lemix.metrics import summarize
 from lemix.types import Task, TaskKind

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from lemix.config import RUN_DEFAULTS, load_config
-from lemix.engine.api import engine_profile, engine_tasks, stage_devices, text_source
+from lemix.api import engine_profile, engine_tasks, stage_devices, text_source
 from lemix.engine.backend import LocalBackend
 from lemix.engine.data import TaskTexts
 from lemix.engine.messages import Forward, Memory

@@ -70,6 +70,9 @@ _FLAGS = [
     ("--no-late-binding", "policy.no_late_binding", "lemix places training at arrival, not when a node has room"),
     ("--force-profile", "model.force_profile", "accept a profile made for another model/stages/device"),
 ]
+_ENGINE_FLAGS = [
+    ("--byte-tokenizer", "model.byte_tokenizer", "byte-level tokenizer for a checkpoint without tokenizer files"),
+]
 _SIM = [("--sim-model", "model.sim_model", str, "modeled model of the built-in profile: tiny | 3b | 7b")]
 _ENGINE = [
     ("--model", "model.name", str, ""),
@@ -77,8 +80,11 @@ _ENGINE = [
     ("--backend", "cluster.backend", str, "local | ray"),
     ("--ray-address", "cluster.ray_address", str, "default: start a local Ray; 'auto' joins a cluster"),
     ("--dataset", "workload.dataset", str, ""),
+    ("--tokenizer", "model.tokenizer", str, ""),
     ("--lr", "model.lr", float, ""),
 ]
+_RUN = [("--clock", "cluster.clock", str, "wall | virtual")]
+_RUN_FLAGS = [("--ignore-eos", "workload.ignore_eos", "")]
 
 
 def _describe(dotted: str) -> str:
@@ -96,6 +102,7 @@ def _add_options(p: argparse.ArgumentParser, table, flags=()) -> None:
         p.add_argument(flag, dest=dotted, type=typ, default=None, metavar=typ.__name__.upper(),
                        help=f"{desc} [{dotted}]" if desc else f"[{dotted}]")
     for flag, dotted, desc in flags:
+        desc = desc or _describe(dotted)
         p.add_argument(flag, dest=dotted, action="store_const", const=True, default=None,
                        help=f"{desc} [{dotted}]")
     p.add_argument("--config", help="YAML file with any of the sections cluster, model, workload, "
@@ -155,16 +162,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from lemix.engine.api import run_engine
+    from lemix.api import run_engine
 
     cfg = _config(args, RUN_DEFAULTS)
     c, w = cfg.cluster, cfg.workload
+    modeled = f"profile {cfg.model.profile}" if cfg.model.profile else f"modeled {cfg.model.sim_model}"
+    clock = f"virtual clock: {modeled} cluster" if c.clock == "virtual" else "wall clock"
     return _compare(args, "run", cfg, f"model {cfg.model.name}, {c.nodes} nodes x {c.stages} stages on "
-                    f"{c.device} ({c.backend} backend), {w.arrival} arrivals for {w.duration_s:g} s", run_engine)
+                    f"{c.device} ({c.backend} backend, {clock}), {w.arrival} arrivals for {w.duration_s:g} s",
+                    run_engine)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from lemix.engine.api import set_threads_per_worker, stage_devices
+    from lemix.api import set_threads_per_worker, stage_devices
     from lemix.engine.model import load_model, split_stages
     from lemix.engine.worker import StageWorker
     from lemix.profiling import measure_profile, plot_profile, save_profile
@@ -172,7 +182,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     cfg = _config(args, RUN_DEFAULTS)
     S = cfg.cluster.stages
-    hf_model, _, _ = load_model(cfg.model.name, seed=cfg.seed)
+    hf_model, _, _ = load_model(cfg.model.name, seed=cfg.seed, tokenizer=cfg.model.tokenizer,
+                                byte_tokenizer=cfg.model.byte_tokenizer)
     devices = stage_devices(cfg)
     set_threads_per_worker(S)
     workers = [StageWorker(m, s, S, devices[s], lr=cfg.model.lr) for s, m in enumerate(split_stages(hf_model, S))]
@@ -202,7 +213,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from lemix.engine.api import engine_tasks, run_engine
+    from lemix.api import engine_tasks, run_engine
     from lemix.profiling import load_profile
     from lemix.sim import simulate_policy
     from lemix.validate import compare, plot_validation, write_validation
@@ -249,6 +260,86 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# `lemix sweep` grid axes: (flag, lemix.sweep axis, help); each sets the field in brackets per point.
+_GRID = [
+    ("--rates", "rates", "total task arrival rates (tasks/s) [workload.rate]"),
+    ("--train-shares", "train_shares", "training shares of the tasks [workload.train_share]"),
+    ("--nodes-grid", "nodes", "node counts [cluster.nodes]"),
+    ("--stages-grid", "stages", "pipeline stages per node [cluster.stages]"),
+    ("--arrivals", "arrivals", "arrival processes: poisson, gamma, trace [workload.arrival]"),
+    ("--burstiness-grid", "burstiness", "Gamma CV^2 values, gamma points only [workload.burstiness]"),
+    ("--modes", "modes", "prefill, generate [workload.mode]"),
+    ("--trace-speedups", "trace_speedups", "trace speedups, trace points only [workload.trace_speedup]"),
+    ("--seeds", "seeds", "seeds, each a separate point [seed]"),
+]
+
+
+def _bar(enabled: bool, total: int, desc: str):
+    """A tqdm bar over `total` runs and the callback that advances it, or (None, None)."""
+    if not enabled:
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="run", dynamic_ncols=True, disable=None, mininterval=0.5)
+
+    def tick(row: dict) -> None:
+        bar.update(1)
+        bar.set_postfix_str(f"{row['policy']}", refresh=False)
+    return bar, tick
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from lemix.metrics import sweep_report as rep
+    from lemix.sweep import SweepGrid, capacity, capacity_plan, check_jobs, sweep, sweep_points
+
+    # Phase 1: validate everything (grid, capacity search, jobs) before anything runs.
+    cfg = _config(args)
+    grid = SweepGrid.parse(**{axis: getattr(args, axis) for _, axis, _ in _GRID})
+    points = sweep_points(cfg, grid)
+    check_jobs(args.jobs)
+    lo, hi = _capacity_range(args.capacity_range)
+    plan = (capacity_plan(cfg, grid, target=args.target, lo=lo, hi=hi, tol=args.capacity_tol)
+            if args.target is not None else [])
+    run_dir = _run_dir(args, "sweep")
+    total = len(points) * len(cfg.policy.names)
+    print(f"lemix sweep: {len(points)} points x {len(cfg.policy.names)} policies = {total} runs "
+          f"({cfg.workload.duration_s:g} s each), policies: {', '.join(cfg.policy.names)}, jobs {args.jobs}")
+    bar, tick = _bar(not args.no_progress, total, "sweep")
+    rows = sweep(cfg, points, jobs=args.jobs, on_row=tick)
+    if bar is not None:
+        bar.close()
+    # Phase 2: the sweep's files first (kept if the capacity search is interrupted), then capacity.
+    target = args.target if args.target is not None else 0.9   # the frontier plot's target
+    rep.write_sweep_dir(run_dir, rows, config_yaml=cfg.to_yaml(), target=target,
+                        grid={a: list(v) for a, v in vars(grid).items() if v},
+                        title=f"lemix sweep, {cfg.workload.duration_s:g} s per run")
+    print(rep.format_sweep_table(rows))
+    best = rep.frontier_best(rows, target)
+    print(f"best training samples/s at SLO attainment >= {100 * target:g}%: "
+          + ", ".join(f"{p} {'none' if v is None else f'{v:.2f}'}" for p, v in best.items()))
+    if plan:
+        bar, tick = _bar(not args.no_progress, len(plan), "capacity")
+        caps = capacity(cfg, grid, target=args.target, lo=lo, hi=hi, tol=args.capacity_tol,
+                        jobs=args.jobs, on_done=tick)
+        if bar is not None:
+            bar.close()
+        rep.write_capacity(run_dir, caps)
+        print(rep.format_capacity_table(caps))
+    print(f"results in {run_dir}/ (sweep.csv, {'capacity.csv, ' if plan else ''}config.yaml, grid.yaml, "
+          f"sweep.txt, *.png)")
+    return 0
+
+
+def _capacity_range(text: str | None) -> tuple[float | None, float | None]:
+    if text is None:
+        return None, None
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--capacity-range: give LO,HI (two numbers), got {text!r}") from None
+    return lo, hi
+
+
 def _defaults_text(defaults: dict) -> str:
     """A command's own defaults for its --help: `nodes=2, policy=lemix,separate, ...`."""
     return ", ".join(f"{k.split('.')[-1]}={','.join(v) if isinstance(v, list) else v}"
@@ -269,12 +360,36 @@ def build_parser() -> argparse.ArgumentParser:
                                    "timeline.json (Perfetto) and plots to the run directory.")
     _add_options(p, _COMMON + _SIM, _FLAGS)
     p.set_defaults(func=cmd_simulate)
+    p = sub.add_parser("sweep", help="simulate policies over a grid of loads and configurations",
+                       description="Simulates every chosen policy at every point of a grid (the product "
+                                   "of the grid flags; the other flags fix the rest, as in `simulate`), "
+                                   "every policy on the same tasks per point; writes sweep.csv (one row "
+                                   "per point x policy), config.yaml, grid.yaml and plots (SLO attainment "
+                                   "and training throughput vs load, the SLO/training frontier). With "
+                                   "--target it also finds, per policy, the highest load keeping SLO "
+                                   "attainment >= target, by bisection (capacity.csv).")
+    _add_options(p, _COMMON + _SIM, _FLAGS)
+    for flag, axis, desc in _GRID:
+        p.add_argument(flag, dest=axis, default=None, metavar="LIST", help=f"comma list: {desc}")
+    p.add_argument("--target", type=float, default=None, metavar="FLOAT",
+                   help="SLO attainment target in (0, 1]: find each policy's capacity by bisection "
+                        "(the frontier plot uses it too; default 0.9 there)")
+    p.add_argument("--capacity-range", default=None, metavar="LO,HI",
+                   help="bisection range of the load axis (rate, or trace speedup for traces); "
+                        "default: [min/4, 2 x max] of the grid's values")
+    p.add_argument("--capacity-tol", type=float, default=None, metavar="FLOAT",
+                   help="stop bisecting when the range is this narrow (default: 1%% of HI)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="worker processes (results are identical for any)")
+    p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("run", help="run policies on real model stages (serving + training)",
                        description="Run every chosen policy on real model stages (the built-in tiny "
                                    "model or a local Hugging Face checkpoint) on the same workload from "
                                    "the same initial weights; same outputs as `simulate` plus "
-                                   f"inference loss. Defaults differ from simulate: {_defaults_text(RUN_DEFAULTS)}.")
-    _add_options(p, _COMMON + _ENGINE, _FLAGS)
+                                   f"inference loss. --clock virtual times every op on the modeled cluster "
+                                   "(the tasks, profile and op durations of `lemix simulate` with the same "
+                                   "flags) while computing it for real: reproducible learning outcomes. "
+                                   f"Defaults differ from simulate: {_defaults_text(RUN_DEFAULTS)}.")
+    _add_options(p, _COMMON + _ENGINE + _RUN + _SIM, _FLAGS + _ENGINE_FLAGS + _RUN_FLAGS)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("profile", help="measure per-stage op latencies and memory of a model",
@@ -299,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and in the simulator with --profile, and reports the error of per-op "
                                    "durations and of per-request E2E/TTFT (MAPE, p50/p90 absolute error). "
                                    "With --out DIR writes validation.json and validation.png.")
-    _add_options(p, _COMMON + _ENGINE, _FLAGS)
+    _add_options(p, _COMMON + _ENGINE, _FLAGS + _ENGINE_FLAGS)
     p.set_defaults(func=cmd_validate)
 
     from lemix.serve.options import SERVE_DEFAULTS, SERVE_WORKLOAD_FLAGS, add_serve_flags
@@ -310,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(Prometheus) and /health; checkpoints weights and optimizer state. "
                                    f"Defaults differ from simulate: {_defaults_text(SERVE_DEFAULTS)}.")
     _add_options(p, [t for t in _COMMON if not t[1].startswith("workload.") or t[0] in SERVE_WORKLOAD_FLAGS]
-                 + [t for t in _ENGINE if t[0] != "--dataset"], _FLAGS)
+                 + [t for t in _ENGINE if t[0] != "--dataset"], _FLAGS + _ENGINE_FLAGS)
     add_serve_flags(p)
     p.set_defaults(func=cmd_serve)
     return parser

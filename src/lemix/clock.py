@@ -1,6 +1,10 @@
 """Clocks are injected: the simulator advances a SimClock, the real engine reads a WallClock.
 
-Nothing else in lemix reads the time.
+The scheduler never reads the time itself: it uses the clock it is given (and an injected
+`timer` to measure its decision time), and the simulated time is the SimClock's alone (the
+simulator reads the wall clock only to report how long a run took). Executor-side code (stage
+workers timing ops, the server's timestamps and drain timeouts, the profiler) reads the wall
+time directly.
 """
 from __future__ import annotations
 

@@ -12,7 +12,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lemix.sched.params import SchedParams
-from lemix.sched.registry import policy_names
+from lemix.sched.policies import policy_names
+
+_SP = SchedParams()   # the scheduler's defaults: the policy and SLO fields below take theirs
 
 
 # Defaults of `lemix run` where they differ from `lemix simulate`: a real tiny model on a
@@ -48,6 +50,10 @@ class ClusterConfig(_Strict):
     network_bandwidth_gbps: float = Field(10.0, gt=0, description="node<->node bandwidth for weight sync (GB/s)")
     device: str = Field("cpu", description="real engine: 'cpu', 'cuda' (one cuda:i per stage) or a comma list")
     backend: Literal["local", "ray"] = "local"
+    clock: Literal["wall", "virtual"] = Field("wall", description="real engine: 'wall' runs ops in real time "
+                                              "(profile measured here); 'virtual' times them on the modeled "
+                                              "cluster (the simulator's profile, loop and noise) while "
+                                              "computing them for real: reproducible on any machine")
     ray_address: str | None = None
 
 
@@ -56,6 +62,9 @@ class ModelConfig(_Strict):
     sim_model: Literal["3b", "7b", "tiny"] = Field("3b", description="modeled model size of the default simulator profile")
     profile: str | None = Field(None, description="profile JSON from `lemix profile`; default: built-in")
     force_profile: bool = False
+    tokenizer: str | None = Field(None, description="tokenizer dir (default: the checkpoint's own files)")
+    byte_tokenizer: bool = Field(False, description="use the byte-level tokenizer with a checkpoint "
+                                 "that has no tokenizer files (on purpose)")
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
 
@@ -74,6 +83,8 @@ class WorkloadConfig(_Strict):
     max_prompt_tokens: int = Field(4096, ge=2)
     max_output_tokens: int = Field(512, ge=1)
     mode: Literal["prefill", "generate"] = "prefill"
+    ignore_eos: bool = Field(False, description="real engine: generate every request's output_tokens "
+                             "even past an EOS token")
     dataset: str | None = Field(None, description="real engine: JSONL of {text} or {prompt, completion}")
     drift_groups: int = Field(4, ge=1)
     priority_share: float = Field(0.0, ge=0, le=1)
@@ -107,36 +118,37 @@ class WorkloadConfig(_Strict):
 
 
 class PolicyConfig(_Strict):
-    names: list[str] = Field(default_factory=lambda: ["lemix"])
-    lambda1: float = Field(2.0, ge=0, description="weight of response time R/SLO in lemix's score")
-    lambda2: float = Field(0.5, ge=0, description="weight of length consistency in lemix's score")
-    tau: float = Field(0.5, ge=0, description="idleness tolerance (in units of the task's own fill bubble) "
+    # defaults are SchedParams' (the scheduler's own), so the two cannot disagree
+    names: list[str] = Field(default_factory=lambda: [_SP.policy])
+    lambda1: float = Field(_SP.lambda1, ge=0, description="weight of response time R/SLO in lemix's score")
+    lambda2: float = Field(_SP.lambda2, ge=0, description="weight of length consistency in lemix's score")
+    tau: float = Field(_SP.tau, ge=0, description="idleness tolerance (in units of the task's own fill bubble) "
                                               "treated as a tie")
-    tau_r: float = Field(1.0, gt=0, description="defer training when predicted response > tau_r x SLO")
-    t_max_s: float = Field(0.05, ge=0, description="memory gate: wait this long before offloading")
-    kappa: float = Field(0.95, gt=0, le=1, description="memory gate threshold as a fraction of capacity")
-    min_train_share: float = Field(0.1, ge=0, le=1, description="starvation bound for deferred training")
-    max_defer_s: float = Field(30.0, gt=0, description="a deferred training task is placed after this long")
-    max_batch: int = Field(8, ge=1, description="C: max sequences in an inference batch")
-    max_wait_s: float = Field(0.0, ge=0, description="T_w: max time a request waits to fill a batch")
-    pipeline: Literal["apipe", "gpipe", "1f1b"] = "apipe"
-    microbatches: int = Field(4, ge=1, description="M: micro-batches per S-PP round")
-    sync_every: int = Field(8, ge=1, description="K: training steps between weight syncs (separate)")
-    average_every: int = Field(0, ge=0, description="co-located: average weights across training "
+    tau_r: float = Field(_SP.tau_r, gt=0, description="defer training when predicted response > tau_r x SLO")
+    t_max_s: float = Field(_SP.t_max_s, ge=0, description="memory gate: wait this long before offloading")
+    kappa: float = Field(_SP.kappa, gt=0, le=1, description="memory gate threshold as a fraction of capacity")
+    min_train_share: float = Field(_SP.min_train_share, ge=0, le=1, description="starvation bound for deferred training")
+    max_defer_s: float = Field(_SP.max_defer_s, gt=0, description="a deferred training task is placed after this long")
+    max_batch: int = Field(_SP.max_batch, ge=1, description="C: max sequences in an inference batch")
+    max_wait_s: float = Field(_SP.max_wait_s, ge=0, description="T_w: max time a request waits to fill a batch")
+    pipeline: Literal["apipe", "gpipe", "1f1b"] = _SP.pipeline
+    microbatches: int = Field(_SP.microbatches, ge=1, description="M: micro-batches per S-PP round")
+    sync_every: int = Field(_SP.sync_every, ge=1, description="K: training steps between weight syncs (separate)")
+    average_every: int = Field(_SP.average_every, ge=0, description="co-located: average weights across training "
                                "nodes every K of a node's steps (0 = never)")
-    no_profile: bool = False
-    no_prioritization: bool = False
-    no_memory_check: bool = False
-    no_chunking: bool = False
-    no_late_binding: bool = False
-    eq4_inference_only: bool = False
-    no_lookahead_slack: bool = False
-    train_queue_depth: int = Field(1, ge=1, description="lemix late binding: placed training tasks "
-                                   "waiting per node to enter its pipeline")
-    train_chunk_ms: float | None = Field(None, gt=0, description="lemix: longest predicted training chunk (ms); "
-                                         "default chunk_frac x the tightest SLO in force")
-    chunk_frac: float = Field(0.25, gt=0, description="lemix: a training chunk's predicted time under this "
-                              "x the tightest SLO in force")
+    no_profile: bool = _SP.no_profile
+    no_prioritization: bool = _SP.no_prioritization
+    no_memory_check: bool = _SP.no_memory_check
+    no_chunking: bool = _SP.no_chunking
+    no_late_binding: bool = _SP.no_late_binding
+    eq4_inference_only: bool = _SP.eq4_inference_only
+    no_lookahead_slack: bool = _SP.no_lookahead_slack
+    train_queue_depth: int = Field(_SP.train_queue_depth, ge=1, description="lemix late binding: placed "
+                                   "training tasks waiting per node to enter its pipeline")
+    train_chunk_ms: float | None = Field(_SP.train_chunk_ms, gt=0, description="lemix: longest predicted "
+                                         "training chunk (ms); default chunk_frac x the tightest SLO in force")
+    chunk_frac: float = Field(_SP.chunk_frac, gt=0, description="lemix: a training chunk's predicted time "
+                              "under this x the tightest SLO in force")
 
     @field_validator("names", mode="before")
     @classmethod
@@ -157,8 +169,9 @@ class PolicyConfig(_Strict):
 
 
 class SLOConfig(_Strict):
-    scale: float = Field(5.0, gt=0, description="SLO = scale x the request's unloaded latency")
-    ttft_s: float | None = Field(None, gt=0, description="absolute TTFT SLO (generate mode)")
+    scale: float = Field(_SP.slo_scale, gt=0, description="SLO = scale x the request's unloaded latency")
+    ttft_s: float | None = Field(None, gt=0, description="absolute TTFT SLO (generate mode): a request meets "
+                                  "its SLO only if its TTFT is within it too")
     e2e_s: float | None = Field(None, gt=0, description="absolute end-to-end SLO")
 
 
@@ -249,6 +262,20 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(tree, key, value)
+    try:
+        return LemixConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+def with_overrides(cfg: LemixConfig, overrides: dict[str, Any]) -> LemixConfig:
+    """A validated copy of `cfg` with dotted fields replaced (`{"workload.rate": 32}`).
+
+    Unlike load_config's overrides, a None value here clears the field (e.g. `workload.trace`).
+    """
+    tree = cfg.model_dump(mode="json")
+    for key, value in overrides.items():
+        _set_dotted(tree, key, value)
     try:
         return LemixConfig.model_validate(tree)
     except ValidationError as e:

@@ -15,7 +15,7 @@ import numpy as np
 
 from lemix.config import LemixConfig
 from lemix.sched.latency import Profile, default_profile
-from lemix.sim import simulate_policy
+from lemix.sim import DEFAULT_NOISE, simulate_policy
 from lemix.types import RunResult, Task
 from lemix.workload import LengthModel, LognormalLengths, make_tasks, read_trace
 
@@ -55,13 +55,18 @@ def build_tasks(cfg: LemixConfig, length_model: LengthModel | None = None) -> li
                       burstiness=w.burstiness if w.arrival == "gamma" else 1.0, length_model=lengths, **common)
 
 
-def simulate(cfg: LemixConfig, *, noise: float = 0.05,
+def sim_horizon_s(cfg: LemixConfig) -> float:
+    """Where a simulated (or virtual-clock) run stops waiting for stragglers."""
+    return max(cfg.workload.duration_s * 20, cfg.workload.duration_s + 3600)
+
+
+def simulate(cfg: LemixConfig, *, noise: float = DEFAULT_NOISE,
              progress: Callable[[str, int], Callable[[int], None]] | None = None) -> list[RunResult]:
     """Simulate every policy of cfg.policy.names on the same workload."""
     tasks = build_tasks(cfg)
     profile = sim_profile(cfg)
     results = []
-    horizon = max(cfg.workload.duration_s * 20, cfg.workload.duration_s + 3600)
+    horizon = sim_horizon_s(cfg)
     for name in cfg.policy.names:
         tick = progress(name, len(tasks)) if progress else None
         result, _ = simulate_policy(cfg.sched_params(name), profile, tasks, noise=noise,

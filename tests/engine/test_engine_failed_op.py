@@ -8,8 +8,8 @@ from __future__ import annotations
 import threading
 
 from lemix.config import RUN_DEFAULTS, load_config
-from lemix.engine.api import stage_devices, text_source
-from lemix.engine.backend import make_backend
+from lemix.api import stage_devices, text_source
+from lemix.engine.backends import make_backend
 from lemix.engine.data import TaskTexts
 from lemix.engine.model import load_model
 from lemix.engine.runtime import Engine

@@ -117,3 +117,22 @@ def test_cuda_worker_trains_offloads_and_reports_allocator_bytes():
     w.handle(Reload("act", (0,)))
     pipeline_backward(workers, 0)
     assert all(w.handle(Step()).version == 1 for w in workers)
+
+
+def test_checkpoint_without_tokenizer_is_refused_unless_asked(tmp_path):
+    """No silent byte-level fallback: the error says what to pass; --byte-tokenizer or
+    --tokenizer DIR (here: a tokenizer saved elsewhere) make it load."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    ckpt, tok_dir = tmp_path / "ckpt", tmp_path / "tok"
+    tiny_hf("llama").save_pretrained(ckpt)
+    with pytest.raises(CheckpointError, match="no tokenizer files.*--tokenizer DIR.*--byte-tokenizer"):
+        load_model(str(ckpt))
+    _, tok, _ = load_model(str(ckpt), byte_tokenizer=True)
+    assert isinstance(tok, ByteTokenizer)
+    core = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "hi": 3}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(tok_dir)
+    _, tok, _ = load_model(str(ckpt), tokenizer=str(tok_dir))
+    assert isinstance(tok, HFTokenizer) and tok.encode("hi") == [1, 3]

@@ -49,7 +49,7 @@ def test_saved_checkpoint_split_matches_hf(tmp_path, family):
     src = tiny_hf(family, tie=(family == "gpt2"))
     src.save_pretrained(tmp_path)
     assert any(tmp_path.glob("*.safetensors"))
-    model, _, fam = load_model(str(tmp_path))
+    model, _, fam = load_model(str(tmp_path), byte_tokenizer=True)
     assert fam == family
     ids, mask = padded_batch(LENGTHS)
     with torch.no_grad():

@@ -44,3 +44,17 @@ def test_latency_cdf(tmp_path):
     assert _is_png(plot_latency_cdf([mixed_result("a"), mixed_result("b")], tmp_path / "cdf.png"))
     assert plot_latency_cdf([make_result(requests=[req(1, 0.0)])], tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_gantt_of_a_large_cluster_shows_its_busiest_nodes_at_a_bounded_size(tmp_path):
+    """64 x 4 devices: the picture keeps the 8 busiest nodes (32 rows) and says so."""
+    import matplotlib.image as mpimg
+
+    ops = [op(n, s, 0.0, 0.1 + 0.01 * n) for n in range(64) for s in range(4)]
+    res = make_result(nodes=64, stages=4, requests=[req(1, 0.0, 0.5, 1.0)], ops=ops)
+    path = plot_gantt(res, tmp_path / "big.png", seconds=1.0)
+    height, width = mpimg.imread(path).shape[:2]
+    small = plot_gantt(make_result(nodes=8, stages=4, requests=[req(1, 0.0, 0.5, 1.0)],
+                                   ops=[o for o in ops if o.node < 8]), tmp_path / "small.png", seconds=1.0)
+    assert mpimg.imread(small).shape[0] == height < 2000     # 32 rows either way, not 256
+    assert width < 2000

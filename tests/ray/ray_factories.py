@@ -27,7 +27,7 @@ def run_cfg(**overrides):
 
 def make_engine(cfg, backend, policy: str = "lemix", profile: Profile | None = None):
     """An Engine for `cfg` on `backend` (built-in tiny model, texts from the config's source)."""
-    from lemix.engine.api import stage_devices, text_source
+    from lemix.api import stage_devices, text_source
     from lemix.engine.data import TaskTexts
     from lemix.engine.model import load_model
     from lemix.engine.runtime import Engine

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from ray_factories import cpu_profile, make_engine, run_cfg
-from lemix.engine.api import engine_tasks, run_engine
-from lemix.engine.backend import make_backend
+from lemix.api import engine_tasks, run_engine
+from lemix.engine.backends import make_backend
 from lemix.metrics import summarize
 
 pytestmark = pytest.mark.ray

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ray_factories import make_engine, run_cfg
-from lemix.engine.api import engine_tasks
+from lemix.api import engine_tasks
 from lemix.engine.ray_backend import RayBackend
 from lemix.metrics import summarize
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from lemix.engine.backend import BackendError, make_backend
+from lemix.engine.backend import BackendError
+from lemix.engine.backends import make_backend
 from lemix.engine.messages import Memory
 from lemix.engine.model import build_builtin_tiny, split_stages
 

@@ -12,7 +12,8 @@ from sched_factory import (MS, check_all, failures, infer, make_params, make_pro
 
 from lemix.metrics import summarize
 from lemix.sched.latency import OpCoeffs
-from lemix.sched.registry import make_policy, policy_names, register
+from lemix.sched.policies import make_policy, policy_names
+from lemix.sched.registry import register
 from lemix.types import OpKind
 
 

@@ -1,7 +1,7 @@
 """The discrete-event loop: event order at equal times, determinism, and a golden run."""
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -166,3 +166,51 @@ def test_golden_summary(policy):
     got = {k: s[k] for k in GOLDEN[policy]}
     assert got == pytest.approx(GOLDEN[policy], rel=1e-9)
     assert s["first_arrival_s"] == pytest.approx(tasks[0].arrival_s)
+
+
+class RecordingExecutor:
+    """An OpExecutor that logs what the loop tells it and stops sequence 2 at its first decode."""
+
+    def __init__(self, clock: SimClock) -> None:
+        self.clock, self.log, self.outputs = clock, [], 0
+
+    def arrive(self, task):
+        self.log.append(("arrive", task.task_id, self.clock.now()))
+
+    def start(self, op):
+        self.log.append(("start", op.op_id, self.clock.now()))
+
+    def finish(self, op, result):
+        assert result.end_s == self.clock.now() and result.op_id == op.op_id
+        self.log.append(("finish", op.op_id, self.clock.now()))
+        if op.kind is OpKind.DECODE and 2 in op.task_ids:
+            return replace(result, stopped_task_ids=(2,))
+        return result
+
+    def take(self, out):
+        self.outputs += out is not None
+
+
+def test_executor_hears_every_event_in_order_and_its_results_reach_the_scheduler():
+    from lemix.sched.scheduler import Scheduler
+
+    tasks = [infer(i, i * 5 * MS, 10, out=6) for i in range(4)]
+    params = make_params(policy="naivemix", nodes=1, stages=2, generate=True)
+
+    def run(with_executor: bool):
+        clock = SimClock()
+        sched = Scheduler(params, make_profile(2), clock)
+        ex = RecordingExecutor(clock) if with_executor else None
+        sim = Simulator(sched, clock, LatencyModel(make_profile(2), calibrate=False), noise=0.1, executor=ex)
+        return sim.run(tasks), ex
+
+    plain, _ = run(False)
+    fed, ex = run(True)
+    starts = [e for e in ex.log if e[0] == "start"]
+    finishes = [e for e in ex.log if e[0] == "finish"]
+    assert len(starts) == len(finishes) == len(fed.ops) and [e[0] for e in ex.log][:1] == ["arrive"]
+    assert [e[2] for e in ex.log] == sorted(e[2] for e in ex.log)          # event order
+    assert {e[1] for e in starts} == {e[1] for e in finishes}
+    assert ex.outputs > len(tasks)                                          # every call's outputs
+    out = {r.task_id: r.output_tokens for r in fed.requests}
+    assert out[2] < 6 and out == {**{r.task_id: r.output_tokens for r in plain.requests}, 2: out[2]}

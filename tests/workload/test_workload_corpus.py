@@ -12,6 +12,7 @@ from lemix.workload import (
     TopicDrift,
     builtin_corpus,
     load_jsonl,
+    shift_times_s,
 )
 
 
@@ -157,3 +158,36 @@ def test_dataset_source_cycles():
     assert got == ["aaaa", "bbbbb", "cc", "aaaa"]
     with pytest.raises(ValueError):
         DatasetSource([])
+
+
+# ------------------------------------------------------------------ drift: shift times, dataset segments
+
+def test_topic_drift_shift_times():
+    drift = TopicDrift(builtin_corpus(), 4, duration_s=20.0, rng=rng())
+    assert drift.shift_times_s == (5.0, 10.0, 15.0)
+    assert [drift.group_at(t - 1e-9) for t in drift.shift_times_s] == [0, 1, 2]
+    assert [drift.group_at(t) for t in drift.shift_times_s] == [1, 2, 3]
+    assert shift_times_s(drift) == (5.0, 10.0, 15.0) and shift_times_s(object()) == ()
+
+
+def test_dataset_segments_drift_over_the_run(tmp_path):
+    p = write_lines(tmp_path, [json.dumps({"text": t, "segment": s})
+                               for t, s in [("a1", "A"), ("b1", 7), ("a2", "A"), ("b2", 7), ("c1", "C")]])
+    samples = load_jsonl(p)
+    assert [s.segment for s in samples] == ["A", "7", "A", "7", "C"]
+    src = DatasetSource(samples, duration_s=30.0)
+    assert src.segment_labels == ("A", "7", "C") and src.shift_times_s == (10.0, 20.0)
+    assert [src.sample_text(t, 5, rng()) for t in (0.0, 9.9, 0.5, 10.0, 19.0, 12.0, 25.0, 99.0)] == \
+           ["a1", "a2", "a1", "b1", "b2", "b1", "c1", "c1"]
+    with pytest.raises(ValueError, match="duration_s"):
+        DatasetSource(samples)
+    assert DatasetSource([Sample("x")]).shift_times_s == ()
+
+
+def test_dataset_segments_on_every_record_or_none(tmp_path):
+    p = write_lines(tmp_path, [json.dumps({"text": "a", "segment": "A"}), json.dumps({"text": "b"})])
+    with pytest.raises(DatasetError, match="'segment' is given on some records") as info:
+        load_jsonl(p)
+    assert info.value.line == 2
+    with pytest.raises(DatasetError, match="'segment' must be a string or an integer"):
+        load_jsonl(write_lines(tmp_path, [json.dumps({"text": "a", "segment": [1]})], "e.jsonl"))

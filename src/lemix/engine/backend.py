@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -18,6 +18,11 @@ from lemix.engine.worker import StageWorker
 
 class BackendError(ValueError):
     """A backend could not start or place its workers; the message says why."""
+
+
+class EngineError(RuntimeError):
+    """A worker failed an op (strict runs) or a command the engine relies on; the original
+    exception is the cause."""
 
 
 class WorkerLost(RuntimeError):
@@ -129,14 +134,3 @@ class LocalBackend:
         for t in self._threads.values():
             t.join(timeout=10)
         self._threads.clear()
-
-
-BACKENDS: dict[str, Callable[..., Backend]] = {"local": LocalBackend}
-
-
-def make_backend(name: str, **kwargs) -> Backend:
-    if name == "ray" and "ray" not in BACKENDS:
-        from lemix.engine import ray_backend  # noqa: F401  (registers itself)
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; allowed: {', '.join(sorted(set(BACKENDS) | {'ray'}))}")
-    return BACKENDS[name](**kwargs)

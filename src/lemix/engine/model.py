@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from lemix.engine.checkpoint import CheckpointError, check_checkpoint_dir, has_tokenizer_files
+from lemix.engine.checkpoint import TOKENIZER_FILES, CheckpointError, check_checkpoint_dir, has_tokenizer_files
 from lemix.engine.stage import StageModule, split_stages
 from lemix.engine.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
@@ -29,10 +29,14 @@ def build_builtin_tiny(seed: int = 0, num_layers: int = 4):
     return model.float().eval()
 
 
-def load_model(spec: str, seed: int = 0) -> tuple[torch.nn.Module, ByteTokenizer | HFTokenizer, str]:
+def load_model(spec: str, seed: int = 0, *, tokenizer: str | None = None,
+               byte_tokenizer: bool = False) -> tuple[torch.nn.Module, ByteTokenizer | HFTokenizer, str]:
     """spec "builtin-tiny" or a checkpoint dir -> (HF model in float32, tokenizer, family).
 
-    family is the HF model_type: "llama", "qwen2" or "gpt2".
+    family is the HF model_type: "llama", "qwen2" or "gpt2". The tokenizer is the checkpoint's
+    own (or the one in the `tokenizer` dir); a checkpoint without tokenizer files is refused
+    unless `byte_tokenizer` asks for the byte-level tokenizer on purpose (a silent fallback
+    would feed the model 259 byte ids it was never trained on).
     """
     if spec == BUILTIN_TINY:
         return build_builtin_tiny(seed), ByteTokenizer(), "llama"
@@ -42,7 +46,12 @@ def load_model(spec: str, seed: int = 0) -> tuple[torch.nn.Module, ByteTokenizer
         model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"could not load the checkpoint in {spec}: {exc}") from exc
-    tok_dir = spec if has_tokenizer_files(spec) else None
-    tokenizer = load_tokenizer(tok_dir, model.config.vocab_size)
-    return model.eval(), tokenizer, config["model_type"]
+    vocab = model.config.vocab_size
+    if byte_tokenizer:
+        return model.eval(), load_tokenizer(None, vocab), config["model_type"]
+    tok_dir = tokenizer or spec
+    if not has_tokenizer_files(tok_dir):
+        raise CheckpointError(f"{tok_dir} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): pass "
+                              f"--tokenizer DIR, or --byte-tokenizer to use the byte-level tokenizer on purpose")
+    return model.eval(), load_tokenizer(tok_dir, vocab), config["model_type"]
 

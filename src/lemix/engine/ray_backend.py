@@ -28,7 +28,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from lemix.engine.backend import BACKENDS, BackendError, WorkerLost
+from lemix.engine.backend import BackendError, WorkerLost
 from lemix.engine.stage import StageModule
 
 try:
@@ -302,5 +302,3 @@ class RayBackend:
             ray.shutdown()
             self._started_ray = False
 
-
-BACKENDS["ray"] = RayBackend

@@ -16,22 +16,21 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from lemix.clock import WallClock
-from lemix.engine.backend import Backend
+from lemix.clock import Clock, WallClock
+from lemix.engine.backend import Backend, EngineError, WorkerLost
 from lemix.engine.data import TaskTexts, TaskTokens
 from lemix.engine.messages import (Backward, Decode, Forward, Free, GetWeights, Offload, Reload,
                                    SamplingParams, SetWeights, Step)
-from lemix.engine.recovery import EngineRecovery
+from lemix.engine.recovery import Recovery
 from lemix.engine.stage import split_stages
+from lemix.engine.tags import SUBMIT, FetchTag, FreeTag, GatherTag, OpTag, SubmitTag
 from lemix.sched.latency import Profile
 from lemix.sched.params import SchedParams
 from lemix.sched.scheduler import Scheduler
-from lemix.types import (ClusterSnapshot, Op, OpKind, OpRecord, OpResult, Outputs, RequestRecord, RunResult,
-                         Task, TrainStepRecord, TrainTaskRecord)
+from lemix.types import (ClusterSnapshot, Event, EventKind, Op, OpKind, OpRecord, OpResult, Outputs,
+                         RequestRecord, RunResult, Task, TrainStepRecord, TrainTaskRecord)
 
-
-class EngineError(RuntimeError):
-    """A worker failed an op; the original exception is the cause."""
+__all__ = ["Engine", "EngineError", "Listener"]
 
 
 class Listener(Protocol):
@@ -51,7 +50,6 @@ class Listener(Protocol):
     # its forward reached the last stage (called only when the listener has the method).
 
 
-_SUBMIT = ("submit",)
 RECENT_OPS = 20_000   # ended ops the engine keeps for live metrics (idle ratios, step spans)
 
 
@@ -61,20 +59,27 @@ class _Flight:
     start_s: float
 
 
-class Engine(EngineRecovery):
+def average_weights(copies: list[tuple[float, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """The weighted average of state dicts (weights need not sum to 1), summed in list order."""
+    total = sum(w for w, _ in copies)
+    return {k: sum(w * sd[k] for w, sd in copies) / total for k in copies[0][1]}
+
+
+class Engine:
     """One policy run on real model stages (build a fresh Engine per run). A worker that dies
-    takes its node out until it is restarted (see lemix.engine.recovery)."""
+    takes its node out until it is restarted (its Recovery, lemix.engine.recovery)."""
 
     def __init__(self, params: SchedParams, profile: Profile, hf_model: torch.nn.Module, tokenizer,
                  texts: TaskTexts, backend: Backend, *, devices: list[str], lr: float = 3e-4,
                  weight_decay: float = 0.0, memory_budget_bytes: int | None = None, strict: bool = True,
                  sampling: Callable[[Task], SamplingParams | None] | None = None,
-                 listener: Listener | None = None) -> None:
+                 listener: Listener | None = None, clock: Clock | None = None,
+                 ignore_eos: bool = False) -> None:
         self.params = params
         # workers first: starting them (Ray actors take seconds) must not count as run time
         nodes = [split_stages(hf_model, params.stages) for _ in range(params.nodes)]
         backend.start(nodes, devices, lr=lr, weight_decay=weight_decay, memory_budget_bytes=memory_budget_bytes)
-        self.clock = WallClock()
+        self.clock = clock or WallClock()   # the virtual-clock engine passes the simulator's SimClock
         try:
             self.sched = Scheduler(params, profile, self.clock, timer=time.perf_counter)
         except Exception:
@@ -84,6 +89,7 @@ class Engine(EngineRecovery):
         self.texts = texts
         self.backend = backend
         self.strict = strict
+        self.ignore_eos = ignore_eos
         self._sampling_fn = sampling or (lambda task: None)
         self.loss_scale = 1.0 / max(1, params.microbatches)
         self._tasks: dict[int, Task] = {}
@@ -102,8 +108,9 @@ class Engine(EngineRecovery):
         self.last_snapshot: ClusterSnapshot = self.sched.snapshot()     # ... taken on the engine thread
         self._stop_requested: set[int] = set()
         self._sampling: dict[int, SamplingParams] = {}
-        self._hf_model = hf_model                                 # initial weights for restarts
-        self._init_recovery()
+        self._streamed: dict[int, int] = {}       # task -> tokens already given to the listener
+        self.recovery = Recovery(self.sched, backend, self.clock, stages=params.stages, initial_model=hf_model,
+                                 strict=strict, take=self._take, lost=self._node_lost)
 
     # ------------------------------------------------------------------ main loops
     def run(self, tasks: list[Task], *, progress: Callable[[int], None] | None = None,
@@ -122,13 +129,14 @@ class Engine(EngineRecovery):
                 if progress and arrived:
                     progress(arrived)
                 wakeup = self._plan()
+                restoring = self.recovery.restore_deadline()
                 if nxt == len(tasks) and not self._flights and (self.sched.idle or wakeup is None) \
-                        and self._restore_deadline() == float("inf"):   # no node is being restored
+                        and restoring == float("inf"):   # no node is being restored
                     break
                 if now > horizon_s:
                     break
                 wake = min(tasks[nxt].arrival_s if nxt < len(tasks) else float("inf"),
-                           wakeup if wakeup is not None else float("inf"), self._restore_deadline())
+                           wakeup if wakeup is not None else float("inf"), restoring)
                 if not self._flights and wake == float("inf"):
                     break  # nothing can happen any more; finalize counts the rest as unfinished
                 self._wait(None if wake == float("inf") else max(0.0, wake - self.clock.now()))
@@ -138,7 +146,7 @@ class Engine(EngineRecovery):
 
     def submit(self, task: Task, tokens: TaskTokens, sampling: SamplingParams | None = None) -> None:
         """Online, thread-safe: offer a task (arrival_s should be self.clock.now())."""
-        self.backend.completions.put((_SUBMIT, (task, tokens, sampling)))
+        self.backend.completions.put((SUBMIT, (task, tokens, sampling)))
 
     def serve(self, stop: threading.Event, *, drain: bool = True, poll_s: float = 0.5) -> RunResult:
         """Online: run until `stop` is set (then, with drain, until in-flight work resolves)."""
@@ -158,9 +166,28 @@ class Engine(EngineRecovery):
         return self.sched.snapshot()
 
     def _arrive(self, task: Task) -> None:
-        self.texts.tokens(task)  # tokenize before the task competes for devices
-        self._tasks[task.task_id] = task
+        self.admit(task)
         self._take(self.sched.on_arrival(task))
+
+    # what another driver of the same scheduler (lemix.engine.virtual) uses
+    def admit(self, task: Task) -> None:
+        """Get `task` ready to run: its tokens, before it competes for devices."""
+        self.texts.tokens(task)
+        self._tasks[task.task_id] = task
+
+    def command(self, op: Op) -> Any:
+        """The worker command of a (non-SYNC) op."""
+        return self._command(op)
+
+    def absorb(self, op: Op, res: Any, end: float) -> tuple[int, ...]:
+        """Keep what the next stage needs from an op's reply; the sequences that stopped."""
+        return self._absorb(op, res, end)
+
+    def take(self, out: Outputs | None) -> None:
+        self._take(out)
+
+    def result(self) -> RunResult:
+        return self._result()
 
     def _plan(self) -> float | None:
         plan = self.sched.plan()
@@ -191,15 +218,15 @@ class Engine(EngineRecovery):
     def _launch(self, op: Op) -> None:
         self._flights[op.op_id] = _Flight(op, self.clock.now())
         if op.kind is OpKind.SYNC and op.sync.average:   # gather the copies, then average
-            nodes = [n for n in op.sync.sources(op.node) if n not in self._down]
+            nodes = [n for n in op.sync.sources(op.node) if n not in self.recovery.down]
             self._gather[op.op_id] = (len(nodes), [])
             for n in nodes:
-                self.backend.submit(n, op.stage, GetWeights(), ("avg_get", op.op_id, n))
+                self.backend.submit(n, op.stage, GetWeights(), GatherTag(op.op_id, n))
             return
         if op.kind is OpKind.SYNC:  # fetch the source stage's weights first, then overwrite
-            self.backend.submit(op.sync.source, op.stage, GetWeights(), ("sync_get", op.op_id))
+            self.backend.submit(op.sync.source, op.stage, GetWeights(), FetchTag(op.op_id))
             return
-        self.backend.submit(op.node, op.stage, self._command(op), op.op_id)
+        self.backend.submit(op.node, op.stage, self._command(op), OpTag(op.op_id))
 
     def _maybe_average(self, op_id: int) -> None:
         """Once every expected copy arrived: overwrite the stage with their weighted average."""
@@ -208,9 +235,7 @@ class Engine(EngineRecovery):
             return
         del self._gather[op_id]
         op = self._flights[op_id].op
-        total = sum(w for w, _ in got)
-        avg = {k: sum(w * sd[k] for w, sd in got) / total for k in got[0][1]}
-        self.backend.submit(op.node, op.stage, SetWeights(avg), op.op_id)
+        self.backend.submit(op.node, op.stage, SetWeights(average_weights(got)), OpTag(op.op_id))
 
     def _command(self, op: Op) -> Any:
         last = op.stage == self.params.stages - 1
@@ -262,32 +287,26 @@ class Engine(EngineRecovery):
 
     # ------------------------------------------------------------------ results -> OpResults
     def _complete(self, tag: Any, res: Any) -> None:
-        if tag == _SUBMIT:
+        if isinstance(tag, SubmitTag):
             task, tokens, sampling = res
             self.texts.put(task.task_id, tokens)
             if sampling is not None:
                 self._sampling[task.task_id] = sampling
             self._arrive(task)
             return
-        if self._recovery_complete(tag, res):   # a dead worker, a restore, a reply nobody awaits
+        if self.recovery.consume(tag, res):   # a restore step, a reply of an abandoned op
             return
-        if isinstance(tag, tuple) and tag[0] == "avg_get":
+        if isinstance(tag, (FetchTag, GatherTag)):
+            self._copy_arrived(tag, res)
+            return
+        if isinstance(res, WorkerLost):       # an op or a Free on a worker that died
+            self._node_lost(res)
+            return
+        if isinstance(tag, FreeTag):          # releasing state must not fail silently
             if isinstance(res, Exception):
-                return self._op_error(self._flights[tag[1]].op, res)
-            self._gather[tag[1]][1].append((self._flights[tag[1]].op.sync.mix[tag[2]], res.state_dict))
-            self._maybe_average(tag[1])
+                raise EngineError(f"freeing state on node {tag.node} stage {tag.stage} failed: {res}") from res
             return
-        if isinstance(tag, tuple) and tag[0] == "sync_get":
-            if isinstance(res, Exception):
-                return self._op_error(self._flights[tag[1]].op, res)
-            op = self._flights[tag[1]].op
-            self.backend.submit(op.node, op.stage, SetWeights(res.state_dict), op.op_id)
-            return
-        if isinstance(tag, tuple):  # auxiliary command (Free): it must not fail silently
-            if isinstance(res, Exception):
-                raise EngineError(f"auxiliary command {tag} failed: {res}") from res
-            return
-        flight = self._flights.pop(tag)
+        flight = self._flights.pop(tag.op_id)
         op, end = flight.op, self.clock.now()
         if isinstance(res, Exception):
             return self._op_error(op, res, flight.start_s, end)
@@ -295,6 +314,46 @@ class Engine(EngineRecovery):
         self._busy_s += end - flight.start_s
         stopped = self._absorb(op, res, end)
         self._take(self.sched.on_op_finished(OpResult(op.op_id, flight.start_s, end, stopped)))
+
+    def _copy_arrived(self, tag: FetchTag | GatherTag, res: Any) -> None:
+        """A source's weights for a SYNC op: copy them over (FetchTag) or, once every copy is in,
+        average them (GatherTag). A lost source: a merge goes on without it; a plain copy ends
+        without copying (the receiver keeps its weights) and says so."""
+        flight = self._flights.get(tag.op_id)
+        if flight is None:
+            return   # the receiving node failed meanwhile
+        if isinstance(res, WorkerLost):
+            self._node_lost(res)
+            if tag.op_id not in self._flights:
+                return
+            if isinstance(tag, GatherTag):
+                want, got = self._gather[tag.op_id]
+                self._gather[tag.op_id] = (want - 1, got)
+                self._maybe_average(tag.op_id)
+                return
+            del self._flights[tag.op_id]
+            now = self.clock.now()
+            self.sched.record_event(Event(now, EventKind.SYNC_SKIPPED, flight.op.node, flight.op.stage,
+                                          error=f"source node {res.node} lost"))
+            self._take(self.sched.on_op_finished(OpResult(tag.op_id, flight.start_s, now)))
+            return
+        if isinstance(res, Exception):
+            return self._op_error(flight.op, res)
+        if isinstance(tag, GatherTag):
+            self._gather[tag.op_id][1].append((flight.op.sync.mix[tag.node], res.state_dict))
+            self._maybe_average(tag.op_id)
+            return
+        self.backend.submit(flight.op.node, flight.op.stage, SetWeights(res.state_dict), OpTag(tag.op_id))
+
+    def _node_lost(self, lost: WorkerLost) -> None:
+        """A worker died: forget its node's in-flight ops, hand the node to recovery."""
+        if lost.node in self.recovery.down:
+            return   # already failed; this is one more reply from its old workers
+        ops = [op_id for op_id, f in self._flights.items() if f.op.node == lost.node]
+        for op_id in ops:
+            del self._flights[op_id]
+            self._gather.pop(op_id, None)
+        self.recovery.fail_node(lost.node, str(lost), ops)
 
     def _absorb(self, op: Op, res: Any, end: float) -> tuple[int, ...]:
         """Keep what the next stage needs; return the sequences that stopped (EOS)."""
@@ -334,13 +393,22 @@ class Engine(EngineRecovery):
         stopped = []
         for tid, tok in zip(task_ids, tokens):
             self.generated[tid].append(tok)
-            stop = tok == self.tok.eos_id
+            stop = tok == self.tok.eos_id and not self.ignore_eos
             if self.listener is not None and not stop and self._first_time_streamed(tid):
                 stop = bool(self.listener.on_token(tid, tok))
             if stop:
                 stopped.append(tid)
                 self._stop_requested.add(tid)
         return tuple(stopped)
+
+    def _first_time_streamed(self, task_id: int) -> bool:
+        """A request retried after a failure regenerates its tokens; the listener heard the
+        first ones already. True when the newest token of `task_id` is new to the listener."""
+        n = len(self.generated[task_id])
+        if n <= self._streamed.get(task_id, 0):
+            return False
+        self._streamed[task_id] = n
+        return True
 
     def _take(self, out: Outputs) -> None:
         """Act on what the scheduler says happened: release worker state, forget the generation
@@ -353,10 +421,10 @@ class Engine(EngineRecovery):
                 for store in (self._acts, self._grads):
                     for key in [k for k in store if k[0] == bid]:
                         del store[key]
-            if rel.node not in self._down:   # a failed node's workers are gone with their state
+            if rel.node not in self.recovery.down:   # a failed node's workers are gone with their state
                 free = Free(seq_ids=rel.seq_ids, batch_ids=rel.batch_ids)
                 for s in range(self.params.stages):
-                    self.backend.submit(rel.node, s, free, ("free", rel.node, s))
+                    self.backend.submit(rel.node, s, free, FreeTag(rel.node, s))
         for tid in out.requeued:         # a request starts over from its prompt
             self.generated.pop(tid, None)
             self.inference_loss.pop(tid, None)
@@ -385,7 +453,7 @@ class Engine(EngineRecovery):
         result.requests = [replace(r, inference_loss=self.inference_loss.get(r.task_id)) for r in result.requests]
         result.train_steps = self._step_losses(result.train_steps)
         result.extras["compute_fraction"] = self._compute_s / self._busy_s if self._busy_s else None
-        self._recovery_extras(result.extras)
+        self.recovery.extras(result.extras)
         return result
 
     def _step_losses(self, steps: list[TrainStepRecord]) -> list[TrainStepRecord]:

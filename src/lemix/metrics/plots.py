@@ -49,7 +49,7 @@ def plot_policy_bars(summaries: Mapping[str, dict], path: Path, title: str = "")
     ax2.bar(x + w / 2, tot, w, label="all tasks (incl. training)", color=TRAIN_COLOR)
     ax2.set_ylabel("throughput (tasks/s over makespan)")
     ax2.set_title("Throughput")
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2)  # below: never on a bar
     for ax in (ax1, ax2):
         ax.set_xticks(x, names, rotation=20, ha="right")
         ax.set_xlabel("policy")
@@ -58,8 +58,11 @@ def plot_policy_bars(summaries: Mapping[str, dict], path: Path, title: str = "")
     return _save(fig, path)
 
 
-def plot_gantt(result: RunResult, path: Path, seconds: float = 5.0, title: str = "") -> Path | None:
-    """Ops of the first `seconds` after the run's start, one row per (node, stage)."""
+def plot_gantt(result: RunResult, path: Path, seconds: float = 5.0, title: str = "",
+               max_rows: int = 32) -> Path | None:
+    """Ops of the first `seconds` after the run's start, one row per (node, stage). A cluster
+    with more than `max_rows` devices shows its busiest nodes in that window (all their stages),
+    and the title says how many of how many: the picture stays a readable size at any scale."""
     if not result.ops:
         return None
     starts = [r.arrival_s for r in result.requests] + [t.arrival_s for t in result.train_tasks]
@@ -76,6 +79,17 @@ def plot_gantt(result: RunResult, path: Path, seconds: float = 5.0, title: str =
         return None
     rows = sorted({(n, s) for n in range(result.nodes) for s in range(result.stages)}
                   | {row for row, _, _ in groups})
+    nodes = sorted({n for n, _ in rows})
+    shown = ""
+    per_node = max(1, len(rows) // max(1, len(nodes)))
+    if len(rows) > max_rows and len(nodes) > 1:
+        busy: dict[int, float] = defaultdict(float)
+        for (row, _, _), spans in groups.items():
+            busy[row[0]] += sum(w for _, w in spans)
+        keep = sorted(nodes, key=lambda n: (-busy[n], n))[:max(1, max_rows // per_node)]
+        rows = [r for r in rows if r[0] in set(keep)]
+        groups = {k: v for k, v in groups.items() if k[0][0] in set(keep)}
+        shown = f" (busiest {len(keep)} of {len(nodes)} nodes)"
     row_y = {row: i for i, row in enumerate(rows)}
 
     fig = _figure(11.0, max(2.5, 0.45 * len(rows) + 1.5))
@@ -89,7 +103,7 @@ def plot_gantt(result: RunResult, path: Path, seconds: float = 5.0, title: str =
     ax.set_xlim(0, seconds)
     ax.set_xlabel("time since first arrival (s)")
     ax.set_ylabel("device")
-    ax.set_title(title or f"{result.policy}: first {seconds:g} s")
+    ax.set_title((title or f"{result.policy}: first {seconds:g} s") + shown)
     kinds = sorted({k for _, _, k in groups}, key=lambda k: list(KIND_HATCH).index(k)
                    if k in KIND_HATCH else len(KIND_HATCH))
     handles = [Patch(facecolor=TRAIN_COLOR, label="training"),
@@ -102,10 +116,12 @@ def plot_gantt(result: RunResult, path: Path, seconds: float = 5.0, title: str =
 
 def plot_inference_loss(results: Sequence[RunResult], path: Path, window: int = 50,
                         title: str = "", labels: Sequence[str] | None = None) -> Path | None:
-    """Rolling mean (over `window` requests, by finish time) of per-request inference loss."""
+    """Rolling mean (over `window` requests, by finish time) of per-request inference loss; dotted
+    lines where the workload's text distribution shifts (RunResult.extras["drift_shifts_s"])."""
     fig = _figure(8.0, 4.5)
     ax = fig.subplots()
     plotted = False
+    shifts: set[float] = set()
     for res, label in zip(results, _labels(results, labels)):
         pts = sorted((r.finish_s, r.inference_loss) for r in res.requests
                      if r.finish_s is not None and r.inference_loss is not None
@@ -115,9 +131,12 @@ def plot_inference_loss(results: Sequence[RunResult], path: Path, window: int = 
         t, loss = np.array(pts).T
         t0 = min([r.arrival_s for r in res.requests] + [x.arrival_s for x in res.train_tasks])
         ax.plot(t - t0, _rolling_mean(loss, window), label=label)
+        shifts.update(s - t0 for s in res.extras.get("drift_shifts_s") or ())
         plotted = True
     if not plotted:
         return None
+    for i, s in enumerate(sorted(shifts)):   # where the text distribution shifts
+        ax.axvline(s, color="grey", linestyle=":", linewidth=1, label="drift shift" if i == 0 else None)
     ax.set_xlabel("request finish time since first arrival (s)")
     ax.set_ylabel(f"inference loss (nats/token, rolling mean of {window})")
     ax.set_title(title or "Inference loss over time")

@@ -12,6 +12,7 @@ Definitions, in one place:
 - slo_attainment: requests that finished, did not fail and met their SLO / ALL requests.
 - latencies (ms, vllm-bench names) over finished requests; percentiles interpolate linearly
   (numpy's default, as vllm does).
+- adaptation (drifting workloads on the real model): lemix.metrics.adaptation.
 - idle ratio: busy time per device (node, stage) is the union of its op intervals clipped to the
   window, so overlapping ops are not double counted and ops outside the window do not count.
 
@@ -26,6 +27,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from lemix.metrics.adaptation import adaptation_summary
 from lemix.types import OpRecord, RequestRecord, RunResult, TrainTaskRecord
 
 __all__ = ["summarize", "merged_busy_s", "LATENCY_STATS"]
@@ -70,6 +72,9 @@ def summarize(result: RunResult) -> dict:
     out.update(_training_stats(result, done_tasks, makespan))
     out.update(_idle_stats(result, t0, makespan))
     out.update(_serving_quality(reqs, done_reqs))
+    shifts = result.extras.get("drift_shifts_s")
+    if shifts and out["inference_loss_mean"] is not None:   # a drifting workload on the real model
+        out.update(adaptation_summary(reqs, shifts))
     out.update({
         "offload_events": int(result.offload_events),
         "sched_decision_us_p50": _percentile(result.decision_us, 50.0),

@@ -56,7 +56,9 @@ def combined_trace(results: Sequence[RunResult], *, labels: Sequence[str] | None
 
 
 def write_timeline(path: Path, results: Sequence[RunResult], *,
-                   labels: Sequence[str] | None = None, max_events: int | None = 200_000) -> Path:
+                   labels: Sequence[str] | None = None, max_events: int | None = 50_000) -> Path:
+    """The Chrome trace of every run; each keeps its first `max_events` ops (about 10 MB per run
+    at most; `otherData` says how many were written of how many)."""
     path = Path(path)
     trace = combined_trace(results, labels=labels, max_events=max_events)
     path.write_text(json.dumps(trace, separators=(",", ":"), allow_nan=False))

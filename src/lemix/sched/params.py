@@ -1,4 +1,7 @@
-"""Scheduler parameters as a plain dataclass (the config layer builds it; sched never reads YAML)."""
+"""Scheduler parameters as a plain dataclass (the config layer builds it; sched never reads YAML).
+
+These defaults are the only ones: config.PolicyConfig and SLOConfig take theirs from here.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,7 +32,7 @@ class SchedParams:
     no_prioritization: bool = False
     no_memory_check: bool = False
     slo_scale: float = 5.0
-    slo_ttft_s: float | None = None
+    slo_ttft_s: float | None = None   # generate mode: a request must also have TTFT <= this
     slo_e2e_s: float | None = None
     seed: int = 0
     # issue 10 (SLO-safe co-location); each mechanism switchable for the ablation table

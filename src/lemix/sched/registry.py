@@ -1,4 +1,7 @@
-"""Policies are registered by name; choosing one is a registry lookup, never an if-chain."""
+"""Policies are registered by name; choosing one is a registry lookup, never an if-chain.
+
+This module is a leaf: policy modules import `register` from it, and `lemix.sched.policies`
+(which imports every built-in policy) offers `make_policy` / `policy_names`."""
 from __future__ import annotations
 
 from typing import Callable
@@ -18,18 +21,6 @@ def register(name: str) -> Callable:
     return deco
 
 
-def _load_builtin() -> None:
-    # Importing the package registers every built-in policy exactly once.
-    import lemix.sched.policies  # noqa: F401
-
-
-def policy_names() -> list[str]:
-    _load_builtin()
-    return list(_REGISTRY)
-
-
-def make_policy(name: str, params):
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown policy {name!r}; allowed: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name](name, params)
+def registered() -> dict[str, Callable]:
+    """Name -> policy factory, in registration order (read only)."""
+    return _REGISTRY

@@ -53,7 +53,7 @@ from lemix.sched.outputs import Recorder
 from lemix.sched.params import SchedParams
 from lemix.sched.pipeline import make_pipeline
 from lemix.sched.placement import Placement
-from lemix.sched.registry import make_policy
+from lemix.sched.policies import make_policy
 from lemix.sched.state import NodeState
 from lemix.sched.times import StageTimes
 from lemix.sched.timelines import Timelines, View

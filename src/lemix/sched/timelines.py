@@ -31,6 +31,9 @@ class Timelines:
         self.cluster = cluster
         self.times = times
         self.jump = order.overtakes_training   # inference passes queued training in dispatch
+        self._nodes = cluster.nodes             # (hot paths: one attribute each)
+        self._lat = times.lat
+        self._stage_times = times.of
         self._timelines: dict[tuple[int, str], NodeTimeline] = {}
         self._idle_fc: tuple[tuple, Forecast | None] = ((), None)   # see idle_forecast
         self._probe: tuple = ((),)                                   # see inference_congested
@@ -48,19 +51,19 @@ class Timelines:
     def forecast(self, node: int, task: Task) -> Forecast:
         if node in self.cluster.idle_nodes():
             return self.idle_forecast(task)
-        fwd, bwd = self.times.of(task)
+        fwd, bwd = self._stage_times(task)
         jump = self.jump and not task.is_train   # inference overtakes queued training
         f = forecast_chain(self._timeline(node, _ALL), self.clock.now(), task.arrival_s, fwd, bwd, jump)
-        return self._with_decode(f, task, self.cluster.nodes[node].seqs)
+        return self._with_decode(f, task, self._nodes[node].seqs)
 
     def idle_forecast(self, task: Task) -> Forecast:
         """The forecast on any idle node: every idle node has the same (empty) timeline, so one
         computation per task and time serves them all."""
         now = self.clock.now()
         key = (task.batch_size, task.prompt_tokens, task.output_tokens, task.is_train, task.arrival_s,
-               now, self.times.lat.version)
+               now, self._lat.version)
         if self._idle_fc[0] != key:
-            fwd, bwd = self.times.of(task)
+            fwd, bwd = self._stage_times(task)
             self._idle_fc = (key, self._with_decode(forecast_alone(now, task.arrival_s, fwd, bwd), task, {}))
         return self._idle_fc[1]
 
@@ -77,10 +80,10 @@ class Timelines:
         """A lower bound on forecast(node, task).r_s from the node's running ops alone (O(S), no
         timeline): each stage starts no earlier than its input is ready and its running op ends
         (a running training op that a jumping inference query would pass is left out)."""
-        fwd, _ = self.times.of(task)
+        fwd, _ = self._stage_times(task)
         jump = self.jump and not task.is_train
         t = max(self.clock.now(), task.arrival_s)
-        for d, f in zip(self.cluster.nodes[node].devices, fwd):
+        for d, f in zip(self._nodes[node].devices, fwd):
             op = d.running
             if op is not None and not (jump and op.train and d.running_start_s >= t):
                 end = d.running_start_s + op.predicted_s
@@ -95,16 +98,16 @@ class Timelines:
         if self._infer_len.n == 0:
             return False
         now = self.clock.now()
-        key = (max(1, int(self._infer_len.mean)), max(1, int(self._infer_out.mean)), now, self.times.lat.version)
+        key = (max(1, int(self._infer_len.mean)), max(1, int(self._infer_out.mean)), now, self._lat.version)
         if self._probe[0] != key:   # the typical request, its stage times, its limit, the empty verdict
             probe = Task(-1, TaskKind.INFER, now, key[0], key[1])
-            fwd, _ = self.times.of(probe)
+            fwd, _ = self._stage_times(probe)
             limit = self.params.tau_r * self.times.compute_slo(probe)
             self._probe = (key, probe, fwd, limit, forecast_alone(now, now, fwd, []).r_s > limit)
         _, probe, fwd, limit, empty_verdict = self._probe
         if self.eq4_sees_training:
             return self._congested_with_training(node, now, probe, fwd, limit)
-        if self.cluster.nodes[node].has_no_inference():
+        if self._nodes[node].has_no_inference():
             # no inference to protect (issue 10, liveness): a probe that misses even alone
             # means the SLO cannot be met by deferring; placing training here harms no request
             return False
@@ -127,7 +130,7 @@ class Timelines:
 
     # ------------------------------------------------------------------ timelines
     def _timeline(self, node_idx: int, view: str) -> NodeTimeline:
-        node = self.cluster.nodes[node_idx]
+        node = self._nodes[node_idx]
         if node.dirty:
             self._timelines.pop((node_idx, _ALL), None)
             self._timelines.pop((node_idx, _INFER), None)
@@ -204,7 +207,7 @@ class Timelines:
         extra = len(node.train_wait) - CHAIN_CAP
         if extra > 0:
             for t in node.train_wait[:CHAIN_CAP]:
-                fwd, bwd = self.times.of(t)
+                fwd, bwd = self._stage_times(t)
                 for s in range(S):
                     per_stage[s] += fwd[s] + bwd[s]
             out.append((0.0, [(s, per_stage[s] / CHAIN_CAP * extra) for s in range(S)], True))

@@ -22,6 +22,8 @@ class StageTimes:
         self._times: dict[tuple[int, int, bool], list] = {}   # shape -> [version, fwd, bwd, chain]
         self._corr: tuple[int, list[float], list[float]] = (-1, [], [])
         self._slo: dict[int, float] = {}
+        self._unloaded_fwd: dict[tuple[int, int], float] = {}   # (batch, tokens) -> forward pass, all stages
+        self._unloaded_decode: dict[int, float] = {}            # kv tokens -> one decode iteration
 
     def of(self, task: Task) -> tuple[list[float], list[float]]:
         """Predicted per-stage forward (and backward) times of a task (shared lists: read only)."""
@@ -91,12 +93,18 @@ class StageTimes:
             if task.slo_s is not None:
                 return task.slo_s
         prof = self.truth.stages
-        t = sum(st.fwd.pass_s(task.batch_size, task.prompt_tokens) for st in prof)
+        shape = (task.batch_size, task.prompt_tokens)
+        t = self._unloaded_fwd.get(shape)
+        if t is None:
+            t = self._unloaded_fwd[shape] = sum(st.fwd.pass_s(*shape) for st in prof)
         if task.is_train:
             t *= 3.0
         elif self.params.generate and task.output_tokens > 1:
             kv = task.prompt_tokens + task.output_tokens // 2
-            t += (task.output_tokens - 1) * sum(st.decode.decode_s(1, kv) for st in prof)
+            it = self._unloaded_decode.get(kv)
+            if it is None:
+                it = self._unloaded_decode[kv] = sum(st.decode.decode_s(1, kv) for st in prof)
+            t += (task.output_tokens - 1) * it
         return self.params.slo_scale * t
 
     def ttft_limit_s(self, task: Task) -> float | None:

@@ -95,8 +95,8 @@ class EngineHost:
             raise
 
     def _build(self, hf_model, tokenizer, profile) -> None:
-        from lemix.engine.api import load_model, stage_devices
-        from lemix.engine.backend import make_backend
+        from lemix.api import load_model, stage_devices
+        from lemix.engine.backends import make_backend
         from lemix.engine.runtime import Engine
         from lemix.engine.stage import arch_config
 
@@ -105,7 +105,8 @@ class EngineHost:
             raise ServeError(f"{self.state_dir} already holds a training journal; pass --resume to "
                              "continue from it, or choose an empty --state-dir")
         if hf_model is None:
-            hf_model, tokenizer, _ = load_model(cfg.model.name, seed=cfg.seed)
+            hf_model, tokenizer, _ = load_model(cfg.model.name, seed=cfg.seed, tokenizer=cfg.model.tokenizer,
+                                                byte_tokenizer=cfg.model.byte_tokenizer)
         self.tok = tokenizer
         self.context_tokens = arch_config(hf_model).max_positions
         profile = profile or self._profile(hf_model)
@@ -143,7 +144,7 @@ class EngineHost:
     # ------------------------------------------------------------------ start / stop
     def _profile(self, hf_model):
         """--profile FILE, else the one measured earlier for this state dir, else measure now."""
-        from lemix.engine.api import engine_profile
+        from lemix.api import engine_profile
         from lemix.profiling import load_profile, save_profile
 
         if self.cfg.model.profile:

@@ -4,12 +4,17 @@ Events are ordered by (time, kind, sequence): at equal times op completions come
 free devices), then arrivals, then wake-ups; within a kind, in creation order. All events at one
 time are absorbed before the scheduler plans once. Op durations come from the *true* latency
 model (the profile), times seeded log-normal noise; the scheduler only sees them afterwards.
+
+An optional `OpExecutor` rides along: it hears every arrival, op start and scheduler output in
+event order and may add the outcome of an op (the sequences that stopped) to its result. The
+virtual-clock engine (lemix.engine.virtual) is one: it computes every op on real model stages
+while this loop decides when each op runs.
 """
 from __future__ import annotations
 
 import heapq
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 import numpy as np
 
@@ -17,15 +22,38 @@ from lemix.clock import SimClock
 from lemix.sched.latency import LatencyModel, Profile
 from lemix.sched.params import SchedParams
 from lemix.sched.scheduler import Scheduler
-from lemix.types import Op, OpResult, RunResult, Task
+from lemix.types import Op, OpResult, Outputs, RunResult, Task
 
 FINISH, ARRIVAL, WAKEUP = 0, 1, 2
+DEFAULT_NOISE = 0.05   # sigma of the log-normal factor on every op duration
+
+
+class OpExecutor(Protocol):
+    """What executes ops alongside the event loop, called in event order."""
+
+    def arrive(self, task: Task) -> None:
+        """`task` arrives now (before the scheduler hears of it)."""
+        ...
+
+    def start(self, op: Op) -> None:
+        """The scheduler started `op` now."""
+        ...
+
+    def finish(self, op: Op, result: OpResult) -> OpResult:
+        """`op` ends now with the modeled `result`; return what the scheduler is told."""
+        ...
+
+    def take(self, out: Outputs | None) -> None:
+        """What a scheduler call returned (releases, finished records)."""
+        ...
 
 
 class Simulator:
     def __init__(self, scheduler: Scheduler, clock: SimClock, truth: LatencyModel, *,
-                 noise: float = 0.05, seed: int = 0, horizon_s: float = float("inf")) -> None:
+                 noise: float = DEFAULT_NOISE, seed: int = 0, horizon_s: float = float("inf"),
+                 executor: OpExecutor | None = None) -> None:
         self.sched = scheduler
+        self.executor = executor
         self.clock = clock
         self.truth = truth
         self.noise = noise
@@ -62,18 +90,29 @@ class Simulator:
             while self._heap and self._heap[0][0] == t:
                 _, kind, _, payload = heapq.heappop(self._heap)
                 self.events_processed += 1
+                ex = self.executor
                 if kind == FINISH:
-                    self.sched.on_op_finished(payload)
+                    op, res = payload
+                    out = self.sched.on_op_finished(res if ex is None else ex.finish(op, res))
                 elif kind == ARRIVAL:
-                    self.sched.on_arrival(payload)
+                    if ex is not None:
+                        ex.arrive(payload)
+                    out = self.sched.on_arrival(payload)
                     arrived += 1
                 else:
                     self._wakeups.discard(t)
+                    out = None
+                if ex is not None:
+                    ex.take(out)
             plan = self.sched.plan()
+            if self.executor is not None:
+                self.executor.take(plan.outputs)
             for op in plan.ops:
                 self.ops_executed += 1
                 end = t + self.duration(op)
-                self._push(end, FINISH, OpResult(op.op_id, t, end))
+                if self.executor is not None:
+                    self.executor.start(op)
+                self._push(end, FINISH, (op, OpResult(op.op_id, t, end)))
             if plan.wakeup_s is not None and plan.wakeup_s > t and plan.wakeup_s not in self._wakeups:
                 self._wakeups.add(plan.wakeup_s)
                 self._push(plan.wakeup_s, WAKEUP, None)
@@ -82,7 +121,7 @@ class Simulator:
         return self.sched.finalize()
 
 
-def simulate_policy(params: SchedParams, profile: Profile, tasks: list[Task], *, noise: float = 0.05,
+def simulate_policy(params: SchedParams, profile: Profile, tasks: list[Task], *, noise: float = DEFAULT_NOISE,
                     horizon_s: float = float("inf"),
                     progress: Callable[[int], None] | None = None) -> tuple[RunResult, Simulator]:
     """Run one policy over a task list on a fresh scheduler; return its result and the loop."""

@@ -12,6 +12,7 @@ from lemix.workload.corpus import (
     TopicDrift,
     builtin_corpus,
     load_jsonl,
+    shift_times_s,
 )
 from lemix.workload.generate import ARRIVALS, make_tasks
 from lemix.workload.lengths import FixedLengths, LengthModel, LognormalLengths, TraceLengths
@@ -37,4 +38,5 @@ __all__ = [
     "make_tasks",
     "poisson_arrivals",
     "read_trace",
+    "shift_times_s",
 ]

@@ -6,7 +6,7 @@ that depends on the (simulated or wall) time of the run without knowing where it
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -27,6 +27,7 @@ class Sample:
 
     text: str
     prompt: str = ""
+    segment: str | None = None   # drift segment label (a dataset's optional "segment" key)
 
     @property
     def completion(self) -> str:
@@ -42,6 +43,11 @@ class TextSource(Protocol):
     def sample_text(self, t_s: float, n_chars: int, rng: np.random.Generator) -> str:
         """Text to train on at time t_s, at most n_chars characters."""
         ...
+
+
+def shift_times_s(source: object) -> tuple[float, ...]:
+    """When a source's text distribution shifts (seconds from the run's start); () for none."""
+    return tuple(getattr(source, "shift_times_s", ()))
 
 
 def _check_n_chars(n_chars: int) -> int:
@@ -134,6 +140,11 @@ class TopicDrift:
             self._train.append(self.SEPARATOR.join(t.text[:c] for t, c in zip(m, cuts)))
             self._heldout.append(self.SEPARATOR.join(t.text[c:] for t, c in zip(m, cuts)))
 
+    @property
+    def shift_times_s(self) -> tuple[float, ...]:
+        """When the active group changes: k * D / G for k = 1..G-1."""
+        return tuple(k * self.duration_s / self.groups for k in range(1, self.groups))
+
     def group_at(self, t_s: float) -> int:
         """The active group at time t_s; before 0 it is group 0, from duration_s on the last."""
         k = int(np.floor(t_s * self.groups / self.duration_s))
@@ -185,6 +196,14 @@ def _parse_record(path: str | Path, line: int, text: str) -> Sample:
         raise DatasetError(path, line, f"malformed JSON: {exc.msg} (column {exc.colno})") from None
     if not isinstance(obj, dict):
         raise DatasetError(path, line, f"expected a JSON object, got {type(obj).__name__}")
+    segment = obj.get("segment")
+    if segment is not None and (isinstance(segment, bool) or not isinstance(segment, (str, int))):
+        raise DatasetError(path, line, f"'segment' must be a string or an integer, got {type(segment).__name__}")
+    sample = _parse_body(path, line, obj)
+    return sample if segment is None else replace(sample, segment=str(segment))
+
+
+def _parse_body(path: str | Path, line: int, obj: dict) -> Sample:
     if "text" in obj:
         if "prompt" in obj or "completion" in obj:
             raise DatasetError(path, line, "give either 'text' or 'prompt'+'completion', not both")
@@ -209,12 +228,21 @@ def _parse_record(path: str | Path, line: int, text: str) -> Sample:
 def load_jsonl(path: str | Path) -> list[Sample]:
     """Read a JSONL dataset: one `{"text": ...}` or `{"prompt": ..., "completion": ...}` a line.
 
-    Blank lines are skipped; other keys on a record are ignored.
+    A record may carry `"segment": label` (drift segments, see DatasetSource); then every
+    record must. Blank lines are skipped; other keys on a record are ignored.
     """
     samples: list[Sample] = []
+    first_labelled: bool | None = None
     for number, text in file_lines(path, DatasetError, "dataset"):
         if text.strip():
-            samples.append(_parse_record(path, number, text))
+            sample = _parse_record(path, number, text)
+            labelled = sample.segment is not None
+            if first_labelled is None:
+                first_labelled = labelled
+            elif labelled != first_labelled:
+                raise DatasetError(path, number, "'segment' is given on some records but not on this one: "
+                                                 "give it on every record or on none")
+            samples.append(sample)
     if not samples:
         raise DatasetError(path, None, "empty dataset: no records")
     return samples
@@ -224,17 +252,41 @@ class DatasetSource:
     """Cycles through dataset samples in order; each call returns the next one.
 
     `sample_text` returns the sample's first n_chars characters (the whole sample when shorter);
-    it ignores t_s and rng, which it takes only to share TopicDrift's interface.
+    it ignores rng, which it takes only to share TopicDrift's interface. Samples with segment
+    labels drift: the G segments (in order of first appearance) take equal spans of the run,
+    segment k during [k*D/G, (k+1)*D/G) (needs `duration_s`), and calls cycle through the samples
+    of the segment active at t_s. Without labels t_s is ignored.
     """
 
-    def __init__(self, samples: Sequence[Sample]) -> None:
+    def __init__(self, samples: Sequence[Sample], *, duration_s: float | None = None) -> None:
         if not samples:
             raise ValueError("DatasetSource needs at least one sample")
         self.samples = list(samples)
-        self._next = 0
+        labels = list(dict.fromkeys(s.segment for s in self.samples if s.segment is not None))
+        self._segments = [[s for s in self.samples if s.segment == label] for label in labels] \
+            or [self.samples]
+        self.segment_labels: tuple[str, ...] = tuple(labels)
+        if len(self._segments) > 1 and not (duration_s is not None and np.isfinite(duration_s)
+                                            and duration_s > 0):
+            raise ValueError(f"a dataset with segments needs duration_s > 0, got {duration_s!r}")
+        self.duration_s = duration_s
+        self._next = [0] * len(self._segments)
+
+    @property
+    def shift_times_s(self) -> tuple[float, ...]:
+        G = len(self._segments)
+        return tuple(k * self.duration_s / G for k in range(1, G)) if G > 1 else ()
+
+    def segment_at(self, t_s: float) -> int:
+        G = len(self._segments)
+        if G == 1:
+            return 0
+        return min(max(int(np.floor(t_s * G / self.duration_s)), 0), G - 1)
 
     def sample_text(self, t_s: float, n_chars: int, rng: np.random.Generator) -> str:
         n = _check_n_chars(n_chars)
-        sample = self.samples[self._next]
-        self._next = (self._next + 1) % len(self.samples)
+        k = self.segment_at(t_s)
+        pool = self._segments[k]
+        sample = pool[self._next[k]]
+        self._next[k] = (self._next[k] + 1) % len(pool)
         return sample.text[:n]

@@ -7,14 +7,14 @@ from typing import Callable
 import numpy as np
 
 from lemix.config import RUN_DEFAULTS, LemixConfig  # noqa: F401  (re-exported)
-from lemix.engine.backend import make_backend
+from lemix.engine.backends import make_backend
 from lemix.engine.data import TaskTexts
 from lemix.engine.model import load_model, split_stages
 from lemix.engine.runtime import Engine
 from lemix.sched.latency import Profile
 from lemix.types import RunResult, Task
 from lemix.workload import (DatasetSource, LognormalLengths, TextSource, TopicDrift, builtin_corpus,
-                            load_jsonl)
+                            load_jsonl, shift_times_s)
 
 def set_threads_per_worker(workers: int) -> None:
     """Split the cores between concurrently busy stage workers (oversubscribed intra-op threads
@@ -56,8 +56,9 @@ def engine_tasks(cfg: LemixConfig) -> list[Task]:
 
 
 def text_source(cfg: LemixConfig) -> TextSource:
+    """A fresh source (a dataset source keeps a read position: one per run)."""
     if cfg.workload.dataset:
-        return DatasetSource(load_jsonl(cfg.workload.dataset))
+        return DatasetSource(load_jsonl(cfg.workload.dataset), duration_s=cfg.workload.duration_s)
     return TopicDrift(builtin_corpus(), cfg.workload.drift_groups, duration_s=cfg.workload.duration_s,
                       rng=np.random.default_rng(cfg.seed))
 
@@ -83,24 +84,41 @@ def engine_profile(cfg: LemixConfig, hf_model, progress: Callable[[int], None] |
 
 def run_engine(cfg: LemixConfig, *, progress: Callable[[str, int], Callable[[int], None]] | None = None,
                profile: Profile | None = None, tasks: list[Task] | None = None) -> list[RunResult]:
-    """Run every policy of cfg.policy.names on the real engine, same tasks, same initial weights."""
+    """Run every policy of cfg.policy.names on the real engine, same tasks, same initial weights.
+
+    cluster.clock 'wall': ops run in real time, timed by a profile measured here (or --profile).
+    'virtual': the simulator's loop, tasks and profile (the modeled GPU of --sim-model, or
+    --profile) decide when each op runs, exactly as `lemix simulate`; the ops are computed for real.
+    """
     import time
 
-    hf_model, tokenizer, _ = load_model(cfg.model.name, seed=cfg.seed)
-    tasks = engine_tasks(cfg) if tasks is None else tasks
-    profile = profile or engine_profile(cfg, hf_model)
-    source = text_source(cfg)
+    from lemix.clock import SimClock
+    from lemix.engine.virtual import VirtualEngine
+    from lemix.experiment import build_tasks, sim_horizon_s, sim_profile
+
+    virtual = cfg.cluster.clock == "virtual"
+    hf_model, tokenizer, _ = load_model(cfg.model.name, seed=cfg.seed, tokenizer=cfg.model.tokenizer,
+                                        byte_tokenizer=cfg.model.byte_tokenizer)
+    if tasks is None:
+        tasks = build_tasks(cfg) if virtual else engine_tasks(cfg)
+    profile = profile or (sim_profile(cfg) if virtual else engine_profile(cfg, hf_model))
     results = []
     for name in cfg.policy.names:
+        source = text_source(cfg)
         texts = TaskTexts(tokenizer, source, seed=cfg.seed)
         backend = make_backend(cfg.cluster.backend, **({"address": cfg.cluster.ray_address}
                                                        if cfg.cluster.backend == "ray" else {}))
         engine = Engine(cfg.sched_params(name), profile, hf_model, tokenizer, texts, backend,
                         devices=stage_devices(cfg), lr=cfg.model.lr, weight_decay=cfg.model.weight_decay,
-                        memory_budget_bytes=int(cfg.cluster.device_memory_gb * 1e9))
+                        memory_budget_bytes=int(cfg.cluster.device_memory_gb * 1e9),
+                        clock=SimClock() if virtual else None, ignore_eos=cfg.workload.ignore_eos)
         tick = progress(name, len(tasks)) if progress else None
         t0 = time.perf_counter()
-        result = engine.run(tasks, progress=tick, horizon_s=cfg.workload.duration_s * 10 + 60)
+        if virtual:
+            result = VirtualEngine(engine, profile).run(tasks, progress=tick, horizon_s=sim_horizon_s(cfg))
+        else:
+            result = engine.run(tasks, progress=tick, horizon_s=cfg.workload.duration_s * 10 + 60)
         result.wall_s = time.perf_counter() - t0
+        result.extras["drift_shifts_s"] = list(shift_times_s(source))
         results.append(result)
     return results
