@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine_factories import make_workers, padded_batch, tiny_hf
-from lemix.engine.api import run_engine
+from lemix.api import run_engine
 from lemix.engine.messages import Backward, Forward, Memory, Offload, Reload
 from lemix.engine.model import build_builtin_tiny
 from lemix.engine.stage import layer_ranges
