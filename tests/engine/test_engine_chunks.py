@@ -23,21 +23,23 @@ def _chunks(n_layers: int, size: int) -> list[tuple[int, int]]:
     return [(lo, min(n_layers, lo + size)) for lo in range(0, n_layers, size)]
 
 
-def _chunked_step(workers, batches, size: int, offload_between: bool = False):
-    """GPipe order, every stage op cut into chunks of `size` layers (backward in reverse)."""
+def _chunked_step(workers, batches, size: int, offload_between: bool = False, of_layers: int = 0):
+    """GPipe order, every stage op cut into chunks of `size` layers (backward in reverse); with
+    `of_layers`, chunks of a stage of that many layers (the worker maps them onto its own)."""
     losses = []
     for b, (ids, mask) in enumerate(batches):
         lengths = tuple(mask.sum(1).tolist())
         hidden = None
         for w in workers:
-            for lo, hi in _chunks(w.stage.num_layers, size):
+            L = of_layers or w.stage.num_layers
+            for lo, hi in _chunks(L, size):
                 first = lo == 0
                 res = w.handle(Forward(b, True, tuple(range(len(lengths))), lengths,
                                        input_ids=ids if first and w.stage_index == 0 else None,
                                        hidden=hidden if first and w.stage_index > 0 else None,
                                        labels=ids if w.stage.is_last else None,
-                                       loss_scale=1 / len(batches), layers=(lo, hi)))
-                assert (res.hidden is None) == (hi < w.stage.num_layers or w.stage.is_last)
+                                       loss_scale=1 / len(batches), layers=(lo, hi), of_layers=of_layers))
+                assert (res.hidden is None) == (hi < L or w.stage.is_last)
             hidden = res.hidden
         losses.append(res.loss)
         if offload_between:   # a whole stage's stash moves to host and back, chunks and all
@@ -47,9 +49,10 @@ def _chunked_step(workers, batches, size: int, offload_between: bool = False):
     for b in range(len(batches)):
         grad = None
         for w in reversed(workers):
-            for lo, hi in reversed(_chunks(w.stage.num_layers, size)):
-                top = hi == w.stage.num_layers
-                res = w.handle(Backward(b, grad if top else None, layers=(lo, hi)))
+            L = of_layers or w.stage.num_layers
+            for lo, hi in reversed(_chunks(L, size)):
+                top = hi == L
+                res = w.handle(Backward(b, grad if top else None, layers=(lo, hi), of_layers=of_layers))
                 if lo > 0:
                     assert res.grad_input is None
             grad = res.grad_input
@@ -69,6 +72,21 @@ def test_chunked_grads_match_reference(family, num_stages, layers, size, offload
     workers = make_workers(model, num_stages, lr=LR, weight_decay=WD)
     assert [w.stage.num_layers for w in workers] == [hi - lo for lo, hi in layer_ranges(layers, num_stages)]
     losses = _chunked_step(workers, batches, size, offload)
+    assert losses == pytest.approx(ref_losses, abs=1e-5)
+    for w in workers:
+        for key, p in w.stage.named_parameters():
+            torch.testing.assert_close(p.grad, ref_grads[w.stage.hf_names[key]], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("of_layers", [5, 13])
+def test_chunks_planned_on_another_layer_count_map_onto_the_stage(of_layers):
+    # the virtual clock plans chunks on a modeled profile (13 layers a stage) for a real stage of
+    # 2 layers: most chunks then cover no real layer and pass their input on; gradients still match
+    ref_model, model = build_builtin_tiny(seed=1), build_builtin_tiny(seed=1)
+    batches = [padded_batch(lens, seed=i) for i, lens in enumerate(MICRO_BATCHES)]
+    ref_grads, ref_losses = _reference_step(ref_model, batches)
+    workers = make_workers(model, 2, lr=LR, weight_decay=WD)
+    losses = _chunked_step(workers, batches, 1, of_layers=of_layers)
     assert losses == pytest.approx(ref_losses, abs=1e-5)
     for w in workers:
         for key, p in w.stage.named_parameters():

@@ -57,16 +57,18 @@ class ChunkedStash(ActivationStash):
         return self.nbytes
 
 
-def run_layers(stage, x: torch.Tensor, lengths: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """StageModule.forward over its own layers [lo, hi) only: embeddings before layer 0 on the
-    first stage, norm and head after the last layer on the last stage."""
+def run_layers(stage, x: torch.Tensor, lengths: torch.Tensor, lo: int, hi: int,
+               embed: bool | None = None) -> torch.Tensor:
+    """StageModule.forward over its own layers [lo, hi) only: embeddings first on the first
+    stage (for the first chunk: `embed`, default lo == 0), norm and head after the last layer on
+    the last stage."""
     B, T = x.shape[:2]
     pos = torch.arange(T, device=x.device)
     positions = pos.expand(B, T)
     key_valid = pos[None, :] < lengths[:, None]
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     ctx = AttnContext(mask=causal[None, None] & key_valid[:, None, None, :], past=None, new_kv=None)
-    h = stage._embed(x, positions) if stage.is_first and lo == 0 else x
+    h = stage._embed(x, positions) if stage.is_first and (lo == 0 if embed is None else embed) else x
     if stage.cfg.family == "llama":
         ctx.cos, ctx.sin = rotary_tables(positions, stage.inv_freq, stage.cfg.rope_attention_scale, h.dtype)
     for i in range(lo, hi):
@@ -76,18 +78,24 @@ def run_layers(stage, x: torch.Tensor, lengths: torch.Tensor, lo: int, hi: int) 
     return h
 
 
-def _check_range(worker, layers: tuple, what: str) -> tuple[int, int]:
+def _check_range(worker, layers: tuple, of_layers: int, what: str) -> tuple[int, int, int, int]:
+    """(lo, hi) in the scheduler's units and the stage's own layers [lo', hi') they map to:
+    a range of `of_layers` scaled to the stage's L (the virtual clock plans chunks on a modeled
+    profile; a chunk may then cover no real layer and only pass its input on; the last maps to
+    the last layer, the first to the stage input)."""
     lo, hi = layers
-    if not 0 <= lo < hi <= worker.stage.num_layers:
+    L = worker.stage.num_layers
+    total = of_layers or L
+    if not 0 <= lo < hi <= total:
         raise ValueError(f"{what} chunk {layers} is not within stage {worker.stage_index}'s "
-                         f"{worker.stage.num_layers} layers")
-    return lo, hi
+                         f"{total} layers")
+    return lo, hi, lo * L // total, hi * L // total
 
 
 def chunk_forward(worker, cmd: Forward, timer) -> ForwardResult:
     """A training forward over layers cmd.layers of the stage (see the module doc)."""
-    lo, hi = _check_range(worker, cmd.layers, "forward")
-    L = worker.stage.num_layers
+    lo, hi, rlo, rhi = _check_range(worker, cmd.layers, cmd.of_layers, "forward")
+    L = cmd.of_layers or worker.stage.num_layers
     if not cmd.train:
         raise ValueError("only training forwards run in chunks")
     if lo == 0:
@@ -114,7 +122,7 @@ def chunk_forward(worker, cmd: Forward, timer) -> ForwardResult:
     first_saved = len(stash.saved)
     loss = None
     with timer(worker.device) as t, stash.hooks():
-        out = run_layers(worker.stage, x, lengths, lo, hi)
+        out = run_layers(worker.stage, x, lengths, rlo, rhi, embed=lo == 0) if lo == 0 or rlo < rhi else x
         if labels is not None:
             loss = causal_lm_loss(out, labels)
             out = loss * cmd.loss_scale
@@ -137,8 +145,8 @@ def chunk_forward(worker, cmd: Forward, timer) -> ForwardResult:
 
 def chunk_backward(worker, cmd: Backward, timer) -> BackwardResult:
     """A backward over layers cmd.layers of the stage, top chunk first (see the module doc)."""
-    lo, hi = _check_range(worker, cmd.layers, "backward")
-    L = worker.stage.num_layers
+    lo, hi, _, _ = _check_range(worker, cmd.layers, cmd.of_layers, "backward")
+    L = cmd.of_layers or worker.stage.num_layers
     stash = worker._stash(cmd.batch_id)
     if not isinstance(stash, ChunkedStash) or lo not in stash.io or stash.next_lo != L \
             or (stash.bwd_hi if stash.bwd_hi is not None else L) != hi:

@@ -244,7 +244,7 @@ class Engine:
         if op.kind is OpKind.BWD:
             if op.layers:   # a chunk: only the top one takes the next stage's gradient
                 return Backward(op.batch_id, None if last else self._grads.pop((op.batch_id, op.stage), None),
-                                layers=op.layers)
+                                layers=op.layers, of_layers=self._planned_layers(op.stage))
             return Backward(op.batch_id, None if last else self._grads.pop((op.batch_id, op.stage)))
         if op.kind is OpKind.DECODE:
             sampling = tuple(self.sampling(self._tasks[t]) or SamplingParams() for t in op.task_ids)
@@ -260,11 +260,17 @@ class Engine:
             return Offload(kind, keys) if op.kind is OpKind.OFFLOAD else Reload(kind, keys)
         raise ValueError(f"no command for {op.kind}")
 
+    def _planned_layers(self, stage: int) -> int:
+        """The layer count the scheduler cut the stage's chunks from (its profile's; the virtual
+        clock's modeled profile may differ from the real stage's: the worker maps the ranges)."""
+        return self.sched.lat.profile.stages[stage].layers
+
     def _forward(self, op: Op, last: bool) -> Forward:
         if op.layers and op.layers[0] > 0:   # a later chunk: its input is on the worker
             ids, lengths = self._ids[op.batch_id]
             return Forward(op.batch_id, True, tuple(range(len(lengths))), lengths,
-                           labels=ids if last else None, loss_scale=self.loss_scale, layers=op.layers)
+                           labels=ids if last else None, loss_scale=self.loss_scale, layers=op.layers,
+                           of_layers=self._planned_layers(op.stage))
         if op.stage == 0:
             rows = [row for t in op.task_ids for row in self.texts.tokens(self._tasks[t]).samples]
             lengths = tuple(len(r) for r in rows)
@@ -283,7 +289,8 @@ class Engine:
                        input_ids=ids if op.stage == 0 else None,
                        hidden=None if op.stage == 0 else self._acts.pop((op.batch_id, op.stage)),
                        labels=ids if last else None, keep_kv=keep_kv, sampling=sampling,
-                       loss_scale=self.loss_scale, layers=op.layers)
+                       loss_scale=self.loss_scale, layers=op.layers,
+                       of_layers=self._planned_layers(op.stage) if op.layers else 0)
 
     # ------------------------------------------------------------------ results -> OpResults
     def _complete(self, tag: Any, res: Any) -> None:
