@@ -46,6 +46,10 @@ _COMMON = [
     ("--microbatches", "policy.microbatches", int, ""),
     ("--sync-every", "policy.sync_every", int, ""),
     ("--average-every", "policy.average_every", int, ""),
+    ("--train-chunk-ms", "policy.train_chunk_ms", float, "lemix: longest predicted training chunk (ms); "
+                                                          "default chunk_frac x the tightest SLO"),
+    ("--train-queue-depth", "policy.train_queue_depth", int, "lemix late binding: training tasks queued per node"),
+    ("--chunk-frac", "policy.chunk_frac", float, "lemix: a chunk's predicted time under this x the tightest SLO"),
     ("--slo-scale", "slo.scale", float, ""),
     ("--slo-ttft", "slo.ttft_s", float, ""),
     ("--slo-e2e", "slo.e2e_s", float, ""),
@@ -56,6 +60,14 @@ _FLAGS = [
     ("--no-profile", "policy.no_profile", "start from a generic latency model and calibrate online"),
     ("--no-prioritization", "policy.no_prioritization", "lemix without SLO-aware deprioritization"),
     ("--no-memory-check", "policy.no_memory_check", "lemix without the wait-or-offload memory gate"),
+    ("--no-chunking", "policy.no_chunking", "lemix without bounded blocking (one training op per stage)"),
+    ("--train-backlog", "workload.train_backlog", "training data always waiting (simulator): a training task "
+                                                  "is drawn whenever a policy would place one"),
+    ("--no-lookahead-slack", "policy.no_lookahead_slack", "lemix: the lookahead never lets a training chunk "
+                                                          "delay inference on its way"),
+    ("--eq4-inference-only", "policy.eq4_inference_only", "lemix: Eq. 4 forecasts queued inference only, "
+                                                          "not the training ahead of it"),
+    ("--no-late-binding", "policy.no_late_binding", "lemix places training at arrival, not when a node has room"),
     ("--force-profile", "model.force_profile", "accept a profile made for another model/stages/device"),
 ]
 _ENGINE_FLAGS = [

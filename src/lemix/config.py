@@ -116,6 +116,9 @@ class WorkloadConfig(_Strict):
     dataset: str | None = Field(None, description="real engine: JSONL of {text} or {prompt, completion}")
     drift_groups: int = Field(4, ge=1)
     priority_share: float = Field(0.0, ge=0, le=1)
+    train_backlog: bool = Field(False, description="training data always waiting: a training task is drawn "
+                                "whenever a policy would place one (simulator); arrivals are all inference "
+                                "and train_share only sets separate's split (default half/half)")
 
     @model_validator(mode="after")
     def _check_sources(self) -> "WorkloadConfig":
@@ -125,6 +128,8 @@ class WorkloadConfig(_Strict):
             self.arrival = "trace"
         if self.train_rate is not None and self.train_share is not None:
             raise ValueError("set workload.train_share or workload.train_rate, not both")
+        if self.train_backlog and self.train_rate is not None:
+            raise ValueError("workload.train_backlog draws training on demand: drop workload.train_rate")
         return self
 
     @property
@@ -133,6 +138,11 @@ class WorkloadConfig(_Strict):
         if self.train_rate is not None:
             return None
         return 0.5 if self.train_share is None else self.train_share
+
+    @property
+    def arrival_train_share(self) -> float | None:
+        """The share of arrivals that are training tasks (0 with a backlog: it is drawn instead)."""
+        return 0.0 if self.train_backlog else self.effective_train_share
 
 
 class PolicyConfig(_Strict):
@@ -157,6 +167,16 @@ class PolicyConfig(_Strict):
     no_profile: bool = _SP.no_profile
     no_prioritization: bool = _SP.no_prioritization
     no_memory_check: bool = _SP.no_memory_check
+    no_chunking: bool = _SP.no_chunking
+    no_late_binding: bool = _SP.no_late_binding
+    eq4_inference_only: bool = _SP.eq4_inference_only
+    no_lookahead_slack: bool = _SP.no_lookahead_slack
+    train_queue_depth: int = Field(_SP.train_queue_depth, ge=1, description="lemix late binding: placed "
+                                   "training tasks waiting per node to enter its pipeline")
+    train_chunk_ms: float | None = Field(_SP.train_chunk_ms, gt=0, description="lemix: longest predicted "
+                                         "training chunk (ms); default chunk_frac x the tightest SLO in force")
+    chunk_frac: float = Field(_SP.chunk_frac, gt=0, description="lemix: a training chunk's predicted time "
+                              "under this x the tightest SLO in force")
 
     @field_validator("names", mode="before")
     @classmethod
@@ -203,9 +223,18 @@ class LemixConfig(_Strict):
             generate=self.workload.mode == "generate",
             train_share=self.workload.effective_train_share,
             no_profile=p.no_profile, no_prioritization=p.no_prioritization,
-            no_memory_check=p.no_memory_check, slo_scale=self.slo.scale, slo_ttft_s=self.slo.ttft_s,
-            slo_e2e_s=self.slo.e2e_s, seed=self.seed,
+            no_memory_check=p.no_memory_check, no_chunking=p.no_chunking, train_chunk_ms=p.train_chunk_ms,
+            chunk_frac=p.chunk_frac, no_late_binding=p.no_late_binding, eq4_inference_only=p.eq4_inference_only, no_lookahead_slack=p.no_lookahead_slack, train_queue_depth=p.train_queue_depth,
+            slo_scale=self.slo.scale, slo_ttft_s=self.slo.ttft_s,
+            slo_e2e_s=self.slo.e2e_s, seed=self.seed, **self._backlog(),
         )
+
+    def _backlog(self) -> dict:
+        w = self.workload
+        if not w.train_backlog:
+            return {}
+        return dict(train_backlog=True, backlog_batch=w.train_batch_size, backlog_tokens=w.train_seq_tokens,
+                    backlog_until_s=w.duration_s)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

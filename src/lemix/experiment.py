@@ -50,7 +50,7 @@ def build_tasks(cfg: LemixConfig, length_model: LengthModel | None = None) -> li
     """
     w = cfg.workload
     rng = np.random.default_rng(cfg.seed)
-    common = dict(rng=rng, train_share=w.effective_train_share, train_rate_per_s=w.train_rate,
+    common = dict(rng=rng, train_share=w.arrival_train_share, train_rate_per_s=w.train_rate,
                   train_batch_size=w.train_batch_size, train_seq_tokens=w.train_seq_tokens,
                   priority_share=w.priority_share)
     if w.arrival == "trace":

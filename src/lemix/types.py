@@ -83,6 +83,8 @@ class Op:
     bytes: int = 0                    # offload/reload/sync bytes
     predicted_s: float = 0.0
     sync: SyncSpec | None = None      # SYNC: where the new weights come from
+    layers: tuple[int, int] | tuple[()] = ()   # FWD/BWD of training: a chunk, [first, end) of the
+                                               # stage's own layers (sched/chunking.py); () = all
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,7 @@ class OpRecord:
     seq_tokens: int = 0
     kv_tokens: int = 0
     bytes: int = 0
+    layers: tuple[int, int] | tuple[()] = ()   # a training chunk's layer range (Op.layers)
 
 
 @dataclass(frozen=True)

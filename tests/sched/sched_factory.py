@@ -7,6 +7,8 @@ integers and memory is ample unless a test asks otherwise.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from lemix.clock import SimClock
@@ -26,13 +28,13 @@ PIPELINES = ("apipe", "gpipe", "1f1b")
 def make_stage(*, fwd_ms_per_token: float = 1.0, bwd_ms_per_token: float = 2.0,
                decode_ms: float = 1.0, optim_ms: float = 1.0, weight_bytes: int = 1000,
                train_state_bytes: int = 0, act_bytes_per_token: int = 10,
-               tmp_bytes_per_token: int = 1, kv_bytes_per_token: int = 10) -> StageProfile:
+               tmp_bytes_per_token: int = 1, kv_bytes_per_token: int = 10, layers: int = 0) -> StageProfile:
     return StageProfile(
         fwd=OpCoeffs(b=fwd_ms_per_token * MS), bwd=OpCoeffs(b=bwd_ms_per_token * MS),
         decode=OpCoeffs(a=decode_ms * MS), optim=OpCoeffs(a=optim_ms * MS),
         weight_bytes=weight_bytes, train_state_bytes=train_state_bytes,
         act_bytes_per_token=act_bytes_per_token, tmp_bytes_per_token=tmp_bytes_per_token,
-        kv_bytes_per_token=kv_bytes_per_token)
+        kv_bytes_per_token=kv_bytes_per_token, layers=layers)
 
 
 def make_profile(stages: int = 2, *, capacity_bytes: int = 10**12, host_bandwidth_Bps: float = 1e6,
@@ -120,14 +122,47 @@ def check_no_device_overlap(result: RunResult) -> None:
 
 
 def _per_batch(result: RunResult, kinds: tuple[OpKind, ...]) -> dict[tuple[int, int], dict]:
+    """Per (node, batch): its op per (kind, stage); a chunked stage's ops (bounded blocking,
+    `OpRecord.layers`) as one record from its first chunk's start to its last chunk's end (their
+    own order is check_chunk_order's)."""
     out: dict[tuple[int, int], dict] = {}
     for o in result.ops:
         if o.kind in kinds and o.batch_id >= 0:
             d = out.setdefault((o.node, o.batch_id), {})
             key = (o.kind, o.stage)
+            if o.layers and key in d and d[key].layers:
+                a = d[key]
+                d[key] = replace(a, start_s=min(a.start_s, o.start_s), end_s=max(a.end_s, o.end_s))
+                continue
             assert key not in d, f"batch {o.batch_id} ran {o.kind.value} on stage {o.stage} twice"
             d[key] = o
     return out
+
+
+def check_chunk_order(result: RunResult, layers_per_stage: list[int] | None = None) -> None:
+    """Bounded blocking: per (node, batch, stage), forward chunks run one after another over
+    ascending, contiguous layer ranges, backward chunks over the same ranges in reverse; with
+    `layers_per_stage`, the ranges cover each stage's layers exactly."""
+    chunks: dict[tuple, list] = {}
+    for o in result.ops:
+        if o.layers:
+            assert o.kind in (OpKind.FWD, OpKind.BWD) and o.train, o
+            chunks.setdefault((o.node, o.batch_id, o.stage, o.kind), []).append(o)
+    for (node, bid, s, kind), ops in chunks.items():
+        ops.sort(key=lambda o: o.start_s)
+        for a, b in zip(ops, ops[1:]):
+            assert b.start_s >= a.end_s - EPS, f"node {node} batch {bid} stage {s}: {a} overlaps {b}"
+        ranges = [o.layers for o in ops]
+        if kind is OpKind.BWD:
+            ranges = ranges[::-1]
+        assert ranges[0][0] == 0, (node, bid, s, kind, ranges)
+        for (lo, hi), (lo2, hi2) in zip(ranges, ranges[1:]):
+            assert hi == lo2 and lo < hi, (node, bid, s, kind, ranges)
+        if layers_per_stage is not None:
+            assert ranges[-1][1] == layers_per_stage[s], (node, bid, s, kind, ranges)
+        if kind is OpKind.BWD:
+            fwd = chunks.get((node, bid, s, OpKind.FWD), [])
+            assert [o.layers for o in fwd] == [o.layers for o in ops][::-1], (node, bid, s)
 
 
 def check_stage_order(result: RunResult) -> None:
@@ -187,6 +222,7 @@ def check_accounted_once(result: RunResult, tasks: list[Task]) -> None:
 def check_all(result: RunResult, tasks: list[Task]) -> None:
     check_no_device_overlap(result)
     check_stage_order(result)
+    check_chunk_order(result)
     check_no_update_under_pending_backward(result)
     check_accounted_once(result, tasks)
 

@@ -104,4 +104,4 @@ def test_yaml_plus_overrides_to_sched_params(tmp_path):
 def test_policy_groups_expand():
     assert "lemix/no-profile" not in load_config(None, {"policy.names": "all"}).policy.names
     assert load_config(None, {"policy.names": "ablations"}).policy.names == [
-        "lemix", "lemix/no-profile", "lemix/no-prioritization", "lemix/no-memory-check"]
+        "lemix", "lemix/no-profile", "lemix/no-prioritization", "lemix/no-memory-check", "lemix/no-chunking"]

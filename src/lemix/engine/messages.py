@@ -46,6 +46,8 @@ class Forward:
     keep_kv: bool = False
     sampling: tuple[SamplingParams, ...] | None = None
     loss_scale: float = 1.0
+    layers: tuple[int, int] | tuple[()] = ()   # training chunk: layers [lo, hi) of `of_layers` (engine/chunks.py)
+    of_layers: int = 0                          # ... the scheduler's layer count of the stage (0: the stage's own)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class Backward:
 
     batch_id: int
     grad_output: torch.Tensor | None = None
+    layers: tuple[int, int] | tuple[()] = ()   # training chunk: layers [lo, hi) of `of_layers` (engine/chunks.py)
+    of_layers: int = 0                          # ... the scheduler's layer count of the stage (0: the stage's own)
 
 
 @dataclass(frozen=True)

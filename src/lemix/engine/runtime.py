@@ -225,6 +225,9 @@ class Engine:
         if op.kind is OpKind.FWD:
             return self._forward(op, last)
         if op.kind is OpKind.BWD:
+            if op.layers:   # a chunk: only the top one takes the next stage's gradient
+                return Backward(op.batch_id, None if last else self._grads.pop((op.batch_id, op.stage), None),
+                                layers=op.layers, of_layers=self._planned_layers(op.stage))
             return Backward(op.batch_id, None if last else self._grads.pop((op.batch_id, op.stage)))
         if op.kind is OpKind.DECODE:
             sampling = tuple(self.sampling(self._tasks[t]) or SamplingParams() for t in op.task_ids)
@@ -240,7 +243,17 @@ class Engine:
             return Offload(kind, keys) if op.kind is OpKind.OFFLOAD else Reload(kind, keys)
         raise ValueError(f"no command for {op.kind}")
 
+    def _planned_layers(self, stage: int) -> int:
+        """The layer count the scheduler cut the stage's chunks from (its profile's; the virtual
+        clock's modeled profile may differ from the real stage's: the worker maps the ranges)."""
+        return self.sched.lat.profile.stages[stage].layers
+
     def _forward(self, op: Op, last: bool) -> Forward:
+        if op.layers and op.layers[0] > 0:   # a later chunk: its input is on the worker
+            ids, lengths = self._ids[op.batch_id]
+            return Forward(op.batch_id, True, tuple(range(len(lengths))), lengths,
+                           labels=ids if last else None, loss_scale=self.loss_scale, layers=op.layers,
+                           of_layers=self._planned_layers(op.stage))
         if op.stage == 0:
             rows = [row for t in op.task_ids for row in self.texts.tokens(self._tasks[t]).samples]
             lengths = tuple(len(r) for r in rows)
@@ -249,7 +262,7 @@ class Engine:
                 ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             self._ids[op.batch_id] = (ids, lengths)
         ids, lengths = self._ids[op.batch_id]
-        if last:
+        if last and not op.layers:   # (a chunked batch's ids go when its backward is done)
             self._ids.pop(op.batch_id)
         keep_kv = self.params.generate and not op.train
         seq_ids = op.task_ids if not op.train else tuple(range(len(lengths)))
@@ -259,7 +272,8 @@ class Engine:
                        input_ids=ids if op.stage == 0 else None,
                        hidden=None if op.stage == 0 else self._acts.pop((op.batch_id, op.stage)),
                        labels=ids if last else None, keep_kv=keep_kv, sampling=sampling,
-                       loss_scale=self.loss_scale)
+                       loss_scale=self.loss_scale, layers=op.layers,
+                       of_layers=self._planned_layers(op.stage) if op.layers else 0)
 
     # ------------------------------------------------------------------ results -> OpResults
     def _complete(self, tag: Any, res: Any) -> None:
@@ -335,6 +349,8 @@ class Engine:
         """Keep what the next stage needs; return the sequences that stopped (EOS)."""
         last = op.stage == self.params.stages - 1
         if op.kind is OpKind.FWD:
+            if op.layers and res.hidden is None and res.loss is None:
+                return ()   # a chunk that is not the stage's last: nothing leaves the worker
             if not last:
                 self._acts[(op.batch_id, op.stage + 1)] = res.hidden
                 return ()
@@ -351,7 +367,9 @@ class Engine:
                     self.generated[tid] = []
                 return self._emit(op.task_ids, res.next_tokens)
             return ()
-        if op.kind is OpKind.BWD and op.stage > 0:
+        if op.kind is OpKind.BWD and op.layers and op.layers[0] == 0 and op.stage == 0:
+            self._ids.pop(op.batch_id, None)   # a chunked batch's backward is complete
+        if op.kind is OpKind.BWD and op.stage > 0 and not (op.layers and op.layers[0] > 0):
             self._grads[(op.batch_id, op.stage - 1)] = res.grad_input
         if op.kind is OpKind.DECODE:
             if not last:

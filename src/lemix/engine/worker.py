@@ -26,6 +26,7 @@ from lemix.engine.messages import (Backward, BackwardResult, Decode, DecodeResul
 from lemix.engine.optim import StageOptimizer
 from lemix.engine.sampling import sample_tokens
 from lemix.engine.stage import StageModule, causal_lm_loss, mask_labels, sequence_nll
+from lemix.engine import chunks
 from lemix.engine.stash import ActivationStash
 
 
@@ -99,6 +100,8 @@ class StageWorker:
 
     # ------------------------------------------------------------ forward
     def _forward(self, cmd: Forward) -> ForwardResult:
+        if cmd.layers:   # hook (issue 10): a chunk of the stage's layers (engine/chunks.py)
+            return chunks.chunk_forward(self, cmd, _Timer)
         x = self._input(cmd.input_ids, cmd.hidden)
         if len(cmd.lengths) != x.shape[0] or len(cmd.seq_ids) != x.shape[0]:
             raise ValueError(f"batch of {x.shape[0]} with {len(cmd.seq_ids)} seq_ids and "
@@ -168,6 +171,8 @@ class StageWorker:
         return self.stashes[batch_id]
 
     def _backward(self, cmd: Backward) -> BackwardResult:
+        if cmd.layers:   # hook (issue 10): a chunk of the stage's layers (engine/chunks.py)
+            return chunks.chunk_backward(self, cmd, _Timer)
         stash = self._stash(cmd.batch_id)
         if stash.on_host:
             raise RuntimeError(f"micro-batch {cmd.batch_id}: activations are offloaded; reload first")

@@ -382,7 +382,7 @@ def _fit(workers, raw, copies, train_state, tmp_cuda, *, model_name, device, cap
             fwd=fwd, bwd=bwd, decode=decode, optim=optim,
             weight_bytes=w.handle(Memory()).weights_bytes, train_state_bytes=int(train_state[s]),
             act_bytes_per_token=round(act), tmp_bytes_per_token=int(tmp),
-            kv_bytes_per_token=round(kv),
+            kv_bytes_per_token=round(kv), layers=w.stage.num_layers,
             sync_bytes=sum(t.nbytes for t in w.handle(GetWeights()).state_dict.values())))
     if host_bandwidth_Bps is None:
         if not copies:

@@ -75,7 +75,7 @@ def profile_from_dict(data: dict, where: str = "profile") -> Profile:
     try:
         stages = tuple(
             StageProfile(**{op: OpCoeffs(**{k: float(v) for k, v in st[op].items()}) for op in _OPS},
-                         **{m: int(st[m]) for m in _MEMORY},
+                         **{m: int(st[m]) for m in _MEMORY}, layers=int(st.get("layers", 0)),
                          sync_bytes=None if st.get("sync_bytes") is None else int(st["sync_bytes"]))
             for st in data["stages"])
         return Profile(model=str(data["model"]), device=str(data["device"]), dtype=str(data["dtype"]),
@@ -150,7 +150,8 @@ def remap_stages(profile: Profile, stages: int) -> Profile:
         mem = {m: round(sum(wi * getattr(st, m) for wi, st in zip(w, old))) for m in _MEMORY}
         sync = (None if all(st.sync_bytes is None for st in old)
                 else round(sum(wi * st.copy_bytes for wi, st in zip(w, old))))
-        out.append(StageProfile(**ops, **mem, sync_bytes=sync))
+        layers = round(sum(wi * st.layers for wi, st in zip(w, old)))
+        out.append(StageProfile(**ops, **mem, sync_bytes=sync, layers=layers))
     return replace(profile, stages=tuple(out))
 
 

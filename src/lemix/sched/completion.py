@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from lemix.sched.chunking import advance_bwd, advance_fwd, chunk_stash_bytes, start_bwd
 from lemix.sched.cluster import Cluster
 from lemix.sched.dispatch import Dispatcher, Running
 from lemix.sched.failures import Failures
@@ -68,7 +69,7 @@ class Completion:
         self.cluster.touch(node)
         self.rec.op(OpRecord(op.node, op.stage, op.kind, result.start_s, result.end_s, op.batch_id,
                              op.task_ids, op.train, op.predicted_s, op.batch_size,
-                             op.seq_tokens, op.kv_tokens, op.bytes))
+                             op.seq_tokens, op.kv_tokens, op.bytes, op.layers))
         self.placement.op_ended(op)
         if result.error:
             self._failed(node, entry, result.error)
@@ -80,12 +81,15 @@ class Completion:
     def _fwd(self, node: NodeState, r: Running, result: OpResult) -> None:
         b: Batch = r.obj
         b.running = False
-        b.fwd_next += 1
         b.ready_s = result.end_s
+        if b.chunks and not advance_fwd(b):
+            return   # bounded blocking: the stage's next chunk is due
+        b.fwd_next += 1
         if not b.fwd_done:
             return
         if b.train:
             b.bwd_next = node.num_stages - 1
+            start_bwd(b, b.bwd_next)
             self.pipe.on_fwd_done(node, b)
             return
         del node.batches[b.bid]
@@ -106,12 +110,18 @@ class Completion:
         s = r.op.stage
         dev = node.devices[s]
         b.running = False
-        dev.held_bytes -= b.tokens * self.profile.stages[s].act_bytes_per_token
+        b.ready_s = result.end_s
+        if b.chunks:   # bounded blocking: this chunk's layers free their share of the stash
+            dev.held_bytes -= chunk_stash_bytes(b, s, self.profile.stages[s].act_bytes_per_token)
+            if not advance_bwd(b):
+                return
+        else:
+            dev.held_bytes -= b.tokens * self.profile.stages[s].act_bytes_per_token
         b.stash_stages.discard(s)
         dev.grads_pending += 1
         self.pipe.on_bwd_done(node, b, s)
         b.bwd_next -= 1
-        b.ready_s = result.end_s
+        start_bwd(b, b.bwd_next)
         if s > 0:
             return
         del node.batches[b.bid]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from lemix.clock import Clock
+from lemix.sched.chunking import chunk_layers, chunk_stash_bytes, mid_stage
 from lemix.sched.cluster import Cluster
 from lemix.sched.failures import Failures
 from lemix.sched.latency import LatencyModel, Profile
@@ -56,6 +57,7 @@ class Dispatcher:
         self.cancelled: set[int] = set()     # ops of failed nodes; their results are ignored
         self._next_op = 0
         self._next_bid = 0
+        self.chunker = None   # set by the Scheduler: chunk plans of training ops (chunking.py)
 
     # ------------------------------------------------------------------ candidates
     def candidates(self, node: NodeState, s: int, now: float,
@@ -80,10 +82,10 @@ class Dispatcher:
             if not b.train:
                 if b.fwd_next == s:
                     out.append(Candidate(CandKey(c_inf, b.ready_s, 1, b.bid), CandKind.FWD, b))
-            elif b.fwd_done:
-                if b.bwd_next == s and pipe.can_bwd(node, b, s):
+            elif b.fwd_done:   # (a stage part-way through its chunks is not gated again)
+                if b.bwd_next == s and (mid_stage(b) or pipe.can_bwd(node, b, s)):
                     out.append(Candidate(CandKey(c_bwd, b.ready_s, 0, b.bid), CandKind.BWD, b))
-            elif b.fwd_next == s and pipe.can_fwd(node, b, s):
+            elif b.fwd_next == s and (mid_stage(b) or pipe.can_fwd(node, b, s)):
                 # admitted micro-batches keep flowing under a pending sync (it waits for their
                 # backwards anyway); only new admissions wait for it
                 out.append(Candidate(CandKey(c_fwd, b.ready_s, 2, b.bid), CandKind.FWD, b))
@@ -131,6 +133,10 @@ class Dispatcher:
                          by_stage: dict[int, list[Batch]] | None = None) -> Op | None:
         dev = node.devices[s]
         hold = self.order.hold_until(node, s, now)
+        if hold < INF and self.chunker is not None and self.chunker.lookahead_slack:
+            # hook (issue 10): a chunk may delay inference on its way by up to the chunk bound,
+            # the blocking bounded blocking accepts anyway (chunking.py, "lookahead slack")
+            hold += self.chunker.target_s()
         candidates = self.candidates(node, s, now, by_stage)
         if dev.wait_key is not None and all(c.key != dev.wait_key for c in candidates):
             dev.wait_key, dev.wait_since_s = None, None  # the waiting op is no longer a candidate
@@ -164,16 +170,19 @@ class Dispatcher:
             return self.lat.predict(OpKind.OPTIM, s)
         if c.kind is CandKind.TRAIN_NEW:
             t = node.train_wait[0]
-            return self.lat.predict(OpKind.FWD, s, t.batch_size, t.prompt_tokens)
+            plan = self.chunker.plan(t.batch_size, t.prompt_tokens) if self.chunker else ()
+            first = (plan[s][0], plan[s][1]) if plan and len(plan[s]) > 2 else ()
+            return self.lat.predict(OpKind.FWD, s, t.batch_size, t.prompt_tokens, layers=first)
         b = c.obj
-        return self.lat.predict(OpKind.BWD if c.kind is CandKind.BWD else OpKind.FWD, s, b.size, b.seq_tokens)
+        return self.lat.predict(OpKind.BWD if c.kind is CandKind.BWD else OpKind.FWD, s, b.size, b.seq_tokens,
+                                layers=chunk_layers(b, s) if b.train else ())
 
     # ------------------------------------------------------------------ starting ops
     def _start(self, node: NodeState, s: int, kind: OpKind, bid: int, task_ids: tuple, train: bool, *,
                batch: int = 0, seq: int = 0, kv: int = 0, nbytes: int = 0, obj: object = None,
-               held: int = 0, extra: int = 0, sync: SyncSpec | None = None) -> Op:
+               held: int = 0, extra: int = 0, sync: SyncSpec | None = None, layers: tuple = ()) -> Op:
         op = Op(self._next_op, kind, node.index, s, bid, task_ids, train, batch, seq, kv, nbytes,
-                self.lat.predict(kind, s, batch, seq, kv, nbytes), sync)
+                self.lat.predict(kind, s, batch, seq, kv, nbytes, layers), sync, layers)
         self._next_op += 1
         dev = node.devices[s]
         dev.running = op
@@ -208,6 +217,8 @@ class Dispatcher:
             task = node.train_wait.pop(0)
             obj = Batch(self._new_bid(), node.index, True, [task], task.prompt_tokens, node.num_stages,
                         ready_s=now)
+            if self.chunker is not None:   # bounded blocking: its chunk plan, fixed from now on
+                obj.chunks = self.chunker.plan(task.batch_size, task.prompt_tokens)
             self.pipe.admit(node, obj)
             node.batches[obj.bid] = obj
         elif kind is CandKind.DECODE_NEW:
@@ -228,12 +239,13 @@ class Dispatcher:
         b.running = True
         ids = tuple(t.task_id for t in b.tasks)
         tmp = b.tokens * st.tmp_bytes_per_token
+        layers = chunk_layers(b, s) if b.train else ()
         if kind is CandKind.BWD:
             return self._start(node, s, OpKind.BWD, b.bid, ids, True, batch=b.size, seq=b.seq_tokens,
-                               obj=b, extra=tmp)
+                               obj=b, extra=tmp, layers=layers)
         held = 0
         if b.train:
-            held = b.tokens * st.act_bytes_per_token
+            held = chunk_stash_bytes(b, s, st.act_bytes_per_token)
             b.stash_stages.add(s)
         elif self.params.generate:
             kv_bytes = self.memory.kv
@@ -241,7 +253,7 @@ class Dispatcher:
                 kv_bytes[t.task_id][s] += t.prompt_tokens * st.kv_bytes_per_token
                 held += t.prompt_tokens * st.kv_bytes_per_token
         return self._start(node, s, OpKind.FWD, b.bid, ids, b.train, batch=b.size, seq=b.seq_tokens,
-                           obj=b, held=held, extra=tmp)
+                           obj=b, held=held, extra=tmp, layers=layers)
 
     def _oom(self, node: NodeState, s: int, c: Candidate, need: int) -> None:
         """No memory gate and the op does not fit: it fails as on a real device."""

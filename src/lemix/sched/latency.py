@@ -24,9 +24,13 @@ class OpCoeffs:
 
     # The latency formulas (DESIGN section 4), written here only: every prediction, forecast
     # and SLO is computed by these two.
-    def pass_s(self, batch: int, tokens: int) -> float:
-        """A forward or backward of `batch` sequences of `tokens` (padded) tokens."""
-        return self.a + self.b * batch * tokens + self.c * batch * tokens * tokens
+    def pass_s(self, batch: int, tokens: int, frac: float = 1.0) -> float:
+        """A forward or backward of `batch` sequences of `tokens` (padded) tokens; `frac` < 1:
+        over that fraction of the stage's layers (a chunk, sched/chunking.py), which pays the
+        per-op constant `a` in full."""
+        if frac == 1.0:
+            return self.a + self.b * batch * tokens + self.c * batch * tokens * tokens
+        return self.a + frac * (self.b * batch * tokens + self.c * batch * tokens * tokens)
 
     def decode_s(self, batch: int, kv_tokens: int) -> float:
         """A decode iteration of `batch` sequences holding `kv_tokens` of KV cache in all."""
@@ -46,6 +50,7 @@ class StageProfile:
     act_bytes_per_token: int     # stashed activations of a training micro-batch, per token
     tmp_bytes_per_token: int     # transient working memory of a forward, per token
     kv_bytes_per_token: int      # KV cache per token of a sequence
+    layers: int = 0              # decoder layers of the stage (0: unknown; training ops are not chunked)
     sync_bytes: int | None = None  # what a weight sync / merge moves (LoRA: the adapters); None = weight_bytes
 
     @property
@@ -119,6 +124,7 @@ def default_profile(
             act_bytes_per_token=int(nl * m["hidden"] * 16),  # selective recomputation
             tmp_bytes_per_token=int(m["hidden"] * 16),
             kv_bytes_per_token=int(kv_tok),
+            layers=nl,
         ))
     return Profile(model=f"modeled-{model}", device="modeled-a6000", dtype="float16",
                    stages=tuple(out), capacity_bytes=capacity_bytes,
@@ -134,12 +140,20 @@ def generic_profile(like: Profile) -> Profile:
     return replace(like, model=like.model + "+generic", stages=tuple(guess for _ in like.stages))
 
 
-def _raw(profile: Profile, kind: OpKind, stage: int, batch: int, seq: int, kv: int, nbytes: int) -> float:
+def layer_fraction(st: StageProfile, layers: tuple[int, int] | tuple) -> float:
+    """The fraction of the stage's layers an op over `layers` ([first, end); () = all) covers."""
+    if not layers or st.layers <= 0:
+        return 1.0
+    return (layers[1] - layers[0]) / st.layers
+
+
+def _raw(profile: Profile, kind: OpKind, stage: int, batch: int, seq: int, kv: int, nbytes: int,
+         layers: tuple = ()) -> float:
     st = profile.stages[stage]
     if kind is OpKind.FWD:
-        return st.fwd.pass_s(batch, seq)
+        return st.fwd.pass_s(batch, seq, layer_fraction(st, layers))
     if kind is OpKind.BWD:
-        return st.bwd.pass_s(batch, seq)
+        return st.bwd.pass_s(batch, seq, layer_fraction(st, layers))
     if kind is OpKind.DECODE:
         return st.decode.decode_s(batch, kv)
     if kind is OpKind.OPTIM:
@@ -162,18 +176,20 @@ class LatencyModel:
         self.version = 0  # bumped whenever a correction changes (callers cache on it)
 
     def predict(self, kind: OpKind, stage: int, batch: int = 1, seq: int = 0, kv: int = 0,
-                nbytes: int = 0) -> float:
-        raw = _raw(self.profile, kind, stage, batch, seq, kv, nbytes)
+                nbytes: int = 0, layers: tuple = ()) -> float:
+        raw = _raw(self.profile, kind, stage, batch, seq, kv, nbytes, layers)
         return raw * self._ratio.get((stage, kind), 1.0)
 
     def predict_op(self, op: Op) -> float:
-        return self.predict(op.kind, op.stage, op.batch_size, op.seq_tokens, op.kv_tokens, op.bytes)
+        return self.predict(op.kind, op.stage, op.batch_size, op.seq_tokens, op.kv_tokens, op.bytes,
+                            op.layers)
 
     def observe(self, op: Op, measured_s: float) -> None:
         """Calibration: fold measured/predicted of a finished op into the stage's correction."""
         if not self.calibrate or measured_s <= 0:
             return
-        raw = _raw(self.profile, op.kind, op.stage, op.batch_size, op.seq_tokens, op.kv_tokens, op.bytes)
+        raw = _raw(self.profile, op.kind, op.stage, op.batch_size, op.seq_tokens, op.kv_tokens, op.bytes,
+                   op.layers)
         if raw <= 0:
             return
         key = (op.stage, op.kind)

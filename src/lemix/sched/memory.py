@@ -15,6 +15,7 @@ import enum
 from typing import NamedTuple
 
 from lemix.sched.cluster import Cluster
+from lemix.sched.chunking import chunk_stash_bytes, mid_stage, stash_bytes
 from lemix.sched.latency import Profile, StageProfile
 from lemix.sched.outputs import Recorder
 from lemix.sched.params import SchedParams
@@ -76,6 +77,7 @@ class MemoryGate:
         self.rec = rec
         self.enabled = enabled
         self.kv: dict[int, list[int]] = {}   # task_id -> KV bytes its sequence holds per stage
+        self.chunker = None   # set by the Scheduler: chunk plans of training ops (chunking.py)
 
     # ------------------------------------------------------------------ figures
     def too_big(self, task: Task) -> str:
@@ -106,10 +108,17 @@ class MemoryGate:
             return fwd_need_bytes(st, len(tasks) * max(t.prompt_tokens for t in tasks), False, kv)
         if kind is CandKind.TRAIN_NEW:
             t = node.train_wait[0]
+            plan = self.chunker.plan(t.batch_size, t.prompt_tokens) if self.chunker else ()
+            if plan:   # bounded blocking: the first chunk stashes its layers' share
+                tokens = t.batch_size * t.prompt_tokens
+                return tokens * st.tmp_bytes_per_token + (tokens * st.act_bytes_per_token * plan[s][1]
+                                                          // plan[s][-1])
             return fwd_need_bytes(st, t.batch_size * t.prompt_tokens, True, 0)
         b: Batch = c.obj
         if kind is CandKind.BWD:
             return b.tokens * st.tmp_bytes_per_token
+        if b.train and b.chunks:
+            return b.tokens * st.tmp_bytes_per_token + chunk_stash_bytes(b, s, st.act_bytes_per_token)
         kv = sum(t.prompt_tokens for t in b.tasks) if generate and not b.train else 0
         return fwd_need_bytes(st, b.tokens, b.train, kv)
 
@@ -154,7 +163,7 @@ class MemoryGate:
         room = self.params.kappa * dev.capacity_bytes - dev.used_bytes
         return any(b.train and b.fwd_done and b.bwd_next == s and s in b.stash_stages
                    and s not in b.offloaded_stages and b.tokens * st.tmp_bytes_per_token <= room
-                   and self.pipe.can_bwd(node, b, s)   # GPipe may hold it until its round closes
+                   and (mid_stage(b) or self.pipe.can_bwd(node, b, s))   # GPipe may hold it
                    for b in node.batches.values())
 
     def _pick_victim(self, node: NodeState, s: int) -> Victim | None:
@@ -164,6 +173,8 @@ class MemoryGate:
         for b in node.batches.values():
             if not b.train or b.running or s not in b.stash_stages or s in b.offloaded_stages:
                 continue
+            if mid_stage(b) and (b.bwd_next if b.fwd_done else b.fwd_next) == s:
+                continue  # part-way through its chunks on this stage: it is the work running here
             if b.fwd_done and b.bwd_next == s and self.pipe.can_bwd(node, b, s):
                 continue  # its backward runs next here (GPipe holds it until the round's forwards)
             key = (0 if not b.fwd_done else 1, -(b.bwd_next if b.fwd_done else node.num_stages) + s, b.bid)
@@ -183,14 +194,14 @@ class MemoryGate:
         obj = victim.obj
         obj.offloaded_stages.add(s)
         if victim.kind is VictimKind.ACTIVATIONS:
-            return obj.tokens * self.profile.stages[s].act_bytes_per_token
+            return stash_bytes(obj, s, self.profile.stages[s].act_bytes_per_token)
         return self.kv[obj.task.task_id][s]
 
     def reload_needed(self, node: NodeState, s: int, c: Candidate) -> Reload | None:
         """What to bring back to stage s before this candidate can run, or None."""
         kind = c.kind
         if kind is CandKind.BWD and s in c.obj.offloaded_stages:
-            return Reload(c.obj.tokens * self.profile.stages[s].act_bytes_per_token, (c.obj,))
+            return Reload(stash_bytes(c.obj, s, self.profile.stages[s].act_bytes_per_token), (c.obj,))
         if kind is CandKind.DECODE or kind is CandKind.DECODE_NEW:
             ids = c.obj.seq_ids if kind is CandKind.DECODE else node.decode_set(self.params.max_batch)
             seqs = tuple(node.seqs[t] for t in ids if s in node.seqs[t].offloaded_stages)
@@ -223,7 +234,7 @@ class MemoryGate:
         """A dropped micro-batch's memory leaves every stage: its stashes, its prefill KV."""
         for s in b.stash_stages:
             d = node.devices[s]
-            nbytes = b.tokens * self.profile.stages[s].act_bytes_per_token
+            nbytes = stash_bytes(b, s, self.profile.stages[s].act_bytes_per_token)
             if s in b.offloaded_stages:
                 d.host_bytes -= nbytes
             else:

@@ -35,3 +35,15 @@ class SchedParams:
     slo_ttft_s: float | None = None   # generate mode: a request must also have TTFT <= this
     slo_e2e_s: float | None = None
     seed: int = 0
+    # issue 10 (SLO-safe co-location); each mechanism switchable for the ablation table
+    no_chunking: bool = False            # bounded blocking off: one training op per stage
+    train_chunk_ms: float | None = None  # chunk bound override (ms); default chunk_frac x tight SLO
+    chunk_frac: float = 0.25             # a chunk's predicted time under this x the tightest SLO
+    no_lookahead_slack: bool = False     # lookahead holds devices for any inference delay
+    eq4_inference_only: bool = False     # Eq. 4 forecasts queued inference only (the paper's)
+    no_late_binding: bool = False        # place training at arrival, not when a node has room
+    train_queue_depth: int = 1           # late binding: placed training tasks waiting per node
+    train_backlog: bool = False          # training data always waiting (backlog.py)
+    backlog_batch: int = 4               # ... the drawn micro-batches' samples
+    backlog_tokens: int = 512            # ... and tokens per sample
+    backlog_until_s: float = float("inf")   # ... drawn until this time

@@ -44,6 +44,7 @@ class Placement:
         self._placed_train = 0
         self._placed_total = 0
         self._roles: object = _UNSET
+        self.admission = None   # hook (issue 10): TrainAdmission, set by the Scheduler (admission.py)
 
     def offer(self, task: Task) -> None:
         """A task to place at the next plan (arrived, or offered again)."""
@@ -84,6 +85,10 @@ class Placement:
                 self.deferred.append((task, now))   # keep FIFO among training tasks
                 self.result.deferred_total += 1
                 continue
+            if task.is_train and self.admission is not None and \
+                    not self.admission.any_room(self.candidate_nodes(task)):
+                self.deferred.append((task, now))   # late binding: no node has room yet
+                continue
             if not self._try_place(task, now, False, view):
                 self.deferred.append((task, now))
                 self.result.deferred_total += 1
@@ -94,6 +99,11 @@ class Placement:
             starving = (self._placed_total > 0 and
                         self._placed_train / self._placed_total < self.params.min_train_share)
             force = starving or now >= since + self.params.max_defer_s  # the wake-up's float
+            adm = self.admission
+            if adm is not None:   # hook (issue 10): late binding and liveness (admission.py)
+                if not adm.any_room(self.candidate_nodes(task)):
+                    return   # every node is busy with training: placed when one has room
+                force = force or adm.cluster_idle()
             if not self._try_place(task, now, force, view):
                 self.cluster.wakeups.add(since + self.params.max_defer_s)
                 return

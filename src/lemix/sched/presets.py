@@ -171,7 +171,7 @@ def preset_profile(name: str, *, stages: int, capacity_bytes: int | None = None,
             weight_bytes=m["weight_bytes"], train_state_bytes=m["train_state_bytes"],
             act_bytes_per_token=m["act_bytes_per_token"],
             tmp_bytes_per_token=a.hidden * 16 + (a.vocab * 4 if s == stages - 1 else 0),
-            kv_bytes_per_token=m["kv_bytes_per_token"], sync_bytes=m["sync_bytes"]))
+            kv_bytes_per_token=m["kv_bytes_per_token"], sync_bytes=m["sync_bytes"], layers=hi - lo))
     return Profile(model=f"modeled-{p.arch}", device=dev.name, dtype=mode.dtype, stages=tuple(out),
                    capacity_bytes=int(capacity_bytes or dev.capacity_bytes),
                    host_bandwidth_Bps=host_bandwidth_Bps, network_bandwidth_Bps=network_bandwidth_Bps,

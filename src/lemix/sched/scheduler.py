@@ -39,6 +39,9 @@ from typing import Callable
 import numpy as np
 
 from lemix.clock import Clock
+from lemix.sched.admission import TrainAdmission
+from lemix.sched.backlog import TrainBacklog
+from lemix.sched.chunking import Chunker
 from lemix.sched.cluster import Cluster
 from lemix.sched.completion import Completion
 from lemix.sched.dispatch import Dispatcher
@@ -99,11 +102,28 @@ class Scheduler:
         self.view = View(params, clock, np.random.default_rng(params.seed), self.cluster, self.timelines,
                          self.placement, self.times)
         self.placement.apply_roles(self.policy.roles(self.view))
+        # hook (issue 10, bounded blocking): the chunk planner, read by dispatch, memory, timelines
+        self.chunker = Chunker(params, self.lat, self.times.compute_slo,
+                               enabled=getattr(self.policy, "chunk_training", False) and not params.no_chunking)
+        if self.chunker.enabled:
+            self.dispatcher.chunker = self.memory.chunker = self.timelines.chunker = self.chunker
+        # hook (issue 10, late binding and liveness of deferred training): admission.py
+        late = getattr(self.policy, "late_binding", False) and not params.no_late_binding
+        self.admission = TrainAdmission(params, self.cluster, late_binding=late)
+        if getattr(self.policy, "late_binding", False):
+            self.placement.admission = self.admission
+        self.view.train_room = self.admission.room
+        self.timelines.eq4_sees_training = (getattr(self.policy, "chunk_training", False)
+                                            and not params.eq4_inference_only)
+        # hook (issue 10, --train-backlog): training tasks drawn whenever a node lacks one
+        self.backlog = TrainBacklog(params, self.cluster, self.placement, self.ledger, self.memory)
 
     # ------------------------------------------------------------------ contract
     def on_arrival(self, task: Task) -> Outputs:
         self.ledger.admit(task)
         self.timelines.arrived(task)
+        if self.chunker.enabled and not task.is_train:
+            self.chunker.observe(task, self.times.slo_s(task))
         too_big = self.memory.too_big(task)
         if too_big:
             self.ledger.fail(task, -1, too_big)
@@ -114,6 +134,7 @@ class Scheduler:
     def plan(self) -> Plan:
         now = self.clock.now()
         self.cluster.begin_plan(now)
+        self.backlog.draw(now)
         self.placement.place(now, self.view)
         ops: list[Op] = []
         for node in self.cluster.take_touched():

@@ -29,6 +29,11 @@ class Batch:
     round: int = 0                   # S-PP round on its node
     stash_stages: set[int] = field(default_factory=set)      # stages holding its activations
     offloaded_stages: set[int] = field(default_factory=set)  # ... of which moved to host
+    # bounded blocking (chunking.py): per stage, the layer boundaries of its chunks (() = one op
+    # per stage), and the chunk due next on the current stage (forward: ascending; backward:
+    # descending from the last)
+    chunks: tuple[tuple[int, ...], ...] = ()
+    chunk: int = 0
 
     @cached_property
     def size(self) -> int:  # tasks and seq_tokens never change after the batch is formed
@@ -182,8 +187,9 @@ class NodeState:
         a weight copy in progress, and every stage took the same steps."""
         last = self.num_stages - 1
         for b in self.batches.values():
-            if b.train and b.fwd_done and (b.running or b.bwd_next < last):
-                return False
+            if b.train and b.fwd_done and (b.running or b.bwd_next < last
+                                           or (b.chunks and b.chunk < len(b.chunks[last]) - 2)):
+                return False   # (a chunked backward that began on the last stage holds gradients)
         return (all(d.grads_pending == 0 and d.sync is None for d in self.devices)
                 and len({d.step_count for d in self.devices}) == 1)
 

@@ -39,6 +39,8 @@ class Timelines:
         self._probe: tuple = ((),)                                   # see inference_congested
         self._infer_len = LengthStats()   # the typical request (Eq. 4's probe)
         self._infer_out = LengthStats()
+        self.chunker = None   # set by the Scheduler: chunked training chains (chunking.py)
+        self.eq4_sees_training = False   # set by the Scheduler (issue 10): see _congested_with_training
 
     def arrived(self, task: Task) -> None:
         if not task.is_train:
@@ -103,10 +105,28 @@ class Timelines:
             limit = self.params.tau_r * self.times.compute_slo(probe)
             self._probe = (key, probe, fwd, limit, forecast_alone(now, now, fwd, []).r_s > limit)
         _, probe, fwd, limit, empty_verdict = self._probe
-        if self._nodes[node].has_no_inference():   # its inference view is empty
-            return empty_verdict
+        if self.eq4_sees_training:
+            return self._congested_with_training(node, now, probe, fwd, limit)
+        if self._nodes[node].has_no_inference():
+            # no inference to protect (issue 10, liveness): a probe that misses even alone
+            # means the SLO cannot be met by deferring; placing training here harms no request
+            return False
         f = forecast_chain(self._timeline(node, _INFER), now, probe.arrival_s, fwd, [], False)
         return f.r_s > limit
+
+    def _congested_with_training(self, node: int, now: float, probe: Task, fwd: list[float],
+                                 limit: float) -> bool:
+        """Eq. 4 that sees training (issue 10): the typical request forecast on the node's whole
+        timeline as dispatch will treat it (it overtakes queued training, but waits for the
+        training op running or due when it gets to a stage), plus the one chunk per stage the
+        new task may add (the chunk bound; devices are non-preemptive). A node with no
+        inference and no training is never congested (nothing to protect; liveness)."""
+        n = self.cluster.nodes[node]
+        if n.is_idle():
+            return False
+        f = forecast_chain(self._timeline(node, _ALL), now, probe.arrival_s, fwd, [], self.jump)
+        block = self.chunker.target_s() if self.chunker is not None else 0.0
+        return f.r_s + block > limit
 
     # ------------------------------------------------------------------ timelines
     def _timeline(self, node_idx: int, view: str) -> NodeTimeline:
@@ -153,10 +173,22 @@ class Timelines:
                 left = S + (S - 1 - b.bwd_next) + (1 if b.running else 0)
             else:
                 left = b.fwd_next + (1 if b.running else 0)
-            ops = shape_chain(b.size, b.seq_tokens, b.train)[left:]
+            if b.chunks:   # bounded blocking: what is left of its chunks
+                ops = self.chunker.remaining_chain(b)
+            else:
+                ops = shape_chain(b.size, b.seq_tokens, b.train)[left:]
             (train if b.train else infer).append((ready, ops, b.train))
         for t in node.infer_wait[:CHAIN_CAP]:
             infer.append((t.arrival_s, shape_chain(t.batch_size, t.prompt_tokens, False), False))
+        if len(node.infer_wait) > CHAIN_CAP:
+            # (issue 10) the requests queued beyond the cap, as one block per stage: without it
+            # R stopped growing at 32 queued requests and a burst piled onto one node (the code
+            # trace at 4x: 260 of 594 requests on one node, 17 s mean latency there)
+            per_stage = [0.0] * S
+            for t in node.infer_wait[CHAIN_CAP:]:
+                for s, d in enumerate(times.of(t)[0]):
+                    per_stage[s] += d
+            infer.append((node.infer_wait[CHAIN_CAP].arrival_s, list(enumerate(per_stage)), False))
         if include_train:
             train.extend(self._train_wait_chains(node))
         chains = infer + train if self.jump else sorted(infer + train, key=lambda c: c[0])
@@ -168,8 +200,10 @@ class Timelines:
         S = node.num_stages
         out = []
         per_stage = [0.0] * S
+        chunker = self.chunker
         for t in node.train_wait[:CHAIN_CAP]:
-            out.append((t.arrival_s, self.times.chain(t.batch_size, t.prompt_tokens, True), True))
+            ops = chunker.task_chain(t) if chunker is not None else None
+            out.append((t.arrival_s, ops or self.times.chain(t.batch_size, t.prompt_tokens, True), True))
         extra = len(node.train_wait) - CHAIN_CAP
         if extra > 0:
             for t in node.train_wait[:CHAIN_CAP]:

@@ -30,6 +30,7 @@ class ClusterView(Protocol):
     def length_stats(self, node: int) -> LengthStats: ...
     def last_arrival_s(self, node: int) -> float: ...
     def inference_congested(self, node: int) -> bool: ...
+    def train_room(self, node: int) -> bool: ...   # late binding (admission.py): may take training
 
 
 class Policy(Protocol):
@@ -58,6 +59,7 @@ class PolicyBase:
 
     use_profile = True
     memory_check = True
+    chunk_training = False   # bounded blocking: cut training ops into chunks of layers (chunking.py)
 
     def __init__(self, name: str, params: SchedParams) -> None:
         self.name = name

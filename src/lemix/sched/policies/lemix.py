@@ -54,6 +54,8 @@ class Lemix(PolicyBase):
         self.use_profile = not params.no_profile
         self.memory_check = not params.no_memory_check
         self.prioritize = not params.no_prioritization
+        self.chunk_training = not params.no_chunking   # bounded blocking (sched/chunking.py)
+        self.late_binding = True   # training placed when a node has room (sched/admission.py)
 
     def dispatch_order(self) -> DispatchOrder:
         """Prioritization: inference first on every device, with lookahead, training's share
@@ -90,6 +92,8 @@ class Lemix(PolicyBase):
           the best score, so most busy nodes are never forecast (nor their timelines rebuilt).
         """
         nodes = view.candidate_nodes(task)
+        if task.is_train:   # late binding: only nodes with room in their training queue
+            nodes = [n for n in nodes if view.train_room(n)] or nodes
         screen = task.is_train and self.prioritize and not force
         if not self.prune:
             return self._place_scan(task, view, nodes, screen)
@@ -132,6 +136,8 @@ class Lemix(PolicyBase):
 
     def _place_scan(self, task: Task, view: ClusterView, nodes: list[int], screen: bool) -> int | None:
         """Score every node (the reference the pruned visit must agree with)."""
+        if task.is_train:   # late binding: only nodes with room in their training queue
+            nodes = [n for n in nodes if view.train_room(n)] or nodes
         if screen:
             nodes = [n for n in nodes if not view.inference_congested(n)]
             if not nodes:
@@ -163,6 +169,13 @@ class LemixNoMemoryCheck(Lemix):
     def __init__(self, name, params) -> None:
         super().__init__(name, params)
         self.memory_check = False
+
+
+@register("lemix/no-chunking")
+class LemixNoChunking(Lemix):
+    def __init__(self, name, params) -> None:
+        super().__init__(name, params)
+        self.chunk_training = False
 
 
 @register("lemix-paper")

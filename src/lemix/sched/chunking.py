@@ -1,0 +1,258 @@
+"""Bounded blocking: training forwards and backwards cut into chunks of layers (ours, beyond the
+paper; design notes, "Bounded blocking").
+
+Devices are non-preemptive, and one training micro-batch's forward or backward on a stage can
+outlast a short request's whole SLO (4 x 512 tokens on the built-in 3B profile: ~65 ms forward,
+~130 ms backward per stage, against ~30-90 ms SLOs): no placement can save a request that arrives
+behind it. So a chunked training micro-batch runs each stage's forward as k ops over contiguous
+ranges of the stage's layers (ascending), and its backward as k ops over the same ranges in
+reverse (descending), each op carrying its range (`Op.layers`). Inference is dispatched between
+chunks, so a request or decode iteration waits for at most one chunk per stage.
+
+Chunk size, from the profile: the fewest chunks per stage such that one chunk's predicted time
+(forward or backward: `a + frac x (b C l + c C l^2)`, calibrated; every chunk pays the per-op
+constant `a`) stays under `chunk_frac` x the tightest SLO in force, or under `train_chunk_ms`
+when given. The tightest SLO in force is a low quantile (`_TIGHT_Q`) of the SLO of recent
+requests per blocking unit: the whole SLO in prefill mode, the SLO per output token in generate
+mode (a decode iteration can be blocked once per token). Before any request was seen, the SLO
+of a one-token request. A stage whose profile does not know its layer count is not cut.
+
+A micro-batch's plan is fixed when it is admitted (`Batch.chunks`: per stage, its chunks'
+layer boundaries) and is followed to the end. Memory follows the chunks: a forward chunk stashes
+its layers' share of the stage's activations, a backward chunk frees it (`stash_bytes`).
+Lookahead slack: the lookahead (a device does not start training that would still run when
+inference on its way arrives) lets a training op start if it ends within the chunk bound of
+that arrival: the same blocking a request accepts from a chunk already running. Without it,
+a node with a decode pool (iterations alternate between stages, leaving gaps shorter than a
+chunk) ran training only at the minimum training share. `--no-lookahead-slack` turns it off.
+
+A chunk started on a stage is continued whatever the pipeline mode says about new forwards
+(the stage is already committed to the micro-batch), and no step or weight copy touches a stage
+in between (its stash is held until the stage's backward is complete).
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Callable
+
+from lemix.sched.latency import LatencyModel
+from lemix.sched.params import SchedParams
+from lemix.sched.state import Batch
+from lemix.types import OpKind, Task, TaskKind
+
+Plan = tuple[tuple[int, ...], ...]   # per stage, layer boundaries (0, ..., L); () = not chunked
+_TIGHT_Q = 0.1       # the quantile of recent per-unit SLOs taken as the tightest in force
+_WINDOW = 512        # recent requests it is taken over
+_REFRESH = 16        # recomputed every this many requests
+_REPLAN_OPS = 256    # a shape's plan is made again after this many calibration updates
+
+
+def n_chunks(b: Batch, s: int) -> int:
+    return len(b.chunks[s]) - 1 if b.chunks else 1
+
+
+def chunk_layers(b: Batch, s: int) -> tuple:
+    """The layer range of the chunk due next on stage s (() when the stage is one op)."""
+    if not b.chunks or len(b.chunks[s]) <= 2:
+        return ()
+    bounds = b.chunks[s]
+    return (bounds[b.chunk], bounds[b.chunk + 1])
+
+
+def mid_stage(b: Batch) -> bool:
+    """A chunked training micro-batch is part-way through its current stage's forward or
+    backward (the stage is committed to it: its next chunk is not gated again)."""
+    if not b.chunks:
+        return False
+    if not b.fwd_done:
+        return b.chunk > 0
+    return 0 <= b.bwd_next and b.chunk < n_chunks(b, b.bwd_next) - 1
+
+
+def stash_bytes(b: Batch, s: int, per_token: int) -> int:
+    """Bytes of b's activations stashed on stage s now (its chunks whose forward started and
+    whose backward has not finished)."""
+    if s not in b.stash_stages:
+        return 0
+    total = b.tokens * per_token
+    if not b.chunks:
+        return total
+    bounds = b.chunks[s]
+    if not b.fwd_done and b.fwd_next == s:
+        upto = bounds[b.chunk + (1 if b.running else 0)]
+    elif b.fwd_done and b.bwd_next == s:
+        upto = bounds[b.chunk + 1]
+    else:
+        upto = bounds[-1]
+    return total * upto // bounds[-1]
+
+
+def chunk_stash_bytes(b: Batch, s: int, per_token: int) -> int:
+    """What the chunk due next on stage s stashes (forward) or frees (backward)."""
+    total = b.tokens * per_token
+    if not b.chunks:
+        return total
+    bounds = b.chunks[s]
+    j = b.chunk
+    return total * bounds[j + 1] // bounds[-1] - total * bounds[j] // bounds[-1]
+
+
+def advance_fwd(b: Batch) -> bool:
+    """A forward chunk finished: True when the stage's forward is complete."""
+    if not b.chunks:
+        return True
+    b.chunk += 1
+    if b.chunk < n_chunks(b, b.fwd_next):
+        return False
+    b.chunk = 0
+    return True
+
+
+def start_bwd(b: Batch, s: int) -> None:
+    """The backward on stage s begins with its last chunk."""
+    if b.chunks and s >= 0:
+        b.chunk = n_chunks(b, s) - 1
+
+
+def advance_bwd(b: Batch) -> bool:
+    """A backward chunk finished: True when the stage's backward is complete."""
+    if not b.chunks or b.chunk == 0:
+        return True
+    b.chunk -= 1
+    return False
+
+
+class Chunker:
+    """Chooses chunk plans and predicts chunked chains (for forecasts)."""
+
+    def __init__(self, params: SchedParams, lat: LatencyModel, slo_of: Callable[[Task], float], *,
+                 enabled: bool) -> None:
+        self.params = params
+        self.lat = lat
+        self.enabled = enabled
+        self.lookahead_slack = enabled and not params.no_lookahead_slack
+        self._per_unit: deque[float] = deque(maxlen=_WINDOW)
+        self._seen = 0
+        probe = Task(-1, TaskKind.INFER, 0.0, 1, 1)
+        self._tight_s = slo_of(probe)
+        self._durs: dict[tuple, tuple[list[list[float]], list[list[float]]]] = {}
+        self._plans: dict[tuple, tuple[int, Plan]] = {}
+
+    # ------------------------------------------------------------------ the bound
+    def observe(self, task: Task, slo_s: float) -> None:
+        """An inference request arrived with this SLO."""
+        if not self.enabled or task.is_train:
+            return
+        unit = slo_s / max(1, task.output_tokens) if self.params.generate else slo_s
+        self._per_unit.append(unit)
+        self._seen += 1
+        if self._seen <= _REFRESH or self._seen % _REFRESH == 0:
+            xs = sorted(self._per_unit)
+            self._tight_s = xs[min(len(xs) - 1, int(_TIGHT_Q * len(xs)))]
+
+    def target_s(self) -> float:
+        """The longest a chunk may be predicted to run."""
+        if self.params.train_chunk_ms is not None:
+            return self.params.train_chunk_ms / 1e3
+        return self.params.chunk_frac * self._tight_s
+
+    def plan(self, batch: int, tokens: int) -> Plan:
+        """Per stage, the layer boundaries of the fewest equal chunks that meet the bound."""
+        if not self.enabled:
+            return ()
+        target = self.target_s()
+        key = (batch, tokens, target)
+        hit = self._plans.get(key)
+        if hit is not None and self.lat.version - hit[0] < _REPLAN_OPS:
+            return hit[1]
+        if len(self._plans) > 256:
+            self._plans.clear()
+        plan = self._make_plan(batch, tokens, target)
+        self._plans[key] = (self.lat.version, plan)
+        return plan
+
+    def _make_plan(self, batch: int, tokens: int, target: float) -> Plan:
+        lat = self.lat
+        out, cut = [], False
+        for s, st in enumerate(lat.profile.stages):
+            L = st.layers
+            n = L
+            if L > 1:
+                whole = max(lat.predict(OpKind.FWD, s, batch, tokens), lat.predict(OpKind.BWD, s, batch, tokens))
+                if whole > target:
+                    # the most layers per chunk whose predicted time fits (at least one)
+                    n = 1
+                    for m in range(L - 1, 1, -1):
+                        rng = (0, m)
+                        if max(lat.predict(OpKind.FWD, s, batch, tokens, layers=rng),
+                               lat.predict(OpKind.BWD, s, batch, tokens, layers=rng)) <= target:
+                            n = m
+                            break
+            k = max(1, math.ceil(L / n)) if L > 0 else 1
+            if k == 1:
+                out.append((0, max(L, 1)))
+                continue
+            cut = True
+            base, extra = divmod(L, k)
+            bounds, at = [0], 0
+            for j in range(k):
+                at += base + (1 if j < extra else 0)
+                bounds.append(at)
+            out.append(tuple(bounds))
+        return tuple(out) if cut else ()
+
+    # ------------------------------------------------------------------ forecasts
+    def _chunk_durs(self, b_size: int, tokens: int, plan: Plan) -> tuple[list[list[float]], list[list[float]]]:
+        key = (b_size, tokens, plan, self.lat.version)
+        hit = self._durs.get(key)
+        if hit is None:
+            if len(self._durs) > 256:
+                self._durs.clear()
+            lat = self.lat
+            fwd, bwd = [], []
+            for s, bounds in enumerate(plan):
+                rngs = [(bounds[j], bounds[j + 1]) for j in range(len(bounds) - 1)]
+                if len(rngs) == 1:
+                    rngs = [()]
+                fwd.append([lat.predict(OpKind.FWD, s, b_size, tokens, layers=r) for r in rngs])
+                bwd.append([lat.predict(OpKind.BWD, s, b_size, tokens, layers=r) for r in rngs])
+            hit = self._durs[key] = (fwd, bwd)
+        return hit
+
+    def remaining_chain(self, b: Batch) -> list[tuple[int, float]]:
+        """The (stage, duration) ops left of a chunked training micro-batch after what ran or
+        runs: forward chunks ascending, stage by stage, then backward chunks descending."""
+        fwd, bwd = self._chunk_durs(b.size, b.seq_tokens, b.chunks)
+        S = b.num_stages
+        ops: list[tuple[int, float]] = []
+        run = 1 if b.running else 0
+        if not b.fwd_done:
+            for s in range(b.fwd_next, S):
+                j0 = b.chunk + run if s == b.fwd_next else 0
+                ops.extend((s, d) for d in fwd[s][j0:])
+            top = S - 1
+            first = None
+        else:
+            top = b.bwd_next
+            first = b.chunk - run
+        for s in range(top, -1, -1):
+            j0 = first if (s == top and first is not None) else len(bwd[s]) - 1
+            ops.extend((s, bwd[s][j]) for j in range(j0, -1, -1))
+        return ops
+
+    def task_chain(self, task: Task) -> list[tuple[int, float]] | None:
+        """The chain of a queued training task that would be chunked: one op per stage and
+        direction lasting its chunks' total (a queued task's chunks are not modeled one by one:
+        that made timeline rebuilds most of a run's cost); None when it would not be chunked."""
+        plan = self.plan(task.batch_size, task.prompt_tokens)
+        if not plan:
+            return None
+        key = (task.batch_size, task.prompt_tokens, plan, self.lat.version, "task")
+        hit = self._durs.get(key)
+        if hit is None:
+            fwd, bwd = self._chunk_durs(task.batch_size, task.prompt_tokens, plan)
+            ops = [(s, sum(fwd[s])) for s in range(len(fwd))]
+            ops += [(s, sum(bwd[s])) for s in range(len(bwd) - 1, -1, -1)]
+            hit = self._durs[key] = ops
+        return hit
