@@ -17,6 +17,7 @@ from torch import nn
 from lemix.engine import adapt
 from lemix.engine.blocks import (ArchConfig, AttnContext, GPT2Block, LlamaBlock, RMSNorm,
                                  rotary_tables)
+from lemix.sched.presets import layer_ranges  # the one split rule, shared with the modeled presets
 
 IGNORE_INDEX = -100   # the HF label convention for "no loss here"
 
@@ -172,19 +173,6 @@ def arch_config(hf_model: nn.Module) -> ArchConfig:
         o_bias=layer.self_attn.o_proj.bias is not None,
         mlp_bias=layer.mlp.gate_proj.bias is not None,
         rope_attention_scale=float(hf_model.model.rotary_emb.attention_scaling))
-
-
-def layer_ranges(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
-    """Contiguous [start, end) per stage; the first `num_layers % num_stages` get one more."""
-    if not 1 <= num_stages <= num_layers:
-        raise ValueError(f"cannot split {num_layers} layers into {num_stages} stages")
-    base, extra = divmod(num_layers, num_stages)
-    ranges, start = [], 0
-    for s in range(num_stages):
-        end = start + base + (1 if s < extra else 0)
-        ranges.append((start, end))
-        start = end
-    return ranges
 
 
 def split_stages(hf_model: nn.Module, num_stages: int) -> list[StageModule]:

@@ -33,7 +33,9 @@ class LocalWeights:
         pass
 
 
-class MergeEvery:
+class _EveryK:
+    """Acts every `every` cluster steps."""
+
     def __init__(self, every: int) -> None:
         self.every = every
         self._steps = 0
@@ -42,21 +44,22 @@ class MergeEvery:
         self._steps += 1
         if self._steps >= self.every:
             self._steps = 0
-            weights.request_merge()
+            self.act(weights)
+
+    def act(self, weights: "Weights") -> None:
+        raise NotImplementedError
 
 
-class SyncServersEvery:
-    def __init__(self, every: int) -> None:
-        self.every = every
-        self._steps = 0
+class MergeEvery(_EveryK):
+    def act(self, weights: "Weights") -> None:
+        weights.request_merge()
 
-    def after_step(self, weights: "Weights") -> None:
-        self._steps += 1
-        if self._steps >= self.every:
-            self._steps = 0
-            for n in weights.cluster.nodes:
-                if n.serves and not n.trains:
-                    weights.request_sync(n)
+
+class SyncServersEvery(_EveryK):
+    def act(self, weights: "Weights") -> None:
+        for n in weights.cluster.nodes:
+            if n.serves and not n.trains:
+                weights.request_sync(n)
 
 
 class Weights:
