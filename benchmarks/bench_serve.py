@@ -52,10 +52,15 @@ def start_server(state: Path, port: int, args) -> subprocess.Popen:
     cmd += ["--policy", args.policy, *args.server_args.split()]
     log = open(state.parent / f"{state.name}.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    deadline = time.monotonic() + args.startup_timeout
+    return wait_healthy(proc, port, args.startup_timeout, Path(log.name))
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, timeout_s: float, log: Path) -> subprocess.Popen:
+    """Poll /health until 200; the server's log if it exits, a kill if it never gets there."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {Path(log.name).read_text()}")
+            raise RuntimeError(f"server exited: {log.read_text()}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc

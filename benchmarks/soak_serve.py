@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_serve import MODEL, free_port  # noqa: E402
+from bench_serve import MODEL, free_port, wait_healthy  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -45,18 +45,7 @@ def start(state: Path, port: int, args) -> subprocess.Popen:
         cmd += ["--profile", args.profile]
     log = open(state.parent / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + args.startup_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError((state.parent / "server.log").read_text())
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("server not healthy")
+    return wait_healthy(proc, port, args.startup_timeout, state.parent / "server.log")
 
 
 async def soak(url: str, pid: int, args) -> dict:
@@ -131,7 +120,8 @@ def main() -> int:
     for n, m in rss:
         if n % 10_000 == 0:
             print(f"  at {n:>6}: {m:.1f} MB")
-    print(f"RSS growth: {per10k:+.2f} MB per 10,000 requests; requests.csv holds {rows} rows")
+    growth = "n/a (too few samples)" if per10k is None else f"{per10k:+.2f} MB"
+    print(f"RSS growth: {growth} per 10,000 requests; requests.csv holds {rows} rows")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
