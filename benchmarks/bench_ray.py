@@ -131,7 +131,7 @@ def main() -> None:
 
     # 2. the same run on both backends ----------------------------------------------------------
     cfg = load_config(None, {"cluster.nodes": 2, "cluster.stages": 1, "workload.duration_s": args.duration,
-                             "workload.rate": 4.0, "workload.max_prompt_tokens": 64,
+                             "workload.request_rate": 2.0, "workload.max_prompt_tokens": 64,
                              "workload.train_seq_tokens": 64, "workload.max_output_tokens": 8,
                              "workload.mode": "generate", "policy.names": "lemix"}, dict(RUN_DEFAULTS))
     if args.profile:

@@ -58,7 +58,8 @@ class ClusterConfig(_Strict):
     network_bandwidth_gbps: float = Field(10.0, gt=0, description="node<->node bandwidth for weight sync (GB/s)")
     device: str = Field("cpu", description="real engine: 'cpu', 'cuda' (one cuda:i per stage, round-robin) "
                         "or a comma list of cpu / cuda:N with one device per stage")
-    backend: Literal["local", "ray"] = "local"
+    backend: Literal["local", "ray"] = Field("local", description="real engine: stage workers as local "
+                                            "threads, or Ray actors (one placement group per node)")
     clock: Literal["wall", "virtual"] = Field("wall", description="real engine: 'wall' runs ops in real time "
                                               "(profile measured here); 'virtual' times them on the modeled "
                                               "cluster (the simulator's profile, loop and noise) while "
@@ -208,7 +209,7 @@ class LemixConfig(_Strict):
     @model_validator(mode="after")
     def _devices_per_stage(self) -> "LemixConfig":
         n = len(self.cluster.device.split(","))
-        if n > 1 and n != self.cluster.stages:
+        if self.cluster.device not in ("cpu", "cuda") and n != self.cluster.stages:
             raise ValueError(f"cluster.device lists {n} devices for {self.cluster.stages} stages "
                              f"(give one per stage, or 'cpu' / 'cuda')")
         return self
@@ -344,7 +345,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
         tree = loaded or {}
     _apply(tree, overrides or {}, skip_none=True)
-    for key, value in (base or {}).items():
+    own: dict[str, Any] = {}
+    for key, value in (base or {}).items():   # a later base key wins over its alternative
+        own.pop(_ALTERNATIVES.get(key, ("",))[0], None)
+        own[key] = value
+    for key, value in own.items():
         other = _ALTERNATIVES.get(key)
         if not (other and _get_dotted(tree, other[0]) not in (None, other[1])):
             _set_dotted(tree, key, value, overwrite=False)

@@ -35,7 +35,7 @@ def test_greedy_generation_gives_the_local_tokens(ray_cluster):
     # one node, two stages: hidden states cross between actors; no training, so every request
     # sees the initial weights; batches of one, so the numbers cannot depend on batch shapes
     cfg = run_cfg(**{"cluster.nodes": 1, "cluster.stages": 2, "workload.mode": "generate",
-                     "workload.train_share": 0.0, "workload.rate": 4.0, "workload.duration_s": 2.0,
+                     "workload.train_share": 0.0, "workload.request_rate": 4.0, "workload.duration_s": 2.0,
                      "policy.max_batch": 1})
     tasks = engine_tasks(cfg)
     generated = {}

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.ray
 
 
 def test_killed_actor_loses_no_task_and_its_node_comes_back(ray_cluster):
-    cfg = run_cfg(**{"workload.mode": "generate", "workload.duration_s": 4.0, "workload.rate": 6.0})
+    cfg = run_cfg(**{"workload.mode": "generate", "workload.duration_s": 4.0, "workload.request_rate": 3.0})
     tasks = engine_tasks(cfg)
     backend = RayBackend()
     engine = make_engine(cfg, backend)
@@ -46,7 +46,7 @@ def test_actor_killed_mid_backward_retrains_the_micro_batch(ray_cluster):
     die with the node, its task is trained again elsewhere, and the run completes."""
     from lemix.engine.messages import Backward
 
-    cfg = run_cfg(**{"workload.duration_s": 3.0, "workload.rate": 6.0, "workload.train_share": 0.8})
+    cfg = run_cfg(**{"workload.duration_s": 3.0, "workload.request_rate": 1.2, "workload.train_share": 0.8})
     tasks = engine_tasks(cfg)
     backend = RayBackend()
     engine = make_engine(cfg, backend, policy="naivemix")

@@ -18,7 +18,7 @@ from lemix.cli.sweep import cmd_sweep
 from lemix.config import RUN_DEFAULTS, LemixConfig, LemixDeprecationWarning, load_config
 from lemix.serve.options import SERVE_DEFAULTS
 
-__all__ = ["build_parser", "main", "COMMANDS"]
+__all__ = ["build_parser", "config_of", "main", "COMMANDS"]
 
 
 class Command:
