@@ -205,3 +205,22 @@ def test_a_flag_overrides_its_alternative_in_the_file(tmp_path):
     assert (cfg.workload.burstiness, cfg.workload.burstiness_cv2) == (1.0, 2.0)
     cfg = parse(["run", "--rate", "12"])          # over run's own default request rate
     assert (cfg.workload.request_rate, cfg.workload.rate) == (None, 12.0)
+
+
+def test_progress_counts_tasks_done_not_arrived():
+    from lemix.experiment import sim_profile
+    from lemix.sim import simulate_policy
+
+    cfg = load_config(None, {"workload.request_rate": 30.0, "workload.duration_s": 10.0, "cluster.nodes": 1,
+                             "policy.names": "naivemix"})   # overloaded: the run goes on past the arrivals
+    tasks = build_tasks(cfg)
+    for horizon, done_all in ((cfg.workload.duration_s, False), (float("inf"), True)):
+        ticks: list[int] = []
+        result, _ = simulate_policy(cfg.sched_params("naivemix"), sim_profile(cfg), tasks, horizon_s=horizon,
+                                    progress=ticks.append)
+        finished = sum(1 for r in [*result.requests, *result.train_tasks] if r.finish_s is not None)
+        assert all(n > 0 for n in ticks)
+        if done_all:
+            assert sum(ticks) == finished == len(tasks)
+        else:       # every task arrived by the horizon, but not every one was done: the bar says so
+            assert sum(ticks) == finished < len(tasks)
