@@ -11,7 +11,7 @@ from lemix.cli import main
 from lemix.profiling import save_profile
 from test_engine_run import cpu_profile
 
-ARGS = ["--duration", "3", "--rate", "6", "--max-prompt-tokens", "96", "--train-seq-tokens", "64",
+ARGS = ["--duration", "3", "--request-rate", "3", "--max-prompt-tokens", "96", "--train-seq-tokens", "64",
         "--max-output-tokens", "8", "--no-progress", "--force-profile"]
 
 
