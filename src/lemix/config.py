@@ -239,7 +239,11 @@ class LemixConfig(_Strict):
                     backlog_until_s=w.duration_s)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The config as YAML for `--config`; serve.api_key is left out (never write a secret to a
+        run directory: api_key_file and $LEMIX_API_KEY carry it)."""
+        tree = self.model_dump(mode="json")
+        tree["serve"]["api_key"] = None
+        return yaml.safe_dump(tree, sort_keys=False)
 
 
 def _format_error(err: ValidationError, labels: dict[str, str] | None = None) -> str:

@@ -224,3 +224,8 @@ def test_progress_counts_tasks_done_not_arrived():
             assert sum(ticks) == finished == len(tasks)
         else:       # every task arrived by the horizon, but not every one was done: the bar says so
             assert sum(ticks) == finished < len(tasks)
+
+
+def test_the_api_key_is_never_written_to_a_run_directory():
+    cfg = load_config(None, {"serve.api_key": "s3cret"})
+    assert cfg.serve.api_key == "s3cret" and "s3cret" not in cfg.to_yaml()
