@@ -17,9 +17,10 @@ requests per blocking unit: the whole SLO in prefill mode, the SLO per output to
 mode (a decode iteration can be blocked once per token). Before any request was seen, the SLO
 of a one-token request. A stage whose profile does not know its layer count is not cut.
 
-Quiet cluster: a micro-batch admitted when no request arrived for `chunk_quiet_s` (and none is
-queued or running on the cluster: the scheduler's `inference_present`) runs unchunked: there is
-no inference to protect, and each chunk pays the per-op constant (per-layer chunks of the
+Quiet cluster: a micro-batch admitted when the last request arrived more than `chunk_quiet_s`
+ago (and none is queued or running on the cluster: the scheduler's `inference_present`) runs
+unchunked: there is no inference to protect (before the first request, chunks are kept: a
+server's first requests are not blocked by whole ops), and each chunk pays the per-op constant (per-layer chunks of the
 built-in profile cost 19% more device time than one op per stage). A drain of training after
 the requests end ran at 81% of separate's speed without it. `chunk_quiet_s = None` chunks always.
 
@@ -169,11 +170,13 @@ class Chunker:
         return self.params.chunk_frac * self._tight_s
 
     def quiet(self) -> bool:
-        """No request arrived for chunk_quiet_s and none is queued or running: nothing to protect."""
+        """Requests were seen, none arrived for chunk_quiet_s and none is queued or running:
+        nothing to protect."""
         q = self.params.chunk_quiet_s
         if q is None or self._now is None or self._inference_present is None:
             return False
-        return self._now() >= self._last_request_s + q and not self._inference_present()
+        return (self._last_request_s > float("-inf") and self._now() >= self._last_request_s + q
+                and not self._inference_present())
 
     def plan(self, batch: int, tokens: int) -> Plan:
         """Per stage, the layer boundaries of the fewest equal chunks that meet the bound (none
