@@ -14,7 +14,7 @@ Runs lemix, separate, separate-dynamic and naivemix (every policy on the same ta
   trace     4 x 2, the Azure code trace at speedups 1, 2, 4, 8 x shares 0.2, 0.5, 0.8
 
   seeds     seeds 2 and 3 on a subset: r16 t0.5, r32 t0.5, r32 t0.8, r64 t0.2 (4 x 2), generate r16
-  backlog   4 x 2, --train-backlog (lemix and separate only), requests at 25%, 50% and 75% of the rate
+  backlog   4 x 2, --train-backlog, requests at 25%, 50% and 75% of the rate
             that saturates separate's two serving nodes (SEPARATE_SATURATES, measured in the first
             round): lemix's training samples/s must be >= 1.5x, 1.5x, 1.2x separate's ("TRAIN")
             with SLO attainment >= separate's ("SLO")
@@ -51,7 +51,7 @@ SEED_SUBSET = [({}, dict(rates="16,32", train_shares="0.5")), ({}, dict(rates="3
 SEPARATE_SATURATES = 46.0   # req/s at which separate's 2 serving nodes (4 x 2, backlog) saturate
 BACKLOG = {0.25: 1.5, 0.50: 1.5, 0.75: 1.2}   # load fraction -> training samples/s ratio needed
 DESC = {"4x2": ("rate", "train_share"), "gamma": ("rate",), "generate": ("rate",),
-        "16x4": ("rate",), "trace": ("trace_speedup", "train_share"), "seeds": ("rate", "train_share"),
+        "16x4": ("rate",), "trace": ("trace_speedup", "train_share"), "seeds": ("mode", "rate", "train_share"),
         "backlog": ("rate",)}
 
 
@@ -83,7 +83,7 @@ def segment_configs(name: str, args, duration: float) -> list[tuple[dict, dict]]
                 for fixed, grid in SEED_SUBSET]
     if name == "backlog":
         rates = ",".join(f"{f * SEPARATE_SATURATES:g}" for f in BACKLOG)
-        return [({"policy.names": "lemix,separate", "workload.duration_s": duration,
+        return [({"policy.names": POLICIES, "workload.duration_s": duration,
                   "workload.train_backlog": True}, dict(rates=rates, seeds=args.seeds))]
     fixed, grid, quick = SEGMENTS[name]
     over = {"policy.names": POLICIES, "workload.duration_s": duration, **fixed}
@@ -117,7 +117,7 @@ def main() -> int:
     if base is None:
         print("no segment chosen", file=sys.stderr)
         return 2
-    n_runs = sum(len(p.cfg.policy.names) for p in points)
+    n_runs = len(points) * len(base.policy.names)   # every point runs the base config's policies
     print(f"{len(points)} points, {n_runs} runs, {duration:g} s each, "
           f"jobs {args.jobs}", flush=True)
     t0 = time.perf_counter()
@@ -141,7 +141,8 @@ def main() -> int:
     bad = 0
     for i, pols in sorted(by_point.items()):
         seg, lem = segment_of[i], pols["lemix"]
-        desc = " ".join(f"{k}={lem[k]:g}" for k in DESC[seg])
+        desc = " ".join(f"{k}={lem[k]:g}" if isinstance(lem[k], (int, float)) else f"{k}={lem[k]}"
+                        for k in DESC[seg] if lem.get(k) not in (None, ""))
         slo = " ".join(f"{100 * (pols[p]['slo_attainment'] or 0):6.1f}" if p in pols else f"{'':6}"
                        for p in POLICIES.split(","))
         if seg == "backlog":   # the ratio and the per-second figures are training samples/s
