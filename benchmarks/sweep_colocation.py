@@ -2,7 +2,8 @@
 
     python benchmarks/sweep_colocation.py [--seeds 1] [--duration 60] [--jobs 2] [--quick]
                                           [--trace ../shared/traces/azure_llm_code_2023.csv]
-                                          [--out sweep.csv] [--only 4x2,gamma,generate,16x4,trace]
+                                          [--out sweep.csv]
+                                          [--only 4x2,gamma,generate,16x4,trace,seeds,backlog]
 
 Runs lemix, separate, separate-dynamic and naivemix (every policy on the same tasks per point) on:
 
@@ -11,6 +12,12 @@ Runs lemix, separate, separate-dynamic and naivemix (every policy on the same ta
   generate  4 x 2, generate mode (prefill + decode), 4 and 8 requests/s, share 0.5
   16x4      16 nodes x 4 stages, 32 and 64 requests/s, share 0.5
   trace     4 x 2, the Azure code trace at speedups 1, 2, 4, 8 x shares 0.2, 0.5, 0.8
+
+  seeds     seeds 2 and 3 on a subset: r16 t0.5, r32 t0.5, r32 t0.8, r64 t0.2 (4 x 2), generate r16
+  backlog   4 x 2, --train-backlog, requests at 25%, 50% and 75% of the rate
+            that saturates separate's two serving nodes (SEPARATE_SATURATES, measured in the first
+            round): lemix's training samples/s must be >= 1.5x, 1.5x, 1.2x separate's ("TRAIN")
+            with SLO attainment >= separate's ("SLO")
 
 and prints per point lemix's SLO attainment minus the best of separate and separate-dynamic (in
 points), lemix's total task throughput over separate's, and flags the points that break issue 10's
@@ -43,8 +50,13 @@ SEGMENTS = {
     "trace": ({"workload.trace": None}, dict(trace_speedups="1,2,4,8", train_shares=SHARES),
               dict(trace_speedups="4", train_shares="0.5")),
 }
+SEED_SUBSET = [({}, dict(rates="16,32", train_shares="0.5")), ({}, dict(rates="32", train_shares="0.8")),
+               ({}, dict(rates="64", train_shares="0.2")), ({"workload.mode": "generate"}, dict(request_rates="8"))]
+SEPARATE_SATURATES = 46.0   # req/s at which separate's 2 serving nodes (4 x 2, backlog) saturate
+BACKLOG = {0.25: 1.5, 0.50: 1.5, 0.75: 1.2}   # load fraction -> training samples/s ratio needed
 DESC = {"4x2": ("rate", "train_share"), "gamma": ("rate",), "generate": ("request_rate",),
-        "16x4": ("request_rate",), "trace": ("trace_speedup", "train_share")}
+        "16x4": ("request_rate",), "trace": ("trace_speedup", "train_share"),
+        "seeds": ("mode", "rate", "request_rate", "train_share"), "backlog": ("request_rate",)}
 
 
 def verdict(by: dict[str, dict]) -> dict:
@@ -59,12 +71,37 @@ def verdict(by: dict[str, dict]) -> dict:
     return {"d_slo_points": 100 * d_slo, "tput_ratio": ratio, "tput_needed": need, "flags": flags}
 
 
+def backlog_verdict(by: dict[str, dict], need: float) -> dict:
+    lem, sep = by["lemix"], by["separate"]
+    ratio = (lem["train_samples_per_s"] or 0.0) / (sep["train_samples_per_s"] or float("nan"))
+    flags = (["SLO"] if (lem["slo_attainment"] or 0) < (sep["slo_attainment"] or 0) else []) + \
+        (["TRAIN"] if not ratio >= need else [])
+    return {"d_slo_points": 100 * ((lem["slo_attainment"] or 0) - (sep["slo_attainment"] or 0)),
+            "tput_ratio": ratio, "flags": flags}
+
+
+def segment_configs(name: str, args, duration: float) -> list[tuple[dict, dict]]:
+    """(overrides, grid) pairs of one segment."""
+    if name == "seeds":
+        return [({"policy.names": POLICIES, "workload.duration_s": duration, **fixed}, dict(grid, seeds="2,3"))
+                for fixed, grid in SEED_SUBSET]
+    if name == "backlog":
+        rates = ",".join(f"{f * SEPARATE_SATURATES:g}" for f in BACKLOG)
+        return [({"policy.names": POLICIES, "workload.duration_s": duration,
+                  "workload.train_backlog": True}, dict(request_rates=rates, seeds=args.seeds))]
+    fixed, grid, quick = SEGMENTS[name]
+    over = {"policy.names": POLICIES, "workload.duration_s": duration, **fixed}
+    if "workload.trace" in over:
+        over["workload.trace"] = args.trace
+    return [(over, dict(quick if args.quick else grid, seeds=args.seeds))]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="1")
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--trace", default="../shared/traces/azure_llm_code_2023.csv")
-    ap.add_argument("--only", default=",".join(SEGMENTS), help="comma list of segments")
+    ap.add_argument("--only", default=",".join([*SEGMENTS, "seeds", "backlog"]), help="comma list of segments")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="one point per segment, 20 s")
     ap.add_argument("--out", default="", help="write every row to this CSV")
@@ -75,20 +112,17 @@ def main() -> int:
     segment_of: dict[int, str] = {}
     base = None
     for name in [s.strip() for s in args.only.split(",") if s.strip()]:
-        fixed, grid, quick = SEGMENTS[name]
-        over = {"policy.names": POLICIES, "workload.duration_s": duration, **fixed}
-        if "workload.trace" in over:
-            over["workload.trace"] = args.trace
-        cfg = load_config(None, over)
-        base = base or cfg
-        for p in sweep_points(cfg, SweepGrid.parse(**(quick if args.quick else grid), seeds=args.seeds)):
-            segment_of[len(points)] = name
-            points.append(SweepPoint(len(points), p.cfg))
+        for over, grid in segment_configs(name, args, duration):
+            cfg = load_config(None, over)
+            base = base or cfg
+            for p in sweep_points(cfg, SweepGrid.parse(**grid)):
+                segment_of[len(points)] = name
+                points.append(SweepPoint(len(points), p.cfg))
     if base is None:
         print("no segment chosen", file=sys.stderr)
         return 2
-    n_runs = len(points) * len(base.policy.names)
-    print(f"{len(points)} points x {len(base.policy.names)} policies = {n_runs} runs, {duration:g} s each, "
+    n_runs = len(points) * len(base.policy.names)   # every point runs the base config's policies
+    print(f"{len(points)} points, {n_runs} runs, {duration:g} s each, "
           f"jobs {args.jobs}", flush=True)
     t0 = time.perf_counter()
     done = [0]
@@ -111,16 +145,25 @@ def main() -> int:
     bad = 0
     for i, pols in sorted(by_point.items()):
         seg, lem = segment_of[i], pols["lemix"]
-        v = verdict(pols)
+        desc = " ".join(f"{k}={lem[k]:g}" if isinstance(lem[k], (int, float)) else f"{k}={lem[k]}"
+                        for k in DESC[seg] if lem.get(k) not in (None, ""))
+        slo = " ".join(f"{100 * (pols[p]['slo_attainment'] or 0):6.1f}" if p in pols else f"{'':6}"
+                       for p in POLICIES.split(","))
+        if seg == "backlog":   # the ratio and the per-second figures are training samples/s
+            frac = lem["request_rate"] / SEPARATE_SATURATES
+            v = backlog_verdict(pols, BACKLOG[min(BACKLOG, key=lambda f: abs(f - frac))])
+            a, b = lem["train_samples_per_s"], pols["separate"]["train_samples_per_s"]
+        else:
+            v = verdict(pols)
+            a, b = lem["total_task_throughput"], pols["separate"]["total_task_throughput"]
         bad += bool(v["flags"])
-        desc = " ".join(f"{k}={lem[k]:g}" for k in DESC[seg])
-        slo = " ".join(f"{100 * (pols[p]['slo_attainment'] or 0):6.1f}" for p in POLICIES.split(","))
         print(f"{seg:<9} {desc:<31} {lem['seed']:>4} | {slo} | {v['d_slo_points']:+7.1f} {v['tput_ratio']:7.4f} "
-              f"{lem['total_task_throughput']:6.1f} {pols['separate']['total_task_throughput']:6.1f} | "
-              f"{' '.join(v['flags']) or 'ok'}")
+              f"{a:6.1f} {b:6.1f} | {' '.join(v['flags']) or 'ok'}  stale {lem['staleness_steps_mean'] or 0:.2f}"
+              f"/{pols['separate']['staleness_steps_mean'] or 0:.2f}")
     print(f"{bad} of {len(by_point)} points break issue 10's criteria "
           f"(SLO: lemix more than 1 point under max(separate, separate-dynamic); TPUT: lemix task "
-          f"throughput under 0.99x separate's, 0.95x where lemix's SLO >= separate's + 10 points); "
+          f"throughput under 0.99x separate's, 0.95x where lemix's SLO >= separate's + 10 points; "
+          f"backlog: SLO under separate's, TRAIN: training samples/s under the needed ratio); "
           f"{time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -165,6 +165,12 @@ class PolicyConfig(_Strict):
                                          "training chunk (ms); default chunk_frac x the tightest SLO in force")
     chunk_frac: float = Field(_SP.chunk_frac, gt=0, description="lemix: a training chunk's predicted time "
                               "under this x the tightest SLO in force")
+    no_slo_batching: bool = Field(_SP.no_slo_batching, description="lemix: batch prefills first come, "
+                                  "first served (no request joins a batch it or a member would miss in)")
+    backlog_floor: bool = Field(_SP.backlog_floor, description="lemix: while both workloads are backlogged, "
+                                "training's device-time floor is separation's training share of nodes")
+    chunk_quiet_s: float | None = Field(_SP.chunk_quiet_s, gt=0, description="lemix: train unchunked once no "
+                                        "request arrived this long (null: always chunk)")
 
     @field_validator("names", mode="before")
     @classmethod
@@ -227,6 +233,7 @@ class LemixConfig(_Strict):
             no_profile=p.no_profile, no_prioritization=p.no_prioritization,
             no_memory_check=p.no_memory_check, no_chunking=p.no_chunking, train_chunk_ms=p.train_chunk_ms,
             chunk_frac=p.chunk_frac, no_late_binding=p.no_late_binding, eq4_inference_only=p.eq4_inference_only, no_lookahead_slack=p.no_lookahead_slack, train_queue_depth=p.train_queue_depth,
+            no_slo_batching=p.no_slo_batching, backlog_floor=p.backlog_floor, chunk_quiet_s=p.chunk_quiet_s,
             slo_scale=self.slo.scale, slo_ttft_s=self.slo.ttft_s,
             slo_e2e_s=self.slo.e2e_s, seed=self.seed, **self._backlog(),
         )

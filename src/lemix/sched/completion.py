@@ -81,9 +81,13 @@ class Completion:
     def _fwd(self, node: NodeState, r: Running, result: OpResult) -> None:
         b: Batch = r.obj
         b.running = False
-        b.ready_s = result.end_s
         if b.chunks and not advance_fwd(b):
-            return   # bounded blocking: the stage's next chunk is due
+            # bounded blocking: the stage's next chunk is due. It keeps the ready time of the
+            # stage's first chunk, so a device finishes the micro-batch it started before it
+            # starts another's chunks (re-queued at each chunk's end, it went round-robin over
+            # every admitted micro-batch, each one's stash held at once: memory full, offloads)
+            return
+        b.ready_s = result.end_s
         b.fwd_next += 1
         if not b.fwd_done:
             return
@@ -110,13 +114,13 @@ class Completion:
         s = r.op.stage
         dev = node.devices[s]
         b.running = False
-        b.ready_s = result.end_s
         if b.chunks:   # bounded blocking: this chunk's layers free their share of the stash
             dev.held_bytes -= chunk_stash_bytes(b, s, self.profile.stages[s].act_bytes_per_token)
             if not advance_bwd(b):
-                return
+                return   # the next chunk keeps the stage's ready time (see _fwd)
         else:
             dev.held_bytes -= b.tokens * self.profile.stages[s].act_bytes_per_token
+        b.ready_s = result.end_s
         b.stash_stages.discard(s)
         dev.grads_pending += 1
         self.pipe.on_bwd_done(node, b, s)

@@ -58,6 +58,7 @@ class Dispatcher:
         self._next_op = 0
         self._next_bid = 0
         self.chunker = None   # set by the Scheduler: chunk plans of training ops (chunking.py)
+        self.slo_batching = False   # set by the Scheduler (issue 10): see _slo_batch
 
     # ------------------------------------------------------------------ candidates
     def candidates(self, node: NodeState, s: int, now: float,
@@ -275,9 +276,15 @@ class Dispatcher:
         return self._next_bid - 1
 
     def form_infer_batch(self, node: NodeState, now: float) -> Batch:
-        """The first C queued requests of the node become one prefill micro-batch."""
-        tasks = node.infer_wait[: self.params.max_batch]
-        del node.infer_wait[: len(tasks)]
+        """The first C queued requests of the node become one prefill micro-batch (with SLO-aware
+        batching, those of them that do not cost each other their SLO)."""
+        head = node.infer_wait[: self.params.max_batch]
+        tasks = self._slo_batch(head, now) if self.slo_batching and not self.params.generate else head
+        if len(tasks) == len(head):
+            del node.infer_wait[: len(tasks)]
+        else:
+            taken = {t.task_id for t in tasks}
+            node.infer_wait[:] = [t for t in node.infer_wait if t.task_id not in taken]
         b = Batch(self._new_bid(), node.index, False, tasks, max(t.prompt_tokens for t in tasks),
                   node.num_stages, ready_s=now)
         node.batches[b.bid] = b
@@ -287,6 +294,33 @@ class Dispatcher:
             self.ledger.served[t.task_id] = served
             self.memory.kv[t.task_id] = [0] * node.num_stages
         return b
+
+    def _slo_batch(self, head: list, now: float) -> list:
+        """SLO-aware batching (issue 10; prefill mode): the queued requests in order, each joining
+        the batch unless it makes a member that would meet its SLO miss it, or misses its own in
+        the batch but would not in the next one (which starts when this one leaves stage 0). A
+        request left out stays at the head of the queue. A padded batch costs its longest prompt
+        for every member: two long prompts together can both miss where each alone would not."""
+        times, S = self.ledger.times, len(self.profile.stages)
+
+        def run_s(n: int, tokens: int) -> list[float]:
+            return [self.lat.predict(OpKind.FWD, s, n, tokens) for s in range(S)]
+
+        batch = [head[0]]
+        longest = head[0].prompt_tokens
+        cur = run_s(1, longest)
+        for t in head[1:]:
+            tok = max(longest, t.prompt_tokens)
+            new = run_s(len(batch) + 1, tok)
+            end_with, end_without = now + sum(new), now + sum(cur)
+            hurts = any(end_without <= m.arrival_s + times.slo_s(m) < end_with for m in batch)
+            own = t.arrival_s + times.slo_s(t)
+            later = now + cur[0] + sum(run_s(1, t.prompt_tokens))
+            if hurts or (end_with > own and later <= own):
+                continue
+            batch.append(t)
+            longest, cur = tok, new
+        return batch
 
     def cancel_node(self, node_idx: int) -> None:
         """A node died: its running ops' results, when they come, are ignored."""

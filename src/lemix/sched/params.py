@@ -47,3 +47,7 @@ class SchedParams:
     backlog_batch: int = 4               # ... the drawn micro-batches' samples
     backlog_tokens: int = 512            # ... and tokens per sample
     backlog_until_s: float = float("inf")   # ... drawn until this time
+    # issue 10, second round (slo-rest); each switchable
+    backlog_floor: bool = False          # both backlogged: training's floor is separation's share
+    no_slo_batching: bool = False        # lemix: a request joins a prefill batch even if someone misses by it
+    chunk_quiet_s: float | None = 10.0   # unchunked training once no request arrived this long (None: always chunk)

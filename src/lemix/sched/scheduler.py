@@ -104,7 +104,8 @@ class Scheduler:
         self.placement.apply_roles(self.policy.roles(self.view))
         # hook (issue 10, bounded blocking): the chunk planner, read by dispatch, memory, timelines
         self.chunker = Chunker(params, self.lat, self.times.compute_slo,
-                               enabled=getattr(self.policy, "chunk_training", False) and not params.no_chunking)
+                               enabled=getattr(self.policy, "chunk_training", False) and not params.no_chunking,
+                               now=clock.now, inference_present=self._inference_present)
         if self.chunker.enabled:
             self.dispatcher.chunker = self.memory.chunker = self.timelines.chunker = self.chunker
         # hook (issue 10, late binding and liveness of deferred training): admission.py
@@ -115,6 +116,11 @@ class Scheduler:
         self.view.train_room = self.admission.room
         self.timelines.eq4_sees_training = (getattr(self.policy, "chunk_training", False)
                                             and not params.eq4_inference_only)
+        # hook (issue 10): SLO-aware prefill batching (dispatch.py, _slo_batch)
+        self.dispatcher.slo_batching = getattr(self.policy, "slo_batching", False) and not params.no_slo_batching
+        # hook (issue 10): both workloads backlogged raises training's floor (order.py)
+        if hasattr(order, "backlogged"):
+            order.backlogged = self._both_backlogged
         # hook (issue 10, --train-backlog): training tasks drawn whenever a node lacks one
         self.backlog = TrainBacklog(params, self.cluster, self.placement, self.ledger, self.memory)
 
@@ -210,6 +216,20 @@ class Scheduler:
                                    n.held_batch_ids()) for n in self.nodes)
         return ClusterSnapshot(self.clock.now(), nodes, self.idle, self.weights.max_version,
                                self.result.deferred_total, self.result.offload_events)
+
+    def _both_backlogged(self) -> bool:
+        """Training waits for placement and more than a full batch of requests is queued per
+        healthy node."""
+        if not self.placement.deferred:
+            return False
+        healthy = [n for n in self.nodes if n.healthy]
+        queued = sum(len(n.infer_wait) for n in healthy)
+        return queued > self.params.max_batch * len(healthy)
+
+    def _inference_present(self) -> bool:
+        """A request is waiting for placement, queued or in flight on some node."""
+        return (any(not t.is_train for t in self.placement.incoming)
+                or not all(n.has_no_inference() for n in self.nodes))
 
     @property
     def idle(self) -> bool:

@@ -43,6 +43,7 @@ from __future__ import annotations
 from lemix.sched.forecast import Forecast
 from lemix.sched.order import DispatchOrder, FirstReady, InferenceFirst
 from lemix.sched.policies.base import ClusterView, PolicyBase
+from lemix.sched.policies.separate import split
 from lemix.sched.registry import register
 from lemix.types import Task
 
@@ -56,12 +57,17 @@ class Lemix(PolicyBase):
         self.prioritize = not params.no_prioritization
         self.chunk_training = not params.no_chunking   # bounded blocking (sched/chunking.py)
         self.late_binding = True   # training placed when a node has room (sched/admission.py)
+        self.slo_batching = True   # a request joins a prefill batch only if no one misses by it (dispatch.py)
 
     def dispatch_order(self) -> DispatchOrder:
         """Prioritization: inference first on every device, with lookahead, training's share
         bounded below; without it, first ready first served."""
         if self.prioritize:
-            return InferenceFirst(self.params.min_train_share, lookahead=True)
+            p = self.params
+            share = None
+            if p.backlog_floor:   # separation's training share of devices (policies/separate.py)
+                share = len(split(p.nodes, p.train_share if p.train_share is not None else 0.5)[1]) / p.nodes
+            return InferenceFirst(p.min_train_share, lookahead=True, backlog_share=share)
         return FirstReady()
 
     prune = True  # bound-and-prune placement (same choice as scoring every node; see place)
