@@ -78,7 +78,7 @@ def create_app(cfg=None, options=None, *, host: EngineHost | None = None, **host
     async def tokenize(body: P.TokenizeRequest):
         host._check_open()
         if body.model is not None:
-            check_model(host, body.model)
+            _check_model(host, body.model)
         if body.prompt is not None:
             ids = host.tok.encode(body.prompt, add_bos=body.add_special_tokens is not False)
         else:
@@ -93,7 +93,7 @@ def create_app(cfg=None, options=None, *, host: EngineHost | None = None, **host
     async def detokenize(body: P.DetokenizeRequest):
         host._check_open()
         if body.model is not None:
-            check_model(host, body.model)
+            _check_model(host, body.model)
         G.prompt_of(host, body.tokens)   # ids inside the vocabulary
         return {"prompt": host.tok.decode(body.tokens)}
 
@@ -167,13 +167,10 @@ _FIELDS = set(P.CompletionRequest.model_fields) | set(P.ChatRequest.model_fields
 
 # ---------------------------------------------------------------------- routes
 
-def check_model(host: EngineHost, name: str) -> None:
+def _check_model(host: EngineHost, name: str) -> None:
     if name != host.model_name:
         raise APIError(404, f"the model {name!r} does not exist; this server serves "
                        f"{host.model_name!r}", param="model", code="model_not_found")
-
-
-_check_model = check_model
 
 
 def _routes(api: APIRouter, host: EngineHost) -> None:

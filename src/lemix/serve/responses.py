@@ -5,7 +5,8 @@ Completions logprobs (the legacy format lm-evaluation-harness reads):
      "text_offset": [int]}
 one entry per token: with echo the prompt's first (whose logprob is None: nothing precedes
 it), then the generated ones. `top_logprobs` holds the k most likely tokens and the chosen one
-(vLLM's convention). `text_offset` is each token's character offset in prompt + completion.
+(vLLM's convention); tokens whose strings coincide (bytes of a split character) keep the most
+likely one's logprob. `text_offset` is each token's character offset in prompt + completion.
 Chat logprobs: {"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob",
 "bytes"}]}]}. Token strings are each id decoded alone.
 """
@@ -76,8 +77,10 @@ class LogprobFormat:
                 out["top_logprobs"].append(None)
                 continue
             out["token_logprobs"].append(e.logprob)
-            top = {self.text(t): lp for t, lp in e.top[:k]}
-            top[s] = e.logprob
+            top: dict[str, float] = {}
+            for t, lp in e.top[:k]:    # tokens whose strings coincide: the most likely one's
+                top.setdefault(self.text(t), lp)
+            top.setdefault(s, e.logprob)
             out["top_logprobs"].append(top)
         return out
 
