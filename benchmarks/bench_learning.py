@@ -40,7 +40,7 @@ def scenario(args, seed: int, lr: float, policy: str, k: int) -> dict:
     """The dotted overrides of one run (what `lemix run --clock virtual ...` flags would set)."""
     return {"cluster.nodes": 4, "cluster.stages": 2, "cluster.clock": "virtual",
             "model.sim_model": args.sim_model, "model.lr": lr,
-            "workload.rate": args.rate, "workload.duration_s": args.duration,
+            "workload.request_rate": args.request_rate, "workload.duration_s": args.duration,
             "workload.drift_groups": args.groups, "workload.train_seq_tokens": args.tokens,
             "workload.max_prompt_tokens": args.tokens, "policy.names": policy,
             "policy.sync_every": k, "seed": seed}
@@ -56,7 +56,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--lrs", default="3e-4,3e-3")
     ap.add_argument("--ks", default="4,8,32,128")
-    ap.add_argument("--rate", type=float, default=12.0, help="tasks per second (half of them training)")
+    ap.add_argument("--request-rate", type=float, default=6.0,
+                    help="requests per second (plus as many training tasks)")
     ap.add_argument("--duration", type=float, default=24.0, help="seconds of modeled arrivals")
     ap.add_argument("--groups", type=int, default=3, help="topic groups (shifts = groups - 1)")
     ap.add_argument("--tokens", type=int, default=32, help="training sample and max prompt length")
@@ -104,7 +105,7 @@ def main() -> None:
                                                  if r["seed"] in ref else None)
 
     header = (f"modeled {args.sim_model} on 4 nodes x 2 stages, virtual clock, builtin-tiny model; "
-              f"rate {args.rate:g}/s for {args.duration:g} s, "
+              f"{args.request_rate:g} requests/s + as many training tasks for {args.duration:g} s, "
               f"{'3 dataset segments' if dataset else f'{args.groups} topic groups'} (shifts at "
               f"{', '.join(f'{x:g}' for x in shifts)} s), {args.tokens} tokens; seeds {args.seeds}; "
               f"mean +- std over seeds")

@@ -33,8 +33,8 @@ from lemix.metrics import summarize
 from lemix.profiling import load_profile, save_profile
 
 SHAPES = [(1, 16), (4, 64), (8, 256)]     # (B, T) of the hidden sent to stage 1
-KEYS = ("completed", "failed", "mean_e2el_ms", "p99_e2el_ms", "request_throughput",
-        "train_samples_per_s", "train_steps", "idle_ratio", "makespan_s", "wall_s")
+KEYS = ("completed", "failed", "train_completed", "train_failed", "mean_e2el_ms", "p99_e2el_ms",
+        "request_throughput", "train_samples_per_s", "train_steps", "idle_ratio", "makespan_s", "wall_s")
 
 
 def _start(backend, model, nodes: int, stages: int):
@@ -131,7 +131,7 @@ def main() -> None:
 
     # 2. the same run on both backends ----------------------------------------------------------
     cfg = load_config(None, {"cluster.nodes": 2, "cluster.stages": 1, "workload.duration_s": args.duration,
-                             "workload.rate": 4.0, "workload.max_prompt_tokens": 64,
+                             "workload.request_rate": 2.0, "workload.max_prompt_tokens": 64,
                              "workload.train_seq_tokens": 64, "workload.max_output_tokens": 8,
                              "workload.mode": "generate", "policy.names": "lemix"}, dict(RUN_DEFAULTS))
     if args.profile:

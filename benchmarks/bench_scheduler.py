@@ -31,7 +31,8 @@ PER_NODE_RATE = 4.0   # tasks/s per node, as the default scenario (16/s on 4 nod
 def bench(nodes: int, stages: int, policy: str, decisions: int, timer, seed: int, sets: dict) -> dict:
     rate = PER_NODE_RATE * nodes
     duration = decisions / rate / 0.8      # the first 20% is warm-up
-    cfg = load_config(None, {"cluster.nodes": nodes, "cluster.stages": stages, "workload.rate": rate,
+    # rate/2 requests/s plus as many training tasks (the default share of 0.5): `rate` tasks/s
+    cfg = load_config(None, {"cluster.nodes": nodes, "cluster.stages": stages, "workload.request_rate": rate / 2,
                              "workload.duration_s": duration, "policy.names": policy, "seed": seed, **sets})
     tasks, profile = build_tasks(cfg), sim_profile(cfg)
     clock = SimClock()

@@ -36,7 +36,8 @@ def main() -> None:
     if args.quick:
         args.tasks = 10_000
     rate = PER_NODE_RATE * args.nodes
-    cfg = load_config(None, {"cluster.nodes": args.nodes, "cluster.stages": args.stages, "workload.rate": rate,
+    # rate/2 requests/s plus as many training tasks (the default share of 0.5): `rate` tasks/s
+    cfg = load_config(None, {"cluster.nodes": args.nodes, "cluster.stages": args.stages, "workload.request_rate": rate / 2,
                              "workload.duration_s": args.tasks / rate, "seed": args.seed})
     t0 = time.perf_counter()
     tasks, profile = build_tasks(cfg), sim_profile(cfg)

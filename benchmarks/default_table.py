@@ -4,7 +4,7 @@
 
 Runs what
 
-    lemix simulate --policy all --nodes 4 --stages 2 --rate 16 --train-share 0.5 --duration 120
+    lemix simulate --policy all --nodes 4 --stages 2 --request-rate 8 --train-share 0.5 --duration 120
 
 runs, once per seed (`--seed N`), and prints per policy the mean +- std over seeds of SLO
 attainment, request throughput, training samples/s and p99 end-to-end latency. One seed moves
@@ -37,12 +37,12 @@ def main() -> None:
     per_policy: dict[str, list[dict]] = {}
     for seed in seeds:
         cfg = load_config(None, {"policy.names": args.policy, "cluster.nodes": 4, "cluster.stages": 2,
-                                 "workload.rate": 16, "workload.train_share": 0.5,
+                                 "workload.request_rate": 8, "workload.train_share": 0.5,
                                  "workload.duration_s": args.duration, "seed": seed})
         for result in simulate(cfg):
             per_policy.setdefault(result.policy, []).append(summarize(result))
         print(f"seed {seed} done", flush=True)
-    print(f"lemix simulate --policy {args.policy} --nodes 4 --stages 2 --rate 16 --train-share 0.5 "
+    print(f"lemix simulate --policy {args.policy} --nodes 4 --stages 2 --request-rate 8 --train-share 0.5 "
           f"--duration {args.duration:g}; seeds {args.seeds}; mean +- std over seeds")
     print(f"{'policy':<26}" + "".join(f"{title:>22}" for _, title, _ in COLUMNS))
     for policy, runs in per_policy.items():

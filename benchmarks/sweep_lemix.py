@@ -5,7 +5,7 @@
                                      [--lambda1 1,2,4,8] [--lambda2 0,0.1,0.5] [--tau 0.1,0.2,0.5]
                                      [--tau-r 0.5,1,2] [--out sweep.json] [--quick]
 
-Scenarios: "default" is `load_config(None, {})` (4 nodes x 2 stages, 16 tasks/s, half training,
+Scenarios: "default" is `load_config(None, {})` (4 nodes x 2 stages, 8 requests/s + as many training tasks,
 120 s); "trace" replaces the arrivals and request lengths with the trace's (prompts average
 about 2048 tokens, 5x the default's) at a speedup that gives a comparable device load: at 2.5,
 the first 120 s of the Azure code trace keep the devices ~45% busy (the default: ~43%). Every

@@ -6,7 +6,7 @@ from typing import Callable
 
 import numpy as np
 
-from lemix.config import RUN_DEFAULTS, LemixConfig  # noqa: F401  (re-exported)
+from lemix.config import RUN_DEFAULTS, ConfigError, LemixConfig  # noqa: F401  (re-exported)
 from lemix.engine.adapt import spec_from_config
 from lemix.engine.backends import make_backend
 from lemix.engine.data import TaskTexts
@@ -28,20 +28,28 @@ def set_threads_per_worker(workers: int) -> None:
 
 
 def stage_devices(cfg: LemixConfig) -> list[str]:
-    """One device per stage: 'cpu', 'cuda' (cuda:0..k round-robin) or an explicit comma list."""
+    """One device per stage: 'cpu', 'cuda' (cuda:0..k round-robin) or an explicit comma list.
+
+    A device this machine does not have is a ConfigError naming the field and what it has."""
     spec, S = cfg.cluster.device, cfg.cluster.stages
     if spec == "cpu":
         return ["cpu"] * S
-    if spec == "cuda":
-        import torch
-
-        k = torch.cuda.device_count()
-        if k == 0:
-            raise ValueError("cluster.device is 'cuda' but no CUDA device is visible")
-        return [f"cuda:{s % k}" for s in range(S)]
     devices = [d.strip() for d in spec.split(",")]
+    import torch
+
+    k = torch.cuda.device_count()
+    have = "cpu" + (f", cuda, cuda:0..cuda:{k - 1}" if k else "")
+    if spec == "cuda":
+        if k == 0:
+            raise ConfigError(f"invalid config: cluster.device: 'cuda' but torch sees no CUDA device on this "
+                              f"machine; allowed here: {have}")
+        return [f"cuda:{s % k}" for s in range(S)]
     if len(devices) != S:
-        raise ValueError(f"cluster.device lists {len(devices)} devices for {S} stages")
+        raise ConfigError(f"invalid config: cluster.device lists {len(devices)} devices for {S} stages")
+    for d in devices:
+        if d.startswith("cuda:") and int(d.split(":")[1]) >= k:
+            raise ConfigError(f"invalid config: cluster.device: {d} is not on this machine ({k} CUDA "
+                              f"devices); allowed here: {have}")
     return devices
 
 

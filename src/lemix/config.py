@@ -5,12 +5,16 @@ fails before anything runs, naming the field and what is allowed.
 """
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from lemix.config_commands import ExportConfig, ProfilerConfig, ServeConfig, Strict, SweepConfig
+from lemix.config_workload import DEFAULT_REQUEST_RATE, WorkloadConfig  # noqa: F401  (re-exported)
 from lemix.sched.params import SchedParams
 from lemix.sched.policies import policy_names
 
@@ -22,7 +26,7 @@ _SP = SchedParams()   # the scheduler's defaults: the policy and SLO fields belo
 RUN_DEFAULTS: dict[str, Any] = {
     "cluster.nodes": 2,
     "cluster.stages": 2,
-    "workload.rate": 8.0,
+    "workload.request_rate": 4.0,
     "workload.duration_s": 30.0,
     "workload.train_batch_size": 4,
     "workload.train_seq_tokens": 128,
@@ -38,8 +42,12 @@ class ConfigError(ValueError):
     """An invalid configuration; the message names the field and what is allowed."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class LemixDeprecationWarning(FutureWarning):
+    """A deprecated spelling that still works as before; the message says what to use instead.
+    (A FutureWarning, so Python shows it to users by default.)"""
+
+
+_Strict = Strict
 
 
 class ClusterConfig(_Strict):
@@ -48,27 +56,46 @@ class ClusterConfig(_Strict):
     device_memory_gb: float = Field(48.0, gt=0, description="memory per device (GB)")
     host_bandwidth_gbps: float = Field(16.0, gt=0, description="host<->device copy bandwidth (GB/s)")
     network_bandwidth_gbps: float = Field(10.0, gt=0, description="node<->node bandwidth for weight sync (GB/s)")
-    device: str = Field("cpu", description="real engine: 'cpu', 'cuda' (one cuda:i per stage) or a comma list")
-    backend: Literal["local", "ray"] = "local"
+    device: str = Field("cpu", description="real engine: 'cpu', 'cuda' (one cuda:i per stage, round-robin) "
+                        "or a comma list of cpu / cuda:N with one device per stage")
+    backend: Literal["local", "ray"] = Field("local", description="real engine: stage workers as local "
+                                            "threads, or Ray actors (one placement group per node)")
     clock: Literal["wall", "virtual"] = Field("wall", description="real engine: 'wall' runs ops in real time "
                                               "(profile measured here); 'virtual' times them on the modeled "
                                               "cluster (the simulator's profile, loop and noise) while "
                                               "computing them for real: reproducible on any machine")
-    ray_address: str | None = None
+    ray_address: str | None = Field(None, description="Ray backend: a cluster address ('auto' joins a "
+                                    "running cluster); default: start a local Ray")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        parts = [d.strip() for d in v.split(",")]
+        for d in parts:
+            if not _DEVICE.fullmatch(d):
+                raise ValueError(f"unknown device {d!r}; allowed: cpu, cuda, cuda:N, or a comma list "
+                                 f"of cpu / cuda:N (one per stage)")
+        if len(parts) > 1 and "cuda" in parts:
+            raise ValueError("'cuda' spreads the stages itself; in a comma list name cuda:N")
+        return ",".join(parts)
+
+
+_DEVICE = re.compile(r"cpu|cuda|cuda:\d+")
 
 
 class ModelConfig(_Strict):
     name: str = Field("builtin-tiny", description="real engine: 'builtin-tiny' or a local HF checkpoint dir")
     sim_model: Literal["3b", "7b", "tiny"] = Field("3b", description="modeled model size of the default simulator profile")
     profile: str | None = Field(None, description="profile JSON from `lemix profile`; default: built-in")
-    force_profile: bool = False
+    force_profile: bool = Field(False, description="accept a profile made for another model, stage count "
+                                "or device")
     sim_preset: str | None = Field(None, description="simulator: a modeled preset (model, dtype, training "
                                    "mode, device) instead of sim_model; see lemix.sched.presets")
     tokenizer: str | None = Field(None, description="tokenizer dir (default: the checkpoint's own files)")
     byte_tokenizer: bool = Field(False, description="use the byte-level tokenizer with a checkpoint "
                                  "that has no tokenizer files (on purpose)")
-    lr: float = Field(3e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(3e-4, gt=0, description="real engine: AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="real engine: AdamW weight decay")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="real engine: weight and compute dtype (auto = the checkpoint's torch_dtype)")
     lora_rank: int = Field(0, ge=0, description="real engine: train LoRA adapters of this rank (0 = all weights)")
@@ -97,57 +124,10 @@ class ModelConfig(_Strict):
         return v
 
 
-class WorkloadConfig(_Strict):
-    arrival: Literal["poisson", "gamma", "trace"] = "poisson"
-    rate: float = Field(16.0, gt=0, description="total task arrivals per second (Poisson/Gamma)")
-    burstiness: float = Field(1.0, gt=0, description="Gamma CV^2 of inter-arrival times (1 = Poisson)")
-    duration_s: float = Field(120.0, gt=0)
-    trace: str | None = None
-    trace_speedup: float = Field(1.0, gt=0)
-    train_share: float | None = Field(None, ge=0, lt=1, description="fraction of tasks that are training (default 0.5)")
-    train_rate: float | None = Field(None, ge=0, description="independent training tasks per second")
-    train_batch_size: int = Field(4, ge=1, description="samples per training micro-batch")
-    train_seq_tokens: int = Field(512, ge=2)
-    max_prompt_tokens: int = Field(4096, ge=2)
-    max_output_tokens: int = Field(512, ge=1)
-    mode: Literal["prefill", "generate"] = "prefill"
-    ignore_eos: bool = Field(False, description="real engine: generate every request's output_tokens "
-                             "even past an EOS token")
-    dataset: str | None = Field(None, description="real engine: JSONL of {text} or {prompt, completion}")
-    drift_groups: int = Field(4, ge=1)
-    priority_share: float = Field(0.0, ge=0, le=1)
-    train_backlog: bool = Field(False, description="training data always waiting: a training task is drawn "
-                                "whenever a policy would place one (simulator); arrivals are all inference "
-                                "and train_share only sets separate's split (default half/half)")
-
-    @model_validator(mode="after")
-    def _check_sources(self) -> "WorkloadConfig":
-        if self.arrival == "trace" and not self.trace:
-            raise ValueError("workload.arrival is 'trace' but workload.trace (a CSV path) is not set")
-        if self.trace and self.arrival != "trace":
-            self.arrival = "trace"
-        if self.train_rate is not None and self.train_share is not None:
-            raise ValueError("set workload.train_share or workload.train_rate, not both")
-        if self.train_backlog and self.train_rate is not None:
-            raise ValueError("workload.train_backlog draws training on demand: drop workload.train_rate")
-        return self
-
-    @property
-    def effective_train_share(self) -> float | None:
-        """The training share in force: None when an independent train_rate is used."""
-        if self.train_rate is not None:
-            return None
-        return 0.5 if self.train_share is None else self.train_share
-
-    @property
-    def arrival_train_share(self) -> float | None:
-        """The share of arrivals that are training tasks (0 with a backlog: it is drawn instead)."""
-        return 0.0 if self.train_backlog else self.effective_train_share
-
-
 class PolicyConfig(_Strict):
     # defaults are SchedParams' (the scheduler's own), so the two cannot disagree
-    names: list[str] = Field(default_factory=lambda: [_SP.policy])
+    names: list[str] = Field(default_factory=lambda: [_SP.policy], description="one policy, a comma list, "
+                             "'all' or 'ablations'; registered: " + ", ".join(policy_names()))
     lambda1: float = Field(_SP.lambda1, ge=0, description="weight of response time R/SLO in lemix's score")
     lambda2: float = Field(_SP.lambda2, ge=0, description="weight of length consistency in lemix's score")
     tau: float = Field(_SP.tau, ge=0, description="idleness tolerance (in units of the task's own fill bubble) "
@@ -159,18 +139,26 @@ class PolicyConfig(_Strict):
     max_defer_s: float = Field(_SP.max_defer_s, gt=0, description="a deferred training task is placed after this long")
     max_batch: int = Field(_SP.max_batch, ge=1, description="C: max sequences in an inference batch")
     max_wait_s: float = Field(_SP.max_wait_s, ge=0, description="T_w: max time a request waits to fill a batch")
-    pipeline: Literal["apipe", "gpipe", "1f1b"] = _SP.pipeline
+    pipeline: Literal["apipe", "gpipe", "1f1b"] = Field(_SP.pipeline, description="training pipeline: "
+                                                        "asynchronous, GPipe or 1F1B")
     microbatches: int = Field(_SP.microbatches, ge=1, description="M: micro-batches per S-PP round")
     sync_every: int = Field(_SP.sync_every, ge=1, description="K: training steps between weight syncs (separate)")
     average_every: int = Field(_SP.average_every, ge=0, description="co-located: average weights across training "
                                "nodes every K of a node's steps (0 = never)")
-    no_profile: bool = _SP.no_profile
-    no_prioritization: bool = _SP.no_prioritization
-    no_memory_check: bool = _SP.no_memory_check
-    no_chunking: bool = _SP.no_chunking
-    no_late_binding: bool = _SP.no_late_binding
-    eq4_inference_only: bool = _SP.eq4_inference_only
-    no_lookahead_slack: bool = _SP.no_lookahead_slack
+    no_profile: bool = Field(_SP.no_profile, description="start from a generic latency model and "
+                             "calibrate online")
+    no_prioritization: bool = Field(_SP.no_prioritization, description="lemix without SLO-aware "
+                                    "deprioritization")
+    no_memory_check: bool = Field(_SP.no_memory_check, description="lemix without the wait-or-offload "
+                                  "memory gate")
+    no_chunking: bool = Field(_SP.no_chunking, description="lemix without bounded blocking (one training "
+                              "op per stage)")
+    no_late_binding: bool = Field(_SP.no_late_binding, description="lemix places training at arrival, "
+                                  "not when a node has room")
+    eq4_inference_only: bool = Field(_SP.eq4_inference_only, description="lemix: Eq. 4 forecasts queued "
+                                     "inference only, not the training ahead of it")
+    no_lookahead_slack: bool = Field(_SP.no_lookahead_slack, description="lemix: the lookahead never lets "
+                                     "a training chunk delay inference on its way")
     train_queue_depth: int = Field(_SP.train_queue_depth, ge=1, description="lemix late binding: placed "
                                    "training tasks waiting per node to enter its pipeline")
     train_chunk_ms: float | None = Field(_SP.train_chunk_ms, gt=0, description="lemix: longest predicted "
@@ -209,8 +197,22 @@ class LemixConfig(_Strict):
     workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     slo: SLOConfig = Field(default_factory=SLOConfig)
-    seed: int = 0
-    out: str = Field("runs/latest", description="run directory")
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    profiler: ProfilerConfig = Field(default_factory=ProfilerConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    seed: int = Field(0, description="seed of the workload, the simulator's noise and the model's init")
+    out: str | None = Field(None, description="output: the run directory (default runs/<command>-<time>), "
+                            "profile.json for profile, the HF directory for export")
+    progress: bool = Field(True, description="show progress bars")
+
+    @model_validator(mode="after")
+    def _devices_per_stage(self) -> "LemixConfig":
+        n = len(self.cluster.device.split(","))
+        if self.cluster.device not in ("cpu", "cuda") and n != self.cluster.stages:
+            raise ValueError(f"cluster.device lists {n} devices for {self.cluster.stages} stages "
+                             f"(give one per stage, or 'cpu' / 'cuda')")
+        return self
 
     def sched_params(self, policy: str) -> SchedParams:
         p = self.policy
@@ -237,19 +239,28 @@ class LemixConfig(_Strict):
                     backlog_until_s=w.duration_s)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The config as YAML for `--config`; serve.api_key is left out (never write a secret to a
+        run directory: api_key_file and $LEMIX_API_KEY carry it)."""
+        tree = self.model_dump(mode="json")
+        tree["serve"]["api_key"] = None
+        return yaml.safe_dump(tree, sort_keys=False)
 
 
-def _format_error(err: ValidationError) -> str:
+def _format_error(err: ValidationError, labels: dict[str, str] | None = None) -> str:
+    """One line: `field: what is wrong (got value)` per error; `labels` (dotted field -> flag)
+    names the flag a value came from: `--port (serve.port): ...`."""
     lines = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "config"
+        flag = next((f for k, f in (labels or {}).items() if field == k or field.startswith(k + ".")), None)
+        field = f"{flag} ({field})" if flag else field
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         got = e.get("input")
-        shown = "" if isinstance(got, dict) or e["type"] == "extra_forbidden" else f" (got {got!r})"
-        lines.append(f"{field}: {msg}{shown}")
+        whole = isinstance(got, (dict, BaseModel)) or e["type"] == "extra_forbidden"   # a section's own rule
+        shown = "" if whole else f" (got {got!r})"
+        lines.append(f"{field}: {msg}{shown}" if e["loc"] else msg)   # a rule across sections names its fields
     return "invalid config: " + "; ".join(lines)
 
 
@@ -267,11 +278,63 @@ def _set_dotted(tree: dict, dotted: str, value: Any, *, overwrite: bool = True) 
         node.setdefault(parts[-1], value)
 
 
+# Fields that say the same thing two ways: setting one (by an override, or in the YAML over a
+# command's base) clears the other to the value given here, so a flag overrides the config.
+_ALTERNATIVES: dict[str, tuple[str, Any]] = {
+    "workload.request_rate": ("workload.rate", None),
+    "workload.rate": ("workload.request_rate", None),
+    "workload.burstiness": ("workload.burstiness_cv2", None),
+    "workload.burstiness_cv2": ("workload.burstiness", 1.0),
+    "workload.train_rate": ("workload.train_share", None),
+    "workload.train_share": ("workload.train_rate", None),
+}
+
+
+def _get_dotted(tree: dict, dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _apply(tree: dict, overrides: dict[str, Any], *, skip_none: bool) -> None:
+    for key, value in overrides.items():
+        if value is None and skip_none:
+            continue
+        _set_dotted(tree, key, value)
+        other = _ALTERNATIVES.get(key)
+        if other and value is not None and other[0] not in overrides:
+            _set_dotted(tree, other[0], other[1])
+
+
+def deprecations(cfg: LemixConfig) -> list[str]:
+    """What a config says the deprecated way, each with what to say instead."""
+    w, out = cfg.workload, []
+    if w.rate is not None:
+        share = w.arrival_train_share
+        per = f" = {w.rate:g} x (1 - {share:g}) = {w.requests_per_s:g}" if share else f" = {w.rate:g}"
+        out.append(f"workload.rate (--rate) is deprecated: it counts training tasks too; use "
+                   f"workload.request_rate (--request-rate, requests/s as in vllm bench serve){per}, and "
+                   f"workload.train_rate (--train-rate) or train_share (--train-share) for training")
+    if w.burstiness_cv2 is not None:
+        out.append(f"workload.burstiness_cv2 (--burstiness-cv2) is deprecated: use workload.burstiness "
+                   f"(--burstiness, vllm bench serve's Gamma shape: 1 = Poisson, lower = burstier) = "
+                   f"1 / CV^2 = {1.0 / w.burstiness_cv2:g}")
+    if cfg.sweep.rates:
+        out.append("sweep.rates (--rates) is deprecated: total task rates count training too; use "
+                   "sweep.request_rates (--request-rates, requests/s)")
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                base: dict[str, Any] | None = None) -> LemixConfig:
-    """Read YAML (optional), apply dotted overrides (`workload.rate` -> value), validate.
+                base: dict[str, Any] | None = None, labels: dict[str, str] | None = None) -> LemixConfig:
+    """Read YAML (optional), apply dotted overrides (`workload.request_rate` -> value), validate.
 
     `base` holds a command's own defaults (dotted keys); the YAML and the overrides win over it.
+    An override of one of two alternative fields (request_rate / the deprecated rate, burstiness /
+    burstiness_cv2, train_rate / train_share) clears the other. A deprecated field still means what
+    it meant and warns (LemixDeprecationWarning) with what to use instead. `labels` (dotted field ->
+    flag) puts the flag into error messages.
     """
     tree: dict[str, Any] = {}
     if path is not None:
@@ -285,25 +348,32 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
         tree = loaded or {}
-    for key, value in (base or {}).items():
-        _set_dotted(tree, key, value, overwrite=False)
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(tree, key, value)
+    _apply(tree, overrides or {}, skip_none=True)
+    own: dict[str, Any] = {}
+    for key, value in (base or {}).items():   # a later base key wins over its alternative
+        own.pop(_ALTERNATIVES.get(key, ("",))[0], None)
+        own[key] = value
+    for key, value in own.items():
+        other = _ALTERNATIVES.get(key)
+        if not (other and _get_dotted(tree, other[0]) not in (None, other[1])):
+            _set_dotted(tree, key, value, overwrite=False)
     try:
-        return LemixConfig.model_validate(tree)
+        cfg = LemixConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format_error(e)) from None
+        raise ConfigError(_format_error(e, labels)) from None
+    for msg in deprecations(cfg):
+        warnings.warn(msg, LemixDeprecationWarning, stacklevel=2)
+    return cfg
 
 
 def with_overrides(cfg: LemixConfig, overrides: dict[str, Any]) -> LemixConfig:
     """A validated copy of `cfg` with dotted fields replaced (`{"workload.rate": 32}`).
 
-    Unlike load_config's overrides, a None value here clears the field (e.g. `workload.trace`).
+    Unlike load_config's overrides, a None value here clears the field (e.g. `workload.trace`);
+    as there, setting one of two alternative fields clears the other.
     """
     tree = cfg.model_dump(mode="json")
-    for key, value in overrides.items():
-        _set_dotted(tree, key, value)
+    _apply(tree, overrides, skip_none=False)
     try:
         return LemixConfig.model_validate(tree)
     except ValidationError as e:

@@ -50,17 +50,39 @@ def build_tasks(cfg: LemixConfig, length_model: LengthModel | None = None) -> li
     """
     w = cfg.workload
     rng = np.random.default_rng(cfg.seed)
-    common = dict(rng=rng, train_share=w.arrival_train_share, train_rate_per_s=w.train_rate,
-                  train_batch_size=w.train_batch_size, train_seq_tokens=w.train_seq_tokens,
+    share = w.arrival_train_share
+    common = dict(rng=rng, train_batch_size=w.train_batch_size, train_seq_tokens=w.train_seq_tokens,
                   priority_share=w.priority_share)
     if w.arrival == "trace":
         trace = read_trace(w.trace, speedup=w.trace_speedup, duration_s=w.duration_s * w.trace_speedup)
-        return make_tasks(arrival="trace", trace=trace, length_model=length_model, **common)
+        return make_tasks(arrival="trace", trace=trace, length_model=length_model, train_share=share,
+                          train_rate_per_s=w.train_rate, **common)
     lengths = length_model or LognormalLengths(
         prompt_median=min(256, w.max_prompt_tokens), max_prompt=w.max_prompt_tokens,
         output_median=min(64, w.max_output_tokens), max_output=w.max_output_tokens)
-    return make_tasks(arrival=w.arrival, rate_per_s=w.rate, duration_s=w.duration_s,
-                      burstiness=w.burstiness if w.arrival == "gamma" else 1.0, length_model=lengths, **common)
+    return make_tasks(arrival=w.arrival, duration_s=w.duration_s, burstiness=w.cv2 if w.arrival == "gamma" else 1.0,
+                      length_model=lengths, **_arrival_rates(w), **common)
+
+
+def _arrival_rates(w) -> dict:
+    """make_tasks' rate arguments for Poisson/Gamma arrivals (see WorkloadConfig).
+
+    - the deprecated total `rate`: one process at that rate, each arrival training with
+      probability train_share (as before the request rate existed);
+    - Poisson with a share: one Poisson process at request_rate / (1 - share) split the same way,
+      which is the same in distribution as independent Poisson processes of requests at
+      request_rate and of training at request_rate x share / (1 - share), and draws what the total
+      rate did at the same load;
+    - Gamma (burstiness != 1): requests are vllm bench serve's Gamma process at request_rate, and
+      training is a Poisson process of its own at train_rate (or the rate the share gives).
+    """
+    share = w.arrival_train_share
+    if w.rate is not None:
+        return dict(rate_per_s=w.rate, train_share=share, train_rate_per_s=w.train_rate)
+    if share is not None and w.arrival == "poisson":
+        return dict(rate_per_s=w.request_rate / (1.0 - share), train_share=share)
+    train = w.train_rate if share is None else w.request_rate * share / (1.0 - share)
+    return dict(rate_per_s=w.request_rate, train_rate_per_s=train or None)
 
 
 def sim_horizon_s(cfg: LemixConfig) -> float:

@@ -1,25 +1,27 @@
 """Library API behind `lemix sweep`: every chosen policy over a grid of workload/cluster points.
 
     cfg = load_config(overrides={"policy.names": "lemix,separate", "workload.duration_s": 60})
-    grid = SweepGrid.parse(rates="8,16,32", train_shares="0.2,0.5")
+    grid = SweepGrid.parse(request_rates="4,8,16", train_shares="0.2,0.5")
     rows = sweep(cfg, grid, jobs=2)                    # one plain dict per point x policy
     caps = capacity(cfg, grid, target=0.9)             # highest load with SLO attainment >= 0.9
 
 A point is the base config with one value of each given axis (the cartesian product). Axes that
-do not apply to a point's arrival process are dropped for that point: the request rate for trace
-replay (the trace sets it), the burstiness for anything but Gamma arrivals, the trace speedup for
-anything but trace replay; their columns are empty there. Every policy at a point runs the same
+do not apply to a point's arrival process are dropped for that point: the request and training
+rates and the burstiness for trace replay (the trace sets its times), the trace speedup for
+anything but trace replay; their columns are empty there. A burstiness other than 1 makes a
+Poisson point Gamma (vLLM's rule). Every policy at a point runs the same
 task list (built from the point's config and seed), and a run depends on nothing but its config,
 so the rows are the same for any number of worker processes (`jobs`); only the host timings
 (`wall_s`, `sched_decision_us_*`) differ from run to run.
 
-Load (`load_per_s`, the x axis of the plots): the configured task rate for Poisson/Gamma arrivals,
-the offered tasks per second (tasks / duration) for trace replay.
+Load (`load_per_s`, the x axis of the plots): the configured request rate for Poisson/Gamma
+arrivals (the deprecated total task rate where `--rates` is the axis), the offered tasks per
+second (tasks / duration) for trace replay.
 
 Capacity (Vidur-Search's question): per series (a point without its load axis) and policy, the
-highest load at which SLO attainment stays >= target, by bisection over the task arrival rate
-(`workload.rate`, of which 1 - train share are requests; the trace speedup for traces) in
-[lo, hi] down to `tol`. SLO attainment is not strictly monotone in
+highest load at which SLO attainment stays >= target, by bisection over the request rate
+(`workload.request_rate`; the deprecated total `workload.rate` where the grid gives `--rates`; the
+trace speedup for traces) in [lo, hi] down to `tol`. SLO attainment is not strictly monotone in
 load (finite samples, noise), so the answer is one crossing of the target, bracketed within tol.
 """
 from __future__ import annotations
@@ -37,7 +39,7 @@ from lemix.experiment import simulate
 from lemix.metrics import summarize
 
 __all__ = ["AXES", "SweepGrid", "SweepPoint", "Bound", "sweep_points", "point_columns", "sweep",
-           "capacity", "capacity_plan", "capacity_range", "bisect_capacity", "bisection_evaluations",
+           "capacity", "capacity_plan", "capacity_range", "load_axis", "series_axis", "bisect_capacity", "bisection_evaluations",
            "check_jobs", "check_target"]
 
 
@@ -57,14 +59,24 @@ AXES: tuple[Axis, ...] = (
     Axis("nodes", "--nodes-grid", "cluster.nodes", "nodes", int),
     Axis("stages", "--stages-grid", "cluster.stages", "stages", int),
     Axis("train_shares", "--train-shares", "workload.train_share", "train_share", float),
-    Axis("burstiness", "--burstiness-grid", "workload.burstiness", "burstiness", float, ("gamma",)),
-    Axis("rates", "--rates", "workload.rate", "rate", float, ("poisson", "gamma")),
+    Axis("train_rates", "--train-rates", "workload.train_rate", "train_rate", float, ("poisson", "gamma")),
+    Axis("burstiness", "--burstiness-grid", "workload.burstiness", "burstiness", float, ("poisson", "gamma")),
+    Axis("request_rates", "--request-rates", "workload.request_rate", "request_rate", float, ("poisson", "gamma")),
+    Axis("rates", "--rates", "workload.rate", "rate", float, ("poisson", "gamma")),   # deprecated
     Axis("trace_speedups", "--trace-speedups", "workload.trace_speedup", "trace_speedup", float, ("trace",)),
     Axis("seeds", "--seeds", "seed", "seed", int),
 )
 _BY_NAME = {a.name: a for a in AXES}
 # The load axis of each arrival process: what the plots' x axis and the capacity search vary.
-LOAD_AXIS = {"poisson": _BY_NAME["rates"], "gamma": _BY_NAME["rates"], "trace": _BY_NAME["trace_speedups"]}
+LOAD_AXIS = {"poisson": _BY_NAME["request_rates"], "gamma": _BY_NAME["request_rates"],
+             "trace": _BY_NAME["trace_speedups"]}
+
+
+def load_axis(cfg: LemixConfig) -> Axis:
+    """The load axis of a point: the deprecated total rate where the config uses it."""
+    if cfg.workload.arrival != "trace" and cfg.workload.rate is not None:
+        return _BY_NAME["rates"]
+    return LOAD_AXIS[cfg.workload.arrival]
 # Summary fields left out of sweep.csv: repeated by the point columns, or lists (not one cell).
 _SKIP = {"policy", "nodes", "stages", "idle_ratio_per_stage"}
 
@@ -77,8 +89,10 @@ class SweepGrid:
     nodes: tuple[int, ...] = ()
     stages: tuple[int, ...] = ()
     train_shares: tuple[float, ...] = ()
+    train_rates: tuple[float, ...] = ()
     burstiness: tuple[float, ...] = ()
-    rates: tuple[float, ...] = ()
+    request_rates: tuple[float, ...] = ()
+    rates: tuple[float, ...] = ()          # deprecated: total task rates (see WorkloadConfig.rate)
     trace_speedups: tuple[float, ...] = ()
     seeds: tuple[int, ...] = ()
 
@@ -135,8 +149,8 @@ def point_columns(cfg: LemixConfig) -> dict[str, Any]:
     w = cfg.workload
     applies = {a.column: w.arrival in a.arrivals for a in AXES}
     raw = {"arrival": w.arrival, "mode": w.mode, "nodes": cfg.cluster.nodes, "stages": cfg.cluster.stages,
-           "train_share": w.effective_train_share, "burstiness": w.burstiness, "rate": w.rate,
-           "trace_speedup": w.trace_speedup, "seed": cfg.seed}
+           "train_share": w.effective_train_share, "train_rate": w.train_rate, "burstiness": 1.0 / w.cv2,
+           "request_rate": w.requests_per_s, "rate": w.rate, "trace_speedup": w.trace_speedup, "seed": cfg.seed}
     return {a.column: raw[a.column] if applies[a.column] else None for a in AXES}
 
 
@@ -149,8 +163,13 @@ def _overrides(cfg: LemixConfig, chosen: Sequence[tuple[Axis, Any]]) -> dict[str
             out[axis.field] = value
     if arrival != "trace":
         out["workload.trace"] = None     # else the config would turn the point back into trace replay
-    if arrival != "gamma" and "workload.burstiness" not in out:
-        out["workload.burstiness"] = 1.0
+    elif cfg.workload.rate is None:
+        out["workload.request_rate"] = None   # the trace sets the request rate
+    if arrival == "poisson" and "workload.burstiness" not in out:
+        out["workload.burstiness"] = 1.0     # else a bursty base would make the point Gamma
+        out["workload.burstiness_cv2"] = None
+    if arrival == "trace" and "workload.burstiness" not in out:
+        out["workload.burstiness"], out["workload.burstiness_cv2"] = 1.0, None
     return out
 
 
@@ -159,9 +178,11 @@ def sweep_points(cfg: LemixConfig, grid: SweepGrid) -> list[SweepPoint]:
     given = grid.given()
     for axis, values in given:          # each value alone first, so the error names its flag
         for v in values:
+            over = _overrides(cfg, [(axis, v)]) if axis.name == "arrivals" else {axis.field: v}
+            if axis.name != "arrivals" and cfg.workload.arrival == "trace" and "trace" not in axis.arrivals:
+                over.update({"workload.arrival": "poisson", "workload.trace": None})   # where it applies
             try:
-                with_overrides(cfg, _overrides(cfg, [(axis, v)]) if axis.name == "arrivals"
-                               else {axis.field: v})
+                with_overrides(cfg, over)
             except ConfigError as e:
                 raise ConfigError(f"{axis.flag} {v}: {str(e).removeprefix('invalid config: ')}") from None
     points: list[SweepPoint] = []
@@ -169,17 +190,17 @@ def sweep_points(cfg: LemixConfig, grid: SweepGrid) -> list[SweepPoint]:
     used: set[str] = set()
     for combo in itertools.product(*[[(a, v) for v in vals] for a, vals in given]):
         over = _overrides(cfg, combo)
-        key = tuple(sorted(over.items()))
-        if key in seen:
-            continue
-        seen.add(key)
         arrival = over.get("workload.arrival", cfg.workload.arrival)
         used.update(a.name for a, _ in combo if a.name == "arrivals" or arrival in a.arrivals)
         try:
-            points.append(SweepPoint(len(points), with_overrides(cfg, over)))
+            point = with_overrides(cfg, over)
         except ConfigError as e:
             desc = ", ".join(f"{a.flag} {v}" for a, v in combo)
             raise ConfigError(f"sweep point ({desc}): {str(e).removeprefix('invalid config: ')}") from None
+        key = point.model_dump_json()     # e.g. a Poisson point with burstiness 0.5 is the Gamma one
+        if key not in seen:
+            seen.add(key)
+            points.append(SweepPoint(len(points), point))
     for axis, _ in given:
         if axis.name not in used:
             raise ConfigError(f"{axis.flag}: applies to {' or '.join(axis.arrivals)} arrivals only, "
@@ -200,7 +221,7 @@ def _row(point_index: int, cfg: LemixConfig, policy: str) -> dict:
     s = _single(cfg, policy)
     cols = point_columns(cfg)
     offered = (s["requests_total"] + s["train_tasks_total"]) / cfg.workload.duration_s
-    load = offered if cfg.workload.arrival == "trace" else cfg.workload.rate
+    load = offered if cfg.workload.arrival == "trace" else getattr(cfg.workload, load_axis(cfg).field.split(".")[1])
     row = {"point": point_index, **cols, "policy": policy, "load_per_s": load,
            "offered_tasks_per_s": offered}
     row.update((k, v) for k, v in s.items() if k not in _SKIP)
@@ -300,7 +321,7 @@ def _lowest_miss(seen: Sequence[tuple[float, float]], target: float) -> float | 
 
 
 def _capacity_job(cfg: LemixConfig, policy: str, target: float, lo: float, hi: float, tol: float) -> dict:
-    axis = LOAD_AXIS[cfg.workload.arrival]
+    axis = load_axis(cfg)
     found: dict[float, dict] = {}
 
     def attainment(x: float) -> float | None:
@@ -331,27 +352,43 @@ def check_target(target: float) -> None:
         raise ConfigError(f"--target: SLO attainment target must be in (0, 1], got {target:g}")
 
 
+def series_axis(grid: SweepGrid, cfg: LemixConfig, arrival: str) -> Axis:
+    """The load axis a series varies: the trace speedup for traces; else the deprecated total rate
+    where the grid gives `--rates` (or the base config uses `rate` and the grid no request rates),
+    the request rate otherwise."""
+    if arrival == "trace":
+        return LOAD_AXIS["trace"]
+    if grid.rates or (cfg.workload.rate is not None and not grid.request_rates):
+        return _BY_NAME["rates"]
+    return LOAD_AXIS[arrival]
+
+
 def capacity_range(grid: SweepGrid, cfg: LemixConfig, arrival: str) -> tuple[float, float]:
     """Default bisection range for one arrival process: [min / 4, 2 x max] of the grid's load axis
     values (the base config's value when the axis is not given)."""
-    axis = LOAD_AXIS[arrival]
-    values = getattr(grid, axis.name) or (cfg.workload.trace_speedup if arrival == "trace"
-                                          else cfg.workload.rate,)
+    axis = series_axis(grid, cfg, arrival)
+    values = getattr(grid, axis.name) or (getattr(cfg.workload, axis.field.split(".")[1]),)
     return min(values) / 4, 2 * max(values)
 
 
 def capacity_plan(cfg: LemixConfig, grid: SweepGrid, *, target: float, lo: float | None = None,
                   hi: float | None = None, tol: float | None = None) -> list[tuple]:
     """The bisections `capacity` runs, one (series config, policy, target, lo, hi, tol) per series
-    x policy; validates the target and the ranges, runs nothing."""
+    x policy; validates the target and the ranges, runs nothing. A series config uses the field of
+    its load axis (load_axis of it is the axis searched)."""
     check_target(target)
     plan = []
-    for p in sweep_points(cfg, grid.without("rates", "trace_speedups")):
-        d_lo, d_hi = capacity_range(grid, cfg, p.cfg.workload.arrival)
+    for p in sweep_points(cfg, grid.without("request_rates", "rates", "trace_speedups")):
+        arrival = p.cfg.workload.arrival
+        d_lo, d_hi = capacity_range(grid, cfg, arrival)
         s_lo, s_hi = lo if lo is not None else d_lo, hi if hi is not None else d_hi
         s_tol = tol if tol is not None else 0.01 * s_hi
         _check_range(s_lo, s_hi, s_tol)
-        plan += [(p.cfg, name, target, s_lo, s_hi, s_tol) for name in cfg.policy.names]
+        series = p.cfg
+        axis = series_axis(grid, cfg, arrival)
+        if axis is not load_axis(series):     # the grid's --rates on a base with a request rate
+            series = with_overrides(series, {axis.field: s_hi})
+        plan += [(series, name, target, s_lo, s_hi, s_tol) for name in cfg.policy.names]
     return plan
 
 

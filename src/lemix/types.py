@@ -248,6 +248,11 @@ class Outputs:
     requeued: tuple[int, ...] = ()                 # tasks offered again (node failure, failed op)
     ops: tuple[OpRecord, ...] = ()                 # ops that ended (measured times)
 
+    @property
+    def resolved(self) -> int:
+        """Tasks this call finished or failed for good (what a progress bar counts)."""
+        return len(self.requests) + len(self.train_tasks)
+
     def __bool__(self) -> bool:
         return bool(self.requests or self.train_tasks or self.train_steps or self.applied
                     or self.releases or self.events or self.requeued or self.ops)

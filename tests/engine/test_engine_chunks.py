@@ -122,7 +122,8 @@ def test_engine_run_with_chunking_completes_every_task():
     prof = dataclasses.replace(prof, stages=tuple(dataclasses.replace(st, layers=2) for st in prof.stages))
     (r,) = run_engine(cfg, profile=prof)
     s = summarize(r)
-    assert s["failed"] == 0 and s["completed"] == len(r.requests) + len(r.train_tasks)
+    assert s["failed"] == s["train_failed"] == 0
+    assert (s["completed"], s["train_completed"]) == (len(r.requests), len(r.train_tasks))
     chunked = [o for o in r.ops if o.layers]
     assert chunked and all(o.train for o in chunked)
     assert s["train_steps"] > 0 and s["train_loss_last"] is not None

@@ -22,20 +22,24 @@ def cpu_profile(stages: int, capacity_bytes: int = 10**9) -> Profile:
 
 def make_cfg(**overrides):
     base = dict(RUN_DEFAULTS)
-    base.update({"workload.duration_s": 3.0, "workload.rate": 6.0, "workload.max_prompt_tokens": 96,
+    base.update({"workload.duration_s": 3.0, "workload.request_rate": 3.0, "workload.max_prompt_tokens": 96,
                  "workload.train_seq_tokens": 64, "workload.max_output_tokens": 8})
     return load_config(None, overrides, base)
 
 
 def test_every_policy_completes_every_task(tmp_path):
     cfg = make_cfg(**{"policy.names": "all"})
-    results = run_engine(cfg, profile=cpu_profile(cfg.cluster.stages))
+    ticks: dict[str, list[int]] = {}
+    results = run_engine(cfg, profile=cpu_profile(cfg.cluster.stages),
+                         progress=lambda name, total: ticks.setdefault(name, [total]).append)
     assert [r.policy for r in results] == cfg.policy.names
     n_tasks = len(results[0].requests) + len(results[0].train_tasks)
     for r in results:
+        # the progress bar's ticks count tasks as they finish: all of them, by the end of the run
+        assert ticks[r.policy][0] == n_tasks and sum(ticks[r.policy][1:]) == n_tasks
         s = summarize(r)
         assert s["failed"] == 0, (r.policy, [e for e in r.events if e.kind.value == "task_failed"][:3])
-        assert s["completed"] == n_tasks
+        assert s["train_failed"] == 0 and s["completed"] + s["train_completed"] == n_tasks
         assert all(q.inference_loss is not None and q.inference_loss > 0 for q in r.requests)
         assert s["train_steps"] > 0 and s["train_loss_last"] is not None
         # every op ran on one device at a time
@@ -54,7 +58,7 @@ def test_every_policy_completes_every_task(tmp_path):
 def test_generate_mode_decodes_and_stops():
     cfg = make_cfg(**{"workload.mode": "generate", "policy.names": "lemix,separate"})
     for r in run_engine(cfg, profile=cpu_profile(cfg.cluster.stages)):
-        assert summarize(r)["failed"] == 0
+        assert summarize(r)["failed"] == summarize(r)["train_failed"] == 0
         assert any(op.kind is OpKind.DECODE for op in r.ops)
         done = [q for q in r.requests if q.output_tokens > 1]
         assert done and all(q.first_token_s <= q.finish_s for q in done)
@@ -64,12 +68,12 @@ def test_tight_device_memory_offloads_and_completes():
     # weights + optimizer state take 5.2 MB of each stage; 0.95 x 16 MB leaves 10 MB: one stashed
     # micro-batch (64 tokens x 4 samples x 22 KB = 5.6 MB, plus 3 MB working memory) fits, a
     # second does not, so the gate must wait or offload.
-    cfg = make_cfg(**{"policy.names": "lemix", "workload.train_share": 0.8, "workload.rate": 10.0,
+    cfg = make_cfg(**{"policy.names": "lemix", "workload.train_share": 0.8, "workload.request_rate": 2.0,
                       "policy.pipeline": "gpipe", "policy.microbatches": 4, "policy.t_max_s": 0.0,
                       "cluster.device_memory_gb": 0.016})
     (r,) = run_engine(cfg, profile=cpu_profile(cfg.cluster.stages, capacity_bytes=16_000_000))
     s = summarize(r)
-    assert s["failed"] == 0
+    assert s["failed"] == s["train_failed"] == 0
     assert r.offload_events > 0
     kinds = {op.kind for op in r.ops}
     assert OpKind.OFFLOAD in kinds and OpKind.RELOAD in kinds

@@ -24,7 +24,7 @@ WALL_FIELDS = {"wall_s", "sched_decision_us_p50", "sched_decision_us_p99", "comp
 
 def virtual_cfg(**overrides):
     base = dict(RUN_DEFAULTS)
-    base.update({"cluster.clock": "virtual", "workload.duration_s": 3.0, "workload.rate": 8.0,
+    base.update({"cluster.clock": "virtual", "workload.duration_s": 3.0, "workload.request_rate": 4.0,
                  "workload.max_prompt_tokens": 48, "workload.train_seq_tokens": 32,
                  "workload.max_output_tokens": 6, "policy.names": "lemix,separate"})
     base.update(overrides)

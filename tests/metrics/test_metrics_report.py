@@ -69,7 +69,7 @@ def test_format_table_marks_best_and_hides_absent_loss():
     assert header.split()[0] == "policy" and "inf loss" in header
     assert "40.0*" in good_row and "10.0 " in bad_row
     assert "966.7*" in good_row and "5000.0 " in bad_row
-    assert " 4*" in good_row and " 9 " in bad_row
+    assert " 2*" in good_row and " 9 " in bad_row          # failed requests; failed training: its own column
     assert "0.375*" in good_row and "0.375*" in bad_row      # ties are both best
     assert "0.100 " in slow_row
     assert "2.5000 " in good_row                              # all equal: nothing marked

@@ -18,9 +18,8 @@ def test_makespan_counts_and_throughput():
     # The failed request finishing at 9.0 is not a completion.
     assert s["first_arrival_s"] == 0.0 and s["last_completion_s"] == 8.0
     assert s["makespan_s"] == 8.0
-    assert (s["completed"], s["failed"]) == (4, 4)          # 3 requests + 1 task; 2 + 2 missed
-    assert (s["completed_requests"], s["failed_requests"]) == (3, 2)
-    assert (s["completed_train_tasks"], s["failed_train_tasks"]) == (1, 2)
+    assert (s["completed"], s["failed"]) == (3, 2)          # requests, as vllm bench serve counts
+    assert (s["train_completed"], s["train_failed"]) == (1, 2)
     assert s["request_throughput"] == pytest.approx(3 / 8)
     assert s["total_task_throughput"] == pytest.approx(4 / 8)
     # Secondary figure: node spans 1..5 (4 s) and 2..4 (2 s) -> 4 / 6. Not the headline number.
@@ -122,7 +121,7 @@ def test_empty_run_is_all_none_not_nan():
     assert s["makespan_s"] is None and s["slo_attainment"] is None
     assert s["request_throughput"] is None and s["idle_ratio"] is None
     assert s["mean_ttft_ms"] is None and s["train_loss_last"] is None
-    assert s["completed"] == 0 and s["failed"] == 0
+    assert s["completed"] == s["failed"] == s["train_completed"] == s["train_failed"] == 0
     json.dumps(s, allow_nan=False)
 
 

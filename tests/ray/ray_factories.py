@@ -18,7 +18,7 @@ def cpu_profile(stages: int, capacity_bytes: int = 10**9) -> Profile:
 def run_cfg(**overrides):
     """A short real run: 2 nodes x 1 stage, a few seconds of arrivals, small shapes."""
     base = dict(RUN_DEFAULTS)
-    base.update({"cluster.nodes": 2, "cluster.stages": 1, "workload.duration_s": 3.0, "workload.rate": 5.0,
+    base.update({"cluster.nodes": 2, "cluster.stages": 1, "workload.duration_s": 3.0, "workload.request_rate": 2.5,
                  "workload.max_prompt_tokens": 64, "workload.train_seq_tokens": 32,
                  "workload.train_batch_size": 2, "workload.max_output_tokens": 8,
                  "policy.names": "lemix,separate"})

@@ -27,6 +27,6 @@ def test_virtual_run_on_ray_equals_the_local_one(ray_cluster):
                [(o.kind, o.node, o.stage, o.start_s, o.end_s) for o in lo.ops]
         assert any(o.kind is OpKind.SYNC for o in ra.ops)   # weight copies / merges crossed actors
         s_lo, s_ra = summarize(lo), summarize(ra)
-        assert s_ra["failed"] == 0 and s_ra["inference_loss_mean"] is not None
+        assert s_ra["failed"] == s_ra["train_failed"] == 0 and s_ra["inference_loss_mean"] is not None
         assert {k: v for k, v in s_ra.items() if k not in WALL_FIELDS} == \
                {k: v for k, v in s_lo.items() if k not in WALL_FIELDS}

@@ -36,8 +36,11 @@ def test_bad_literal_names_field_and_choices(field, value, allowed):
 
 
 @pytest.mark.parametrize("field, value, rule", [
-    ("workload.rate", -1, "greater than 0"),
+    ("workload.request_rate", -1, "greater than 0"),
+    ("workload.request_rate", 0, "greater than 0"),
     ("workload.rate", 0, "greater than 0"),
+    ("workload.burstiness", 0, "greater than 0"),
+    ("serve.port", 70000, "less than or equal to 65535"),
     ("cluster.nodes", 0, "greater than or equal to 1"),
     ("policy.kappa", 1.5, "less than or equal to 1"),
     ("workload.train_share", 1.0, "less than 1"),
@@ -62,8 +65,8 @@ def test_train_share_and_train_rate_together():
 
 
 def test_several_errors_are_reported_together():
-    msg = error_of(overrides={"workload.rate": -1, "cluster.stages": 0})
-    assert "cluster.stages:" in msg and "workload.rate:" in msg and msg.count(";") == 1
+    msg = error_of(overrides={"workload.request_rate": -1, "cluster.stages": 0})
+    assert "cluster.stages:" in msg and "workload.request_rate:" in msg and msg.count(";") == 1
 
 
 def test_file_errors(tmp_path):

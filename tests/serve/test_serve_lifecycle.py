@@ -17,9 +17,9 @@ import time
 import httpx
 import pytest
 
-from lemix.cli import build_parser, main
+from lemix.cli import build_parser, config_of, main
 from lemix.serve.journal import Journal
-from lemix.serve.options import ServeOptionError, ServeOptions, options_from_args
+from lemix.serve.options import ServeOptionError, ServeOptions, options_from_config
 from lemix.serve.state import ProfileKey, cached_profile, store_profile
 from serve_factory import (MODEL, free_port, hand_profile, make_cfg, server_log, server_thread,
                            start_subprocess, wait_healthy)
@@ -70,10 +70,10 @@ def test_start_up_errors_are_one_lemix_line(tmp_path):
     assert_one_line_error(lemix_serve("--port", "99999", "--state-dir", str(tmp_path / "q")), "--port", "99999")
 
 
-def test_log_level_and_port_are_validated():
-    with pytest.raises(SystemExit) as info:
-        main(["serve", "--log-level", "verbose"])
-    assert info.value.code == 2
+def test_log_level_and_port_are_validated(capsys):
+    assert main(["serve", "--log-level", "verbose"]) == 2
+    assert capsys.readouterr().err == ("lemix: invalid config: --log-level (serve.log_level): Input should be "
+                                       "'debug', 'info', 'warning', 'error' or 'critical' (got 'verbose')\n")
     with pytest.raises(ServeOptionError, match="--log-level"):
         ServeOptions(log_level="verbose")
     with pytest.raises(ServeOptionError, match="--port"):
@@ -84,14 +84,15 @@ def test_the_key_comes_from_a_file_or_the_environment(tmp_path):
     parser = build_parser()
     key_file = tmp_path / "key"
     key_file.write_text("from-file\n")
-    args = parser.parse_args(["serve", "--api-key-file", str(key_file)])
-    assert options_from_args(args, environ={"LEMIX_API_KEY": "from-env"}).api_key == "from-file"
-    args = parser.parse_args(["serve"])
-    assert options_from_args(args, environ={"LEMIX_API_KEY": "from-env"}).api_key == "from-env"
-    assert options_from_args(args, environ={}).api_key is None
+    serve = config_of(parser.parse_args(["serve", "--api-key-file", str(key_file)])).serve
+    assert options_from_config(serve, environ={"LEMIX_API_KEY": "from-env"}).api_key == "from-file"
+    serve = config_of(parser.parse_args(["serve"])).serve
+    assert options_from_config(serve, environ={"LEMIX_API_KEY": "from-env"}).api_key == "from-env"
+    assert options_from_config(serve, environ={}).api_key is None
     key_file.write_text("")
     with pytest.raises(ServeOptionError, match="empty"):
-        options_from_args(parser.parse_args(["serve", "--api-key-file", str(key_file)]), environ={})
+        options_from_config(config_of(parser.parse_args(["serve", "--api-key-file", str(key_file)])).serve,
+                            environ={})
 
 
 def test_health_says_starting_while_profiling_then_ok(tmp_path):

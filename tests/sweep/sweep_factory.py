@@ -13,7 +13,7 @@ HOST_TIMING = {"wall_s", "sched_decision_us_p50", "sched_decision_us_p99"}
 
 def make_cfg(**overrides) -> LemixConfig:
     base = {"policy.names": "lemix,separate", "cluster.nodes": 2, "cluster.stages": 2,
-            "workload.rate": 4.0, "workload.duration_s": 4.0, "seed": 3}
+            "workload.request_rate": 2.0, "workload.duration_s": 4.0, "seed": 3}
     base.update({k.replace("__", "."): v for k, v in overrides.items()})
     return load_config(None, base)
 

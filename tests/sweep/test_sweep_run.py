@@ -1,7 +1,7 @@
 """Running a sweep: one row per point x policy, the same numbers as `simulate`, any --jobs."""
 from __future__ import annotations
 
-from sweep_factory import TRACE, make_cfg, results_only
+from sweep_factory import HOST_TIMING, TRACE, make_cfg, results_only
 
 from lemix.config import with_overrides
 from lemix.experiment import build_tasks, simulate
@@ -11,15 +11,15 @@ from lemix.sweep import SweepGrid, sweep, sweep_points
 
 def test_one_row_per_point_and_policy_in_order():
     cfg = make_cfg()
-    grid = SweepGrid.parse(rates="3,6", train_shares="0.2,0.6")
+    grid = SweepGrid.parse(request_rates="3,6", train_shares="0.2,0.6")
     seen = []
     rows = sweep(cfg, grid, on_row=seen.append)
     assert [(r["point"], r["policy"]) for r in rows] == [
         (p, name) for p in range(4) for name in ("lemix", "separate")]
     assert seen == rows          # serial: called in order, once per run
     for r in rows:
-        assert r["rate"] in (3.0, 6.0) and r["train_share"] in (0.2, 0.6)
-        assert r["load_per_s"] == r["rate"]
+        assert r["request_rate"] in (3.0, 6.0) and r["train_share"] in (0.2, 0.6) and r["rate"] is None
+        assert r["load_per_s"] == r["request_rate"]
         assert r["requests_total"] + r["train_tasks_total"] == round(r["offered_tasks_per_s"] * 4.0)
         assert "idle_ratio_per_stage" not in r and "slo_attainment" in r
     # every policy at a point saw the same tasks; different points saw different ones
@@ -33,25 +33,37 @@ def test_one_row_per_point_and_policy_in_order():
 
 def test_rows_are_what_simulate_reports():
     cfg = make_cfg()
-    rows = sweep(cfg, SweepGrid.parse(rates="5", train_shares="0.3"))
-    direct = simulate(with_overrides(cfg, {"workload.rate": 5.0, "workload.train_share": 0.3}))
+    rows = sweep(cfg, SweepGrid.parse(request_rates="5", train_shares="0.3"))
+    direct = simulate(with_overrides(cfg, {"workload.request_rate": 5.0, "workload.train_share": 0.3}))
     for row, res in zip(rows, direct):
         s = summarize(res)
         assert row["policy"] == res.policy
         for k in ("slo_attainment", "total_task_throughput", "train_samples_per_s", "p99_e2el_ms",
-                  "idle_ratio", "completed", "makespan_s", "staleness_steps_mean"):
+                  "idle_ratio", "completed", "train_completed", "makespan_s", "staleness_steps_mean"):
             assert row[k] == s[k], k
 
 
 def test_identical_rows_for_one_and_two_processes():
     cfg = make_cfg(policy__names="lemix,naivemix")
-    grid = SweepGrid.parse(rates="3,6", seeds="1,2")
+    grid = SweepGrid.parse(request_rates="3,6", seeds="1,2")
     one = sweep(cfg, grid, jobs=1)
     got = []
     two = sweep(cfg, grid, jobs=2, on_row=got.append)
     assert len(one) == len(two) == 8 and len(got) == 8
     assert results_only(one) == results_only(two)
     assert len({r["slo_attainment"] for r in one}) > 1     # not a degenerate grid
+
+
+def test_deprecated_total_rates_mean_what_they_did():
+    # --rates 4 at share 0.5 is --request-rates 2: the same tasks, the same numbers
+    cfg = make_cfg()
+    old = sweep(cfg, SweepGrid.parse(rates="4"))
+    new = sweep(cfg, SweepGrid.parse(request_rates="2"))
+    assert [r["load_per_s"] for r in old] == [4.0, 4.0] and [r["load_per_s"] for r in new] == [2.0, 2.0]
+    assert [r["rate"] for r in old] == [4.0, 4.0] and [r["request_rate"] for r in old] == [2.0, 2.0]
+    skip = HOST_TIMING | {"rate", "load_per_s"}
+    assert [{k: v for k, v in r.items() if k not in skip} for r in old] == \
+        [{k: v for k, v in r.items() if k not in skip} for r in new]
 
 
 def test_trace_points_use_the_offered_rate_as_load():

@@ -91,6 +91,7 @@ class Engine:
         self.last_snapshot: ClusterSnapshot = self.sched.snapshot()     # ... taken on the engine thread
         self._stop_requested: set[int] = set()
         self._sampling: dict[int, SamplingParams] = {}
+        self._resolved = 0                        # tasks resolved since run() last told its progress
         self._streamed: dict[int, int] = {}       # task -> tokens already given to the listener
         self.recovery = Recovery(self.sched, backend, self.clock, stages=params.stages, initial_model=hf_model,
                                  strict=strict, take=self._take, lost=self._node_lost)
@@ -104,13 +105,12 @@ class Engine:
         try:
             while True:
                 now = self.clock.now()
-                arrived = 0
                 while nxt < len(tasks) and tasks[nxt].arrival_s <= now:
                     self._arrive(tasks[nxt])
                     nxt += 1
-                    arrived += 1
-                if progress and arrived:
-                    progress(arrived)
+                if progress and self._resolved:   # tasks done (finished or failed), not arrivals
+                    progress(self._resolved)
+                    self._resolved = 0
                 wakeup = self._plan()
                 restoring = self.recovery.restore_deadline()
                 if nxt == len(tasks) and not self._flights and (self.sched.idle or wakeup is None) \
@@ -413,6 +413,7 @@ class Engine:
         of re-queued requests, keep ended ops for live metrics, tell the listener."""
         if not out:
             return
+        self._resolved += out.resolved
         for rel in out.releases:
             for bid in rel.batch_ids:    # what this driver kept for the batch
                 self._ids.pop(bid, None)

@@ -112,6 +112,7 @@ _COLUMNS = (
     ("inf loss", "inference_loss_mean", 1.0, ".4f", "min"),
     ("stale steps", "staleness_steps_mean", 1.0, ".2f", "min"),
     ("failed", "failed", 1.0, "d", "min"),
+    ("train failed", "train_failed", 1.0, "d", "min"),
 )
 _OPTIONAL = {"inference_loss_mean"}   # shown only when some policy has a value
 

@@ -4,11 +4,13 @@ Definitions, in one place:
 
 - window: [first arrival of any request or training task, last completion of any finished
   request or training task]; makespan_s is its length.
-- completed: requests and training tasks that finished and did not fail. Everything else
-  (failed, never finished) counts in `failed`.
-- throughputs divide by the makespan. `throughput_per_busy_node_span` is the research code's
-  figure (completed / sum over nodes of that node's op span); it rewards idling nodes and is
-  reported only as a secondary number.
+- completed: requests that finished and did not fail, as `vllm bench serve` counts them; every
+  other request (failed, never finished) counts in `failed`. Training tasks have their own
+  `train_completed` / `train_failed`.
+- throughputs divide by the makespan: `request_throughput` completed requests, and
+  `total_task_throughput` requests plus training tasks. `throughput_per_busy_node_span` is the
+  research code's figure (completed tasks of both kinds / sum over nodes of that node's op span);
+  it rewards idling nodes and is reported only as a secondary number.
 - slo_attainment: requests that finished, did not fail and met their SLO / ALL requests.
 - latencies (ms, vllm-bench names) over finished requests; percentiles interpolate linearly
   (numpy's default, as vllm does).
@@ -45,7 +47,7 @@ def summarize(result: RunResult) -> dict:
     done_tasks = [t for t in tasks if _task_done(t)]
     t0, t1 = _window(reqs, tasks, done_reqs, done_tasks)
     makespan = None if t0 is None or t1 is None else max(0.0, t1 - t0)
-    completed = len(done_reqs) + len(done_tasks)
+    done = len(done_reqs) + len(done_tasks)
 
     out: dict = {
         "policy": result.policy,
@@ -56,15 +58,13 @@ def summarize(result: RunResult) -> dict:
         "first_arrival_s": t0,
         "last_completion_s": t1,
         "makespan_s": makespan,
-        "completed": completed,
-        "failed": len(reqs) + len(tasks) - completed,
-        "completed_requests": len(done_reqs),
-        "failed_requests": len(reqs) - len(done_reqs),
-        "completed_train_tasks": len(done_tasks),
-        "failed_train_tasks": len(tasks) - len(done_tasks),
+        "completed": len(done_reqs),
+        "failed": len(reqs) - len(done_reqs),
+        "train_completed": len(done_tasks),
+        "train_failed": len(tasks) - len(done_tasks),
         "request_throughput": _rate(len(done_reqs), makespan),
-        "total_task_throughput": _rate(completed, makespan),
-        "throughput_per_busy_node_span": _rate(completed, _summed_node_spans(result.ops)),
+        "total_task_throughput": _rate(done, makespan),
+        "throughput_per_busy_node_span": _rate(done, _summed_node_spans(result.ops)),
         "slo_met": sum(1 for r in reqs if r.slo_met),
         "slo_attainment": (sum(1 for r in reqs if r.slo_met) / len(reqs)) if reqs else None,
     }

@@ -1,7 +1,8 @@
 """Sweep outputs: sweep.csv / capacity.csv, compact tables and the plots of a `lemix sweep`.
 
 Rows are plain dicts (one per point x policy, see lemix.sweep): the axis columns (`arrival`,
-`mode`, `nodes`, `stages`, `train_share`, `burstiness`, `rate`, `trace_speedup`, `seed`),
+`mode`, `nodes`, `stages`, `train_share`, `train_rate`, `burstiness` (vLLM's Gamma shape),
+`request_rate`, `rate` (the deprecated total task rate, where used), `trace_speedup`, `seed`),
 `policy`, `load_per_s` and the summary fields. A *series* is a set of points that differ only in
 load (and seed, which the plots average over); each series gets one panel with one line per policy.
 Plots use a bare Agg Figure, as metrics.plots does.
@@ -21,11 +22,12 @@ from matplotlib.figure import Figure
 __all__ = ["AXIS_COLUMNS", "write_sweep_dir", "write_capacity", "write_rows_csv", "format_sweep_table", "format_capacity_table",
            "plot_vs_load", "plot_frontier", "frontier_best"]
 
-AXIS_COLUMNS = ("arrival", "mode", "nodes", "stages", "train_share", "burstiness", "rate",
-                "trace_speedup", "seed")
-_LOAD_COLUMNS = ("rate", "trace_speedup")
+AXIS_COLUMNS = ("arrival", "mode", "nodes", "stages", "train_share", "train_rate", "burstiness",
+                "request_rate", "rate", "trace_speedup", "seed")
+_LOAD_COLUMNS = ("request_rate", "rate", "trace_speedup")
 _SHORT = {"arrival": "arr", "mode": "mode", "nodes": "N", "stages": "S", "train_share": "share",
-          "burstiness": "cv2", "rate": "rate", "trace_speedup": "speedup", "seed": "seed"}
+          "train_rate": "train/s", "burstiness": "burst", "request_rate": "req/s", "rate": "rate",
+          "trace_speedup": "speedup", "seed": "seed"}
 
 
 def write_sweep_dir(run_dir: Path, rows: Sequence[dict], *, config_yaml: str, grid: dict,
@@ -103,7 +105,7 @@ def format_sweep_table(rows: Sequence[dict]) -> str:
     """One line per point: the axes that vary, then per policy `SLO% tasks/s train-samples/s`."""
     if not rows:
         return "(no runs)"
-    axes = _varying(rows, AXIS_COLUMNS) or ["rate"]
+    axes = _varying(rows, AXIS_COLUMNS) or ["request_rate"]
     pols = _policies(rows)
     by_point: dict[int, dict[str, dict]] = defaultdict(dict)
     for r in rows:
@@ -119,6 +121,15 @@ def format_sweep_table(rows: Sequence[dict]) -> str:
                         f"{_num(r.get('total_task_throughput'))} {_num(r.get('train_samples_per_s'))}")
         body.append(line)
     return _table(header, body)
+
+
+def _load_label(rows: Sequence[dict]) -> str:
+    """What load_per_s is for these rows (see lemix.sweep)."""
+    if any(r.get("arrival") == "trace" for r in rows):
+        return "load (offered tasks/s)"
+    if any(r.get("rate") is not None for r in rows):
+        return "load (total tasks/s, deprecated rate)"
+    return "load (requests/s)"
 
 
 def format_capacity_table(rows: Sequence[dict]) -> str:
@@ -204,7 +215,7 @@ def plot_vs_load(rows: Sequence[dict], key: str, ylabel: str, path: Path, *, sca
         if target is not None:
             ax.axhline(target * scale, color="grey", ls="--", lw=0.8)
         ax.set_title(_series_title(skey, varying), fontsize=9)
-        ax.set_xlabel("load (tasks/s)")
+        ax.set_xlabel(_load_label(rs))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)

@@ -66,56 +66,25 @@ class ServeOptions:
 
 
 def _flag(field: str) -> str:
-    for flag, name, _, _ in SERVE_FLAGS:
-        if name == field:
-            return flag
-    return field
+    return next((flag for flag, name in SERVE_FLAGS if name == field), field)
 
 
-# `lemix serve`'s own flags: (flag, ServeOptions field, type, help); defaults come from ServeOptions.
+# `lemix serve`'s own flags: (flag, field of ServeOptions and of the config's `serve` section,
+# lemix.config_commands.ServeConfig, which holds their help text and validates them first).
 SERVE_FLAGS = [
-    ("--host", "host", str, "address to listen on"),
-    ("--port", "port", int, "port to listen on (0: any free port)"),
-    ("--api-key", "api_key", str, "require `Authorization: Bearer KEY` on /v1/* and /metrics (visible "
-                                  "in `ps`: prefer LEMIX_API_KEY or --api-key-file)"),
-    ("--state-dir", "state_dir", str, "training journal (SQLite), checkpoints, requests.csv and "
-                                      "train_tasks.csv; relocatable (paths inside are relative to it)"),
-    ("--checkpoint-every", "checkpoint_every", int, "optimizer steps of a node between checkpoints "
-                                                    "(0: only at shutdown)"),
-    ("--max-queued", "max_queued", int, "inference requests in flight before answering 429"),
-    ("--max-queued-samples", "max_queued_samples", int, "training samples not yet applied before 429"),
-    ("--max-body-bytes", "max_body_bytes", int, "largest request body; a larger one gets 413 unread"),
-    ("--max-sample-chars", "max_sample_chars", int, "largest training sample in characters (400 above)"),
-    ("--train-batch-wait", "train_batch_wait_s", float, "seconds a training sample waits for its "
-                                                         "micro-batch (workload.train_batch_size) to fill"),
-    ("--served-model-name", "served_model_name", str, "model id in the API (default: --model)"),
-    ("--default-max-tokens", "default_max_tokens", int, "max_tokens of a completion that gives none"),
-    ("--drain-timeout", "drain_timeout_s", float, "seconds in-flight requests may take at shutdown; "
-                                                   "streams still open then end with an error event"),
-    ("--profile-cache", "profile_cache_dir", str, "where measured profiles are cached (default: the "
-                                                  "user cache dir, e.g. ~/.cache/lemix/profiles)"),
-    ("--log-level", "log_level", str, " | ".join(LOG_LEVELS)),
+    ("--host", "host"), ("--port", "port"), ("--api-key", "api_key"), ("--api-key-file", "api_key_file"),
+    ("--metrics-public", "metrics_public"), ("--state-dir", "state_dir"), ("--resume", "resume"),
+    ("--checkpoint-every", "checkpoint_every"), ("--max-queued", "max_queued"),
+    ("--max-queued-samples", "max_queued_samples"), ("--max-body-bytes", "max_body_bytes"),
+    ("--max-sample-chars", "max_sample_chars"), ("--train-batch-wait", "train_batch_wait_s"),
+    ("--served-model-name", "served_model_name"), ("--default-max-tokens", "default_max_tokens"),
+    ("--drain-timeout", "drain_timeout_s"), ("--profile-cache", "profile_cache_dir"),
+    ("--log-level", "log_level"),
 ]
 # run-config workload flags that mean something to a server
 SERVE_WORKLOAD_FLAGS = ("--train-batch-size", "--train-seq-tokens", "--max-prompt-tokens",
                         "--max-output-tokens")
 API_KEY_ENV = "LEMIX_API_KEY"
-
-
-def add_serve_flags(parser) -> None:
-    defaults = ServeOptions()
-    for flag, field, typ, desc in SERVE_FLAGS:
-        default = getattr(defaults, field)
-        kw: dict[str, Any] = {"choices": LOG_LEVELS} if field == "log_level" else {}
-        parser.add_argument(flag, dest=f"serve_{field}", type=typ, default=default,
-                            metavar=typ.__name__.upper(), help=f"{desc} (default: {default})", **kw)
-    parser.add_argument("--api-key-file", dest="api_key_file", metavar="FILE",
-                        help=f"read the API key from FILE (first line); else ${API_KEY_ENV}, else --api-key")
-    parser.add_argument("--metrics-public", dest="serve_metrics_public", action="store_true",
-                        help="serve /metrics without the API key")
-    parser.add_argument("--resume", dest="serve_resume", action="store_true",
-                        help="restore the latest checkpoints in --state-dir and train the samples "
-                             "its journal holds that no checkpoint contains")
 
 
 def default_profile_cache() -> str:
@@ -138,9 +107,11 @@ def api_key_from(args_key: str | None, key_file: str | None, environ=os.environ)
     return environ.get(API_KEY_ENV) or args_key
 
 
-def options_from_args(args, environ=os.environ) -> ServeOptions:
-    fields = {k.removeprefix("serve_"): v for k, v in vars(args).items() if k.startswith("serve_")}
-    fields["api_key"] = api_key_from(fields.get("api_key"), getattr(args, "api_key_file", None), environ)
+def options_from_config(serve, environ=os.environ) -> ServeOptions:
+    """ServeOptions from the config's validated `serve` section (lemix.config_commands.ServeConfig)."""
+    fields = serve.model_dump()
+    key_file = fields.pop("api_key_file")
+    fields["api_key"] = api_key_from(fields.get("api_key"), key_file, environ)
     if fields.get("profile_cache_dir") is None:
         fields["profile_cache_dir"] = default_profile_cache()
     return ServeOptions(**fields)

@@ -86,7 +86,7 @@ class Simulator:
             if t > self.horizon_s:
                 break
             self.clock.advance_to(t)
-            arrived = 0
+            resolved = 0
             while self._heap and self._heap[0][0] == t:
                 _, kind, _, payload = heapq.heappop(self._heap)
                 self.events_processed += 1
@@ -98,13 +98,14 @@ class Simulator:
                     if ex is not None:
                         ex.arrive(payload)
                     out = self.sched.on_arrival(payload)
-                    arrived += 1
                 else:
                     self._wakeups.discard(t)
                     out = None
                 if ex is not None:
                     ex.take(out)
+                resolved += out.resolved if out else 0
             plan = self.sched.plan()
+            resolved += plan.outputs.resolved if plan.outputs else 0
             if self.executor is not None:
                 self.executor.take(plan.outputs)
             for op in plan.ops:
@@ -116,8 +117,8 @@ class Simulator:
             if plan.wakeup_s is not None and plan.wakeup_s > t and plan.wakeup_s not in self._wakeups:
                 self._wakeups.add(plan.wakeup_s)
                 self._push(plan.wakeup_s, WAKEUP, None)
-            if progress and arrived:
-                progress(arrived)
+            if progress and resolved:   # tasks done (finished or failed), not arrivals
+                progress(resolved)
         return self.sched.finalize()
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from lemix.cli import main
+
+sys.exit(main())
