@@ -45,7 +45,7 @@ def assert_error(r: httpx.Response, status: int, param: str | None = "any") -> d
     ({"model": MODEL, "prompt": "x", "max_tokens": 401}, "max_tokens"),
     ({"model": MODEL, "prompt": "x", "temperature": "hot"}, "temperature"),
     ({"model": MODEL, "prompt": "x", "stream": "yes"}, "stream"),
-    ({"model": MODEL, "prompt": "x", "n": 2}, "n"),
+    ({"model": MODEL, "prompt": "x", "n": 0}, "n"),
     ({"model": MODEL, "prompt": 42}, "prompt"),
     ({"model": MODEL, "prompt": [1, 2, 99999]}, "prompt"),
     ({"model": MODEL, "prompt": "y" * 1700, "max_tokens": 400}, "max_tokens"),   # over the 2048 context

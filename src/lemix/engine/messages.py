@@ -14,12 +14,54 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 = greedy; else softmax(logits / temperature), nucleus-filtered to top_p,
-    drawn with a generator seeded from (seed, token position), so runs are reproducible."""
+    """How the next token is chosen (lemix.engine.sampling).
+
+    Always, on the model's logits: logit_bias (token id, bias) pairs, repetition_penalty (over
+    prompt and output tokens), presence/frequency penalties (over output tokens). Then
+    temperature 0 = greedy (argmax); else temperature, top_k (0 = off), top_p, min_p (0 = off),
+    and a draw with a generator seeded from (seed, token position), so runs are reproducible.
+    logprobs k (None = off) returns the drawn token's log-probability under the model (raw
+    log_softmax of the logits) and the k most likely alternatives; prompt_logprobs k the same for
+    every prompt token after the first. ignore_eos: do not stop at the EOS token.
+    """
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    ignore_eos: bool = False
+
+    @property
+    def needs_history(self) -> bool:
+        """The penalties read the tokens so far (prompt and output)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """argmax of the raw logits, nothing else to compute."""
+        return (self.temperature <= 0 and not self.needs_history and not self.logit_bias
+                and self.logprobs is None)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model and the `top` most likely tokens at its place
+    ((id, logprob), most likely first)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+# A sequence's tokens so far, for the penalties: (prompt ids, generated ids).
+History = tuple[tuple[int, ...], tuple[int, ...]]
 
 
 # ---------------------------------------------------------------- commands
@@ -72,6 +114,7 @@ class Decode:
     token_ids: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     sampling: tuple[SamplingParams, ...] | None = None
+    history: tuple[History | None, ...] | None = None   # last stage, for the penalties
 
 
 @dataclass(frozen=True)
@@ -148,6 +191,8 @@ class ForwardResult:
     seq_nll: tuple[float, ...] | None = None          # last stage, inference with labels
     next_tokens: tuple[int, ...] | None = None        # last stage with keep_kv
     compute_s: float = 0.0
+    logprobs: tuple[TokenLogprob | None, ...] | None = None     # of next_tokens, where asked
+    prompt_logprobs: tuple[tuple[TokenLogprob, ...] | None, ...] | None = None   # tokens 1.. of each prompt
 
 
 @dataclass(frozen=True)
@@ -163,6 +208,7 @@ class DecodeResult:
     hidden: torch.Tensor | None = None                # non-last stage: [B,1,H]
     next_tokens: tuple[int, ...] | None = None        # last stage
     compute_s: float = 0.0
+    logprobs: tuple[TokenLogprob | None, ...] | None = None     # of next_tokens, where asked
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,16 @@ from typing import Protocol
 
 import torch
 
+from lemix.engine.messages import TokenLogprob
 from lemix.types import RequestRecord, TrainStepRecord, TrainTaskRecord
 
 
 class Listener(Protocol):
     """What an online user of the engine (the HTTP server) hears, on the engine's thread."""
 
-    def on_token(self, task_id: int, token: int) -> bool:
-        """A generated token; return True to stop the sequence here (a stop string matched)."""
+    def on_token(self, task_id: int, token: int, logprob: TokenLogprob | None = None) -> bool:
+        """A generated token (and its logprob, when the request's sampling asked); return True
+        to stop the sequence here (a stop string matched)."""
         ...
 
     def on_finish(self, record: RequestRecord | TrainTaskRecord) -> None: ...
@@ -23,8 +25,10 @@ class Listener(Protocol):
         """Training tasks whose gradients an optimizer step of `node` just applied."""
         ...
 
-    # Optional: on_train_loss(node, loss) -- a training micro-batch's mean token NLL, as soon as
-    # its forward reached the last stage (called only when the listener has the method).
+    # Optional (called only when the listener has the method):
+    # on_train_loss(node, loss) -- a training micro-batch's mean token NLL, as soon as its forward
+    # reached the last stage; on_prompt_logprobs(task_id, logprobs) -- a request's prompt
+    # logprobs (tokens 1..), when its sampling asked (SamplingParams.prompt_logprobs).
 
 
 def average_weights(copies: list[tuple[float, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:

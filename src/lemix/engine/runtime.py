@@ -231,11 +231,14 @@ class Engine:
             return Backward(op.batch_id, None if last else self._grads.pop((op.batch_id, op.stage)))
         if op.kind is OpKind.DECODE:
             sampling = tuple(self.sampling(self._tasks[t]) or SamplingParams() for t in op.task_ids)
+            history = (tuple((tuple(self.texts.tokens(self._tasks[t]).samples[0]), tuple(self.generated[t]))
+                             if p.needs_history else None for t, p in zip(op.task_ids, sampling))
+                       if last and any(p.needs_history for p in sampling) else None)
             if op.stage == 0:
                 ids = torch.tensor([self.generated[t][-1] for t in op.task_ids], dtype=torch.long)
-                return Decode(op.batch_id, op.task_ids, token_ids=ids, sampling=sampling)
+                return Decode(op.batch_id, op.task_ids, token_ids=ids, sampling=sampling, history=history)
             return Decode(op.batch_id, op.task_ids, hidden=self._acts.pop((op.batch_id, op.stage)),
-                          sampling=sampling)
+                          sampling=sampling, history=history)
         if op.kind is OpKind.OPTIM:
             return Step()
         if op.kind in (OpKind.OFFLOAD, OpKind.RELOAD):
@@ -362,10 +365,14 @@ class Engine:
                 return ()
             for tid, nll in zip(op.task_ids, res.seq_nll or ()):
                 self.inference_loss[tid] = nll
+            hook = getattr(self.listener, "on_prompt_logprobs", None)   # optional listener method
+            for tid, lps in zip(op.task_ids, res.prompt_logprobs or ()):
+                if lps is not None and hook is not None:
+                    hook(tid, lps)
             if res.next_tokens is not None:
                 for tid, tok in zip(op.task_ids, res.next_tokens):
                     self.generated[tid] = []
-                return self._emit(op.task_ids, res.next_tokens)
+                return self._emit(op.task_ids, res.next_tokens, res.logprobs)
             return ()
         if op.kind is OpKind.BWD and op.layers and op.layers[0] == 0 and op.stage == 0:
             self._ids.pop(op.batch_id, None)   # a chunked batch's backward is complete
@@ -375,17 +382,18 @@ class Engine:
             if not last:
                 self._acts[(op.batch_id, op.stage + 1)] = res.hidden
                 return ()
-            return self._emit(op.task_ids, res.next_tokens)
+            return self._emit(op.task_ids, res.next_tokens, res.logprobs)
         return ()
 
-    def _emit(self, task_ids: tuple[int, ...], tokens: tuple[int, ...]) -> tuple[int, ...]:
+    def _emit(self, task_ids: tuple[int, ...], tokens: tuple[int, ...], logprobs=None) -> tuple[int, ...]:
         """Append generated tokens; the sequences that stop here (EOS, or the listener says so)."""
         stopped = []
-        for tid, tok in zip(task_ids, tokens):
+        for i, (tid, tok) in enumerate(zip(task_ids, tokens)):
             self.generated[tid].append(tok)
-            stop = tok == self.tok.eos_id and not self.ignore_eos
+            sp = self.sampling(self._tasks[tid])
+            stop = tok == self.tok.eos_id and not (self.ignore_eos or (sp is not None and sp.ignore_eos))
             if self.listener is not None and not stop and self._first_time_streamed(tid):
-                stop = bool(self.listener.on_token(tid, tok))
+                stop = bool(self.listener.on_token(tid, tok, None if logprobs is None else logprobs[i]))
             if stop:
                 stopped.append(tid)
                 self._stop_requested.add(tid)

@@ -24,7 +24,7 @@ from lemix.engine.messages import (Backward, BackwardResult, Decode, DecodeResul
                                    MemoryState, MoveResult, Offload, Reload, SetState, SetWeights,
                                    StateResult, Step, VersionResult, WeightsResult)
 from lemix.engine.optim import StageOptimizer
-from lemix.engine.sampling import sample_tokens
+from lemix.engine.sampling import sample, token_logprobs
 from lemix.engine.stage import StageModule, causal_lm_loss, mask_labels, sequence_nll
 from lemix.engine import chunks
 from lemix.engine.stash import ActivationStash
@@ -150,7 +150,7 @@ class StageWorker:
                 raise ValueError(f"prefill of {cmd.seq_ids}: duplicate ids or KV already held "
                                  f"for {taken}; free them first")
         kv_out = [] if cmd.keep_kv else None
-        seq_nll = next_tokens = None
+        seq_nll = draws = prompt_lps = None
         with torch.no_grad(), _Timer(self.device) as t:
             out = self.stage(x, lengths, kv_out)
             if cmd.keep_kv:
@@ -159,10 +159,37 @@ class StageWorker:
                 seq_nll = tuple(sequence_nll(out, labels).tolist())
             if self._last and cmd.keep_kv:
                 last_logits = out[torch.arange(out.shape[0]), lengths - 1]       # [B,V]
-                next_tokens = sample_tokens(last_logits, cmd.sampling, cmd.lengths)
+                prompts = self._prompts(cmd)
+                history = None if prompts is None else [(p, ()) for p in prompts]
+                draws = sample(last_logits, cmd.sampling, cmd.lengths, history)
+                prompt_lps = self._prompt_logprobs(cmd, out, prompts)
         hidden = None if self._last else out.to("cpu", copy=True)
         return ForwardResult(cmd.batch_id, hidden=hidden, seq_nll=seq_nll,
-                             next_tokens=next_tokens, compute_s=t.s)
+                             next_tokens=None if draws is None else draws.tokens, compute_s=t.s,
+                             logprobs=None if draws is None else draws.logprobs,
+                             prompt_logprobs=prompt_lps)
+
+    @staticmethod
+    def _prompts(cmd: Forward) -> list[tuple[int, ...]] | None:
+        """Each prompt's ids (the labels), when a sequence's sampling needs them."""
+        wants = cmd.sampling and any(p.needs_history or p.prompt_logprobs is not None for p in cmd.sampling)
+        if not wants or cmd.labels is None:
+            return None
+        return [tuple(cmd.labels[b, :n].tolist()) for b, n in enumerate(cmd.lengths)]
+
+    @staticmethod
+    def _prompt_logprobs(cmd: Forward, logits: torch.Tensor, prompts) -> tuple | None:
+        """Per sequence that asked: the model's logprob of prompt tokens 1.. given those before."""
+        if prompts is None or not any(p.prompt_logprobs is not None for p in cmd.sampling):
+            return None
+        out = []
+        for b, (p, ids) in enumerate(zip(cmd.sampling, prompts)):
+            if p.prompt_logprobs is None or len(ids) < 2:
+                out.append(None if p.prompt_logprobs is None else ())
+                continue
+            n = len(ids)
+            out.append(tuple(token_logprobs(logits[b, : n - 1], torch.tensor(ids[1:]), p.prompt_logprobs)))
+        return tuple(out)
 
     # ------------------------------------------------------------ backward / step
     def _stash(self, batch_id: int) -> ActivationStash:
@@ -215,7 +242,7 @@ class StageWorker:
         if len(set(cmd.seq_ids)) != len(cmd.seq_ids):
             raise ValueError(f"duplicate sequence ids in decode batch {cmd.seq_ids}")
         x = self._input(cmd.token_ids, cmd.hidden)
-        next_tokens = None
+        draws = None
         with torch.no_grad(), _Timer(self.device) as t:
             past, past_lengths = self.kv.gather(cmd.seq_ids)              # [B,nkv,P,hd] per layer
             kv_out: list = []
@@ -223,9 +250,10 @@ class StageWorker:
             self.kv.append(cmd.seq_ids, kv_out)
             if self._last:
                 positions = (past_lengths + 1).tolist()                  # of the tokens drawn now
-                next_tokens = sample_tokens(out[:, 0], cmd.sampling, positions)
+                draws = sample(out[:, 0], cmd.sampling, positions, cmd.history)
         hidden = None if self._last else out.to("cpu", copy=True)
-        return DecodeResult(cmd.iter_id, hidden=hidden, next_tokens=next_tokens, compute_s=t.s)
+        return DecodeResult(cmd.iter_id, hidden=hidden, next_tokens=None if draws is None else draws.tokens,
+                            compute_s=t.s, logprobs=None if draws is None else draws.logprobs)
 
     # ------------------------------------------------------------ memory moves
     def _free(self, cmd: Free) -> FreeResult:

@@ -2,7 +2,9 @@
 
     POST /v1/completions        prompt -> text (stream: SSE chunks, then `data: [DONE]`)
     POST /v1/chat/completions   messages -> assistant message (same streaming)
-    GET  /v1/models
+    GET  /v1/models, /v1/models/{id}
+    POST /tokenize, /detokenize   (vLLM's shapes)
+    GET  /version
     POST /v1/train              {"text"} | {"prompt","completion"} | a list | {"samples": [...]}
     GET  /v1/train/status
     GET  /metrics               Prometheus text
@@ -18,22 +20,21 @@ this (lemix.serve.schema).
 from __future__ import annotations
 
 import asyncio
-import json
+import re
 import logging
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lemix.engine.messages import SamplingParams
+from lemix.serve import generate as G
 from lemix.serve import protocol as P
 from lemix.serve.guard import Guard
 from lemix.serve.host import EngineHost
 from lemix.serve.protocol import APIError
 from lemix.serve.schema import install_openapi
-from lemix.serve.stream import Done, Failure, Stream
 from lemix.serve.text import chat_prompt
 
 log = logging.getLogger("lemix.serve")
@@ -68,6 +69,33 @@ def create_app(cfg=None, options=None, *, host: EngineHost | None = None, **host
     async def metrics():
         from prometheus_client import CONTENT_TYPE_LATEST
         return Response(host.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version")
+    async def version():
+        return {"version": _version()}
+
+    @app.post("/tokenize")
+    async def tokenize(body: P.TokenizeRequest):
+        host._check_open()
+        if body.model is not None:
+            _check_model(host, body.model)
+        if body.prompt is not None:
+            ids = host.tok.encode(body.prompt, add_bos=body.add_special_tokens is not False)
+        else:
+            ids = chat_prompt(host.tok, [{"role": m.role, "content": m.text} for m in body.messages],
+                              add_generation_prompt=body.add_generation_prompt is not False)
+        out = {"count": len(ids), "max_model_len": host.context_tokens, "tokens": ids, "token_strs": None}
+        if body.return_token_strs:
+            out["token_strs"] = [host.tok.decode([t]) for t in ids]
+        return out
+
+    @app.post("/detokenize")
+    async def detokenize(body: P.DetokenizeRequest):
+        host._check_open()
+        if body.model is not None:
+            _check_model(host, body.model)
+        G.prompt_of(host, body.tokens)   # ids inside the vocabulary
+        return {"prompt": host.tok.decode(body.tokens)}
 
     install_openapi(app, host)
     app.add_middleware(Guard, api_key=host.opts.api_key, max_body_bytes=host.opts.max_body_bytes,
@@ -121,23 +149,36 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}",
                         code="invalid_json")
     msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        msg = "unrecognized request argument; this server does not implement it"
     if not loc and first.get("type") in ("model_attributes_type", "dict_type", "model_type"):
         msg = "the request body must be a JSON object (Content-Type: application/json)"
     # drop the union-member tags pydantic puts in locations ("prompt.list[int].0" -> "prompt.0")
     param = ".".join(p for p in loc if "[" not in p and p not in _TYPE_TAGS) or None
+    if param is None:   # a check across fields (a model validator) names its field first
+        word = re.match(r"\w+", msg)
+        if word and word.group() in _FIELDS:
+            return APIError(400, msg, param=word.group(), code="invalid_value")
     return APIError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
 
 
+_FIELDS = set(P.CompletionRequest.model_fields) | set(P.ChatRequest.model_fields)
+
+
 # ---------------------------------------------------------------------- routes
+
+def _check_model(host: EngineHost, name: str) -> None:
+    if name != host.model_name:
+        raise APIError(404, f"the model {name!r} does not exist; this server serves "
+                       f"{host.model_name!r}", param="model", code="model_not_found")
+
 
 def _routes(api: APIRouter, host: EngineHost) -> None:
     created = P.now_unix()
     w = host.cfg.workload
 
     def check_model(name: str) -> None:
-        if name != host.model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves "
-                           f"{host.model_name!r}", param="model", code="model_not_found")
+        _check_model(host, name)
 
     def check_lengths(n_prompt: int, max_tokens: int | None, default: int) -> int:
         if n_prompt > w.max_prompt_tokens:
@@ -155,52 +196,33 @@ def _routes(api: APIRouter, host: EngineHost) -> None:
                            f"{max_tokens} to generate)", param="max_tokens", code="context_length_exceeded")
         return max_tokens
 
-    def start(body: P._Sampling, ids: list[int], max_tokens: int) -> Stream:
-        temperature = 1.0 if body.temperature is None else body.temperature
-        seed = body.seed if body.seed is not None else host.random_seed()
-        sampling = SamplingParams(temperature, 1.0 if body.top_p is None else body.top_p, seed)
-        return host.submit_infer(asyncio.get_running_loop(), ids, max_tokens, sampling,
-                                 body.priority or 0, body.stops)
-
     @api.get("/models")
     async def models():
         host._check_open()
-        return {"object": "list", "data": [{"id": host.model_name, "object": "model", "created": created,
-                                            "owned_by": "lemix", "max_model_len": host.context_tokens}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @api.get("/models/{model_id:path}")
+    async def model(model_id: str):
+        host._check_open()
+        check_model(model_id)
+        return model_card()
+
+    def model_card() -> dict:
+        return {"id": host.model_name, "object": "model", "created": created, "owned_by": "lemix",
+                "max_model_len": host.context_tokens}
 
     @api.post("/completions")
     async def completions(body: P.CompletionRequest):
         host._check_open()
         check_model(body.model)
-        ids = _prompt_ids(host, body.prompt)
-        max_tokens = check_lengths(len(ids), body.max_tokens, host.opts.default_max_tokens)
-        stream = start(body, ids, max_tokens)
-        rid, ts = P.new_id("cmpl"), P.now_unix()
-        if body.stream:
-            return _sse(stream, body, lambda text, fin: P.completion_chunk(rid, ts, host.model_name, text, fin),
-                        first=None)
-        text, done = await _collect(stream)
-        return P.completion_body(rid, ts, host.model_name, text, done.finish_reason,
-                                 P.usage(done.prompt_tokens, done.completion_tokens), done.extra())
+        return await G.completions(host, body, check_lengths)
 
     @api.post("/chat/completions")
     async def chat(body: P.ChatRequest):
         host._check_open()
         check_model(body.model)
-        messages = [{"role": m.role, "content": m.text} for m in body.messages]
-        ids = chat_prompt(host.tok, messages)
-        max_tokens = check_lengths(len(ids), body.max_completion_tokens or body.max_tokens,
-                                   w.max_output_tokens)
-        stream = start(body, ids, max_tokens)
-        rid, ts = P.new_id("chatcmpl"), P.now_unix()
-        if body.stream:
-            chunk = lambda text, fin: P.chat_chunk(rid, ts, host.model_name,  # noqa: E731
-                                                   {"content": text} if text else {}, fin)
-            return _sse(stream, body, chunk,
-                        first=P.chat_chunk(rid, ts, host.model_name, {"role": "assistant", "content": ""}, None))
-        text, done = await _collect(stream)
-        return P.chat_body(rid, ts, host.model_name, text, done.finish_reason,
-                           P.usage(done.prompt_tokens, done.completion_tokens), done.extra())
+        ids = chat_prompt(host.tok, [{"role": m.role, "content": m.text} for m in body.messages])
+        return await G.chat(host, body, ids, check_lengths)
 
     @api.post("/train")
     async def train(body: P.TrainRequest):
@@ -218,76 +240,3 @@ def _routes(api: APIRouter, host: EngineHost) -> None:
     @api.get("/train/status")
     async def train_status():
         return await asyncio.to_thread(host.train_status)
-
-
-def _prompt_ids(host: EngineHost, prompt) -> list[int]:
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        if not prompt:
-            raise APIError(400, "prompt is empty", param="prompt", code="invalid_value")
-        return host.tok.encode(prompt)
-    if not prompt:
-        raise APIError(400, "prompt is empty", param="prompt", code="invalid_value")
-    vocab = host.tok.vocab_size
-    bad = [t for t in prompt if not 0 <= t < vocab]
-    if bad:
-        raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
-                       param="prompt", code="invalid_value")
-    return list(prompt)
-
-
-def _stream_error(f: Failure) -> dict:
-    """The SSE error event: OpenAI's error body (its status in the body, the stream is 200)."""
-    body = P.error_body(f.message, "server_error", None, f.code)
-    body["error"]["status"] = f.status
-    return body
-
-
-async def _collect(stream: Stream) -> tuple[str, Done]:
-    parts = []
-    while True:
-        kind, value = await stream.events.get()
-        if kind == "delta":
-            parts.append(value)
-        elif kind == "done":
-            return "".join(parts), value
-        else:
-            raise APIError(value.status, value.message, type="server_error", code=value.code)
-
-
-def _sse(stream: Stream, body: P._Sampling, chunk, first: dict | None) -> StreamingResponse:
-    """Server-sent events in OpenAI's chunk format; a client that goes away stops the sequence."""
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def event(obj) -> str:
-        return f"data: {json.dumps(obj)}\n\n"
-
-    async def gen():
-        finished = False
-        try:
-            if first is not None:
-                yield event(first)
-            while True:
-                kind, value = await stream.events.get()
-                if kind == "delta":
-                    yield event(chunk(value, None))
-                    continue
-                finished = True
-                if kind == "done":
-                    last = chunk("", value.finish_reason)
-                    last["lemix"] = value.extra()
-                    yield event(last)
-                    if include_usage:
-                        use = chunk("", None)
-                        use["choices"], use["usage"] = [], P.usage(value.prompt_tokens, value.completion_tokens)
-                        yield event(use)
-                else:
-                    yield event(_stream_error(value))
-                yield "data: [DONE]\n\n"
-                return
-        finally:
-            if not finished:
-                stream.cancelled = True
-    return StreamingResponse(gen(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

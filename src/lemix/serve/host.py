@@ -1,8 +1,8 @@
 """EngineHost: the engine on its own thread, and everything the HTTP side asks of it.
 
-    HTTP handlers ──submit_infer/accept_samples──► Engine.submit (thread-safe)
+    HTTP handlers ──submit_group/accept_samples──► Engine.submit (thread-safe)
     engine thread ──Listener: on_token/on_finish/on_applied/on_train_loss──► streams, journal,
-                                                                             metrics, records, checkpoints
+                                                                             metrics, records, checkpoints (Saver)
 
 Life cycle (`phase`):  starting ──► ready ──► draining ──► closed     (starting ──► failed)
 The constructor does the quick, checkable part (state dir, journal, checkpoints, model); `start()`
@@ -15,6 +15,7 @@ V + the steps its scheduler took since (`base`).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -30,6 +31,7 @@ from lemix.engine.messages import SamplingParams
 from lemix.serve import checkpoint as ckpt
 from lemix.serve.feed import FeedSample, TrainFeed
 from lemix.serve.journal import JournalStorageError
+from lemix.serve.saver import Saver
 from lemix.serve.metrics import ServeMetrics
 from lemix.serve.options import ServeOptions
 from lemix.serve.protocol import APIError
@@ -62,7 +64,7 @@ class EngineHost:
         self.failure: BaseException | None = None        # the engine loop died, or start-up failed
         self.close_error: str | None = None              # why shutdown did not end cleanly
         self.on_fatal = None                             # set by run_server: stop the HTTP server
-        self.engine = self.feed = self.writer = self.backend = None
+        self.engine = self.feed = self.backend = None
         self.journal = open_journal(self.state_dir, opts.resume)
         try:
             self._restore_from = (choose_checkpoints(self.journal, self.nodes, self.stages, cfg.model.name)
@@ -86,10 +88,6 @@ class EngineHost:
         self._lock = threading.Lock()
         self._streams: dict[int, Stream] = {}
         self._next_id = 0
-        self._steps_since_ckpt = [0] * self.nodes
-        self._ckpt_due = [False] * self.nodes
-        self._ckpt_version = [0] * self.nodes          # version of the last checkpoint taken (-1: it failed)
-        self._unjournaled: list[list[tuple[list[int], int]]] = [[] for _ in range(self.nodes)]
         self.train_losses: deque[tuple[float, int, float]] = deque(maxlen=256)   # (unix time, node, loss)
         self._rng = np.random.default_rng(cfg.seed)   # sampling seeds of requests that give none
         self.accepting = True
@@ -100,6 +98,8 @@ class EngineHost:
         self._loop = None
         self.records = RecordLog(self.state_dir, on_error=lambda why: self._problem("records", why))
         self.metrics = ServeMetrics(self)
+        self.saver = Saver(self.journal, self.version, self.stages, opts.checkpoint_every, self.problems,
+                           on_written=self.metrics.checkpoints.inc)
 
     def _problem(self, kind: str, why: str | None) -> None:
         if why is None:
@@ -174,8 +174,7 @@ class EngineHost:
                              weight_decay=cfg.model.weight_decay,
                              memory_budget_bytes=int(cfg.cluster.device_memory_gb * 1e9),
                              strict=False, listener=self, keep_records=False)
-        self.writer = ckpt.CheckpointWriter(self.journal, self.state_dir / "checkpoints", cfg.model.name,
-                                            on_written=self._written, on_failed=self._write_failed)
+        self.saver.attach(self.engine, self.backend, self.state_dir / "checkpoints", cfg.model.name)
         self.feed = TrainFeed(self._submit_train, batch_size=cfg.workload.train_batch_size,
                               wait_s=opts.train_batch_wait_s, now=self.engine.clock.now)
         if opts.resume:
@@ -189,7 +188,8 @@ class EngineHost:
             if path is not None:
                 version = ckpt.load_node(self.backend, path, n, self.stages, self.cfg.model.name)
                 log.info("node %d restored from %s (weight version %d)", n, path, version)
-            self.base[n] = self.version[n] = self._ckpt_version[n] = version
+            self.base[n] = self.version[n] = version
+            self.saver.restored(n, version)
             rolled = self.journal.roll_back(n, version)
             if rolled:
                 log.info("node %d: %d applied samples were not in its checkpoint; training them again",
@@ -279,17 +279,7 @@ class EngineHost:
         self._thread.join(timeout=max(120.0, self.opts.drain_timeout_s))
         errors = []
         try:
-            if self._thread.is_alive():
-                errors.append("the engine did not stop within 120 s; no final checkpoint")
-            elif self.failure is None:
-                for n in range(self.nodes):
-                    self._checkpoint(n, final=True)
-            self.writer.close()
-            for n in range(self.nodes):
-                if self.failure is None and self._ckpt_version[n] != self.version[n]:
-                    errors.append(f"node {n}: the final checkpoint (weight version {self.version[n]}) "
-                                  f"was not written ({self.problems.get('checkpoint', 'training in flight')}); "
-                                  "--resume will train its samples applied since again")
+            errors += self.saver.close(not self._thread.is_alive(), self.failure is not None, self.problems)
         finally:
             self.records.flush()
             self.backend.release()
@@ -317,21 +307,29 @@ class EngineHost:
                            else f"the engine failed: {self.failure!r}", type="server_error",
                            code="service_unavailable")
 
-    def submit_infer(self, loop, ids: list[int], max_tokens: int, sampling: SamplingParams,
-                     priority: int, stops: list[str]) -> Stream:
+    def submit_group(self, loop, asks: list[tuple[list[int], int, SamplingParams]], priority: int,
+                     stops: list[str], stop_ids=()) -> list[Stream]:
+        """The choices of one HTTP request, (prompt ids, max_tokens, sampling) each: all are
+        queued, or none (429). Their streams share one event queue, choice i has index i."""
         self._check_open()
+        events = asyncio.Queue()
         with self._lock:
-            if len(self._streams) >= self.opts.max_queued:
+            if len(self._streams) + len(asks) > self.opts.max_queued:
                 raise APIError(429, f"{len(self._streams)} requests in flight (--max-queued "
                                f"{self.opts.max_queued}); retry later", type="rate_limit_error",
                                code="rate_limit_exceeded", headers={"Retry-After": "1"})
-            self._next_id += 1
-            tid = self._next_id
-            stream = Stream(tid, loop, Detokenizer(self.tok, stops), len(ids), max_tokens)
-            self._streams[tid] = stream
-        task = Task(tid, TaskKind.INFER, self.engine.clock.now(), len(ids), max_tokens, priority=priority)
-        self.engine.submit(task, TaskTokens((tuple(ids),)), sampling)
-        return stream
+            streams = []
+            for i, (ids, max_tokens, _) in enumerate(asks):
+                self._next_id += 1
+                streams.append(Stream(self._next_id, loop, Detokenizer(self.tok, stops), len(ids), max_tokens,
+                                      index=i, events=events, stop_ids=stop_ids))
+                self._streams[self._next_id] = streams[-1]
+        for stream, (ids, max_tokens, sampling) in zip(streams, asks):
+            # max_tokens 0 (echo): one token is drawn (the engine generates at least one), then dropped
+            task = Task(stream.task_id, TaskKind.INFER, self.engine.clock.now(), len(ids), max(1, max_tokens),
+                        priority=priority)
+            self.engine.submit(task, TaskTokens((tuple(ids),)), sampling)
+        return streams
 
     def random_seed(self) -> int:
         """Event-loop thread only."""
@@ -398,9 +396,14 @@ class EngineHost:
             raise APIError(503, "the server is not serving", type="server_error", code="service_unavailable")
 
     # ------------------------------------------------------------------ Listener (engine thread)
-    def on_token(self, task_id: int, token: int) -> bool:
+    def on_token(self, task_id: int, token: int, logprob=None) -> bool:
         stream = self._streams.get(task_id)
-        return False if stream is None else stream.on_token(token)
+        return False if stream is None else stream.on_token(token, logprob)
+
+    def on_prompt_logprobs(self, task_id: int, logprobs) -> None:
+        stream = self._streams.get(task_id)
+        if stream is not None:
+            stream.prompt_logprobs = logprobs
 
     def on_finish(self, record) -> None:
         self.records.add(record)
@@ -423,72 +426,8 @@ class EngineHost:
         sample_ids = self.feed.applied(task_ids)
         gv = self.base[node] + version
         self.version[node] = gv
-        if sample_ids:
-            self._unjournaled[node].append((sample_ids, gv))
-        self._journal_applied(node)
         self.metrics.step_applied(node, len(sample_ids))
-        self._steps_since_ckpt[node] += 1
-        if self.opts.checkpoint_every and self._steps_since_ckpt[node] >= self.opts.checkpoint_every:
-            self._ckpt_due[node] = True
-        if self._ckpt_due[node]:
-            self._checkpoint(node)
-
-    def _journal_applied(self, node: int) -> None:
-        """Mark applied samples in the journal, oldest first; what fails (a full disk) is kept
-        and tried again at the next step, and no checkpoint is taken meanwhile (it would hold
-        samples the journal calls queued, trained again on --resume)."""
-        pending = self._unjournaled[node]
-        while pending:
-            ids, gv = pending[0]
-            try:
-                self.journal.mark_applied(ids, node, gv)
-            except JournalStorageError as exc:
-                self._problem("journal", f"{exc} ({sum(len(i) for i, _ in pending)} applied samples "
-                                         "not yet marked; retried at the next step)")
-                return
-            pending.pop(0)
-        if "applied samples" in self.problems.get("journal", ""):
-            self._problem("journal", None)
+        self.saver.applied(node, sample_ids, gv)
 
     def on_train_loss(self, node: int, loss: float) -> None:
         self.train_losses.append((time.time(), node, float(loss)))
-
-    def _checkpoint(self, node: int, final: bool = False) -> None:
-        """Engine thread (or after it stopped): checkpoint `node` if no gradient is in flight;
-        otherwise it stays due and is tried again at the node's next step."""
-        if self._unjournaled[node]:
-            self._journal_applied(node)
-            if self._unjournaled[node]:
-                self._ckpt_due[node] = True
-                return
-        if not ckpt.training_quiescent(self.engine, node):
-            if final:
-                log.warning("node %d: training in flight at exit, no final checkpoint; its samples "
-                            "applied since the last one will be trained again on --resume", node)
-            self._ckpt_due[node] = True
-            return
-        if self._ckpt_version[node] == self.version[node]:
-            self._ckpt_due[node] = False
-            return   # nothing new since the last checkpoint (or the initial weights)
-        try:
-            states = ckpt.capture(self.backend, node, self.stages)
-        except Exception:   # keep serving; try again at the next step
-            log.exception("capturing a checkpoint of node %d failed", node)
-            return
-        self.writer.submit(states, node, self.version[node])
-        self._ckpt_version[node] = self.version[node]
-        self._ckpt_due[node] = False
-        self._steps_since_ckpt[node] = 0
-
-    def _written(self, node: int, version: int, path) -> None:
-        self._problem("checkpoint", None)
-        self.metrics.checkpoints.inc()
-        log.info("checkpoint of node %d at weight version %d: %s", node, version, path)
-
-    def _write_failed(self, node: int, version: int, exc: BaseException) -> None:
-        """Checkpoint thread: the write failed (its temporary files are gone); take it again at
-        the node's next step (or at shutdown)."""
-        self._problem("checkpoint", f"writing checkpoint v{version} of node {node} failed: {exc}")
-        if self._ckpt_version[node] == version:
-            self._ckpt_version[node] = -1
-        self._ckpt_due[node] = True

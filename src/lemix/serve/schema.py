@@ -6,7 +6,7 @@ server answers differently from FastAPI's defaults.
 - security: a bearer scheme, required by every operation the key guards;
 - media types: /metrics is Prometheus text, completions may stream `text/event-stream`,
   /health answers JSON with 200 or 503;
-- limits this server enforces: the model id, max_tokens, token ids inside the vocabulary, the
+- limits this server enforces: the model id (404 for another), max_tokens, token ids inside the vocabulary, the
   size of a training sample, the three shapes /v1/train accepts.
 
 A schema-driven fuzzer (schemathesis, see tests/serve/test_serve_contract.py) holds the server
@@ -64,6 +64,8 @@ def _correct(doc: dict, host) -> None:
                 statuses += [400, 413]
             if path in ("/v1/completions", "/v1/chat/completions"):
                 statuses += [404, 429]
+            if path in ("/tokenize", "/detokenize") or path.startswith("/v1/models/"):
+                statuses.append(404)
             if path == "/v1/train":
                 statuses += [429, 507]
             if opts.api_key and path not in public:

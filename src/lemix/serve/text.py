@@ -7,15 +7,16 @@ _ROLE_TAG = {"system": "<|system|>", "developer": "<|system|>", "user": "<|user|
              "assistant": "<|assistant|>", "tool": "<|tool|>"}
 
 
-def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a chat prompt ending where the assistant's reply starts: the tokenizer's own
-    chat template when it has one, else `<|role|>\\ncontent\\n` blocks and `<|assistant|>\\n`."""
+def chat_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a chat prompt ending where the assistant's reply starts (without
+    add_generation_prompt: after the last message): the tokenizer's own chat template when it
+    has one, else `<|role|>\\ncontent\\n` blocks and `<|assistant|>\\n`."""
     hf = getattr(tokenizer, "_tok", None)
     if hf is not None and getattr(hf, "chat_template", None):
-        ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     text = "".join(f"{_ROLE_TAG[m['role']]}\n{m['content']}\n" for m in messages)
-    return tokenizer.encode(text + "<|assistant|>\n")
+    return tokenizer.encode(text + ("<|assistant|>\n" if add_generation_prompt else ""))
 
 
 def sample_tokens(tokenizer, payload: dict, max_tokens: int) -> list[int]:
