@@ -30,15 +30,15 @@ DEFAULT = {"cluster.nodes": 4, "cluster.stages": 2, "workload.rate": 16, "worklo
            "workload.duration_s": 120}
 
 
-def scenarios(big: bool) -> list[tuple[str, dict, bool]]:
+def scenarios(big: bool, trace: Path = TRACE) -> list[tuple[str, dict, bool]]:
     """(name, config overrides, whether the run has a finite horizon as `lemix simulate`)."""
     out = [(f"default/seed{s}", {**DEFAULT, "policy.names": "all", "seed": s}, True) for s in (0, 1, 2)]
     out.append(("generate", {**DEFAULT, "workload.duration_s": 60, "workload.mode": "generate",
                              "policy.names": "all"}, True))
     out.append(("backlog", {**DEFAULT, "workload.duration_s": 60, "workload.rate": 23,
                             "workload.train_backlog": True, "policy.names": "lemix,separate,naivemix"}, True))
-    if TRACE.exists():
-        out.append(("trace", {**DEFAULT, "workload.trace": str(TRACE), "workload.trace_speedup": 2.5,
+    if trace.exists():
+        out.append(("trace", {**DEFAULT, "workload.trace": str(trace), "workload.trace_speedup": 2.5,
                               "workload.duration_s": 300, "policy.names": "lemix,separate,luf"}, True))
     if big:   # bench_simulator.py's run (it has no horizon)
         out.append(("64x4", {"cluster.nodes": 64, "cluster.stages": 4, "workload.rate": 256.0,
@@ -56,9 +56,9 @@ def digest(result) -> str:
     return h.hexdigest()
 
 
-def run_all(big: bool, only: str | None = None, write: str | None = None) -> dict:
+def run_all(big: bool, only: str | None = None, write: str | None = None, trace: Path = TRACE) -> dict:
     out = {}
-    for name, sets, horizon in scenarios(big):
+    for name, sets, horizon in scenarios(big, trace):
         if only and not name.startswith(only):
             continue
         cfg = load_config(None, sets)
@@ -85,8 +85,9 @@ def main() -> int:
     g.add_argument("--check", metavar="FILE")
     ap.add_argument("--big", action="store_true", help="also the 100,000-task 64 x 4 run (minutes)")
     ap.add_argument("--only", metavar="PREFIX", help="only the scenarios whose name starts so (e.g. default)")
+    ap.add_argument("--trace", type=Path, default=TRACE, help="the Azure code trace (skipped if missing)")
     args = ap.parse_args()
-    got = run_all(args.big, args.only, args.write)
+    got = run_all(args.big, args.only, args.write, args.trace)
     if args.write:
         print(f"wrote {len(got)} runs to {args.write}")
         return 0
