@@ -38,7 +38,8 @@ def scenarios(big: bool, trace: Path = TRACE) -> list[tuple[str, dict, bool]]:
     out.append(("backlog", {**DEFAULT, "workload.duration_s": 60, "workload.rate": 23,
                             "workload.train_backlog": True, "policy.names": "lemix,separate,naivemix"}, True))
     if trace.exists():
-        out.append(("trace", {**DEFAULT, "workload.trace": str(trace), "workload.trace_speedup": 2.5,
+        no_rate = {k: v for k, v in DEFAULT.items() if k != "workload.rate"}   # arrivals from the trace
+        out.append(("trace", {**no_rate, "workload.trace": str(trace), "workload.trace_speedup": 2.5,
                               "workload.duration_s": 300, "policy.names": "lemix,separate,luf"}, True))
     if big:   # bench_simulator.py's run (it has no horizon)
         out.append(("64x4", {"cluster.nodes": 64, "cluster.stages": 4, "workload.rate": 256.0,
