@@ -43,7 +43,7 @@ import math
 from collections import deque
 from typing import Callable
 
-from lemix.sched.latency import LatencyModel
+from lemix.sched.latency import LatencyModel, layer_fraction
 from lemix.sched.params import SchedParams
 from lemix.sched.state import Batch
 from lemix.types import OpKind, Task, TaskKind
@@ -144,7 +144,8 @@ class Chunker:
         self._seen = 0
         probe = Task(-1, TaskKind.INFER, 0.0, 1, 1)
         self._tight_s = slo_of(probe)
-        self._durs: dict[tuple, tuple[list[list[float]], list[list[float]]]] = {}
+        self._durs: dict[tuple, tuple] = {}   # chunk durations and chains per shape, plan, calibration
+        self._raw_durs: dict[tuple, tuple[list[list[float]], list[list[float]]]] = {}   # ... uncalibrated
         self._plans: dict[tuple, tuple[int, Plan]] = {}
         self._now = now
         self._inference_present = inference_present
@@ -231,37 +232,62 @@ class Chunker:
         if hit is None:
             if len(self._durs) > 256:
                 self._durs.clear()
-            lat = self.lat
-            fwd, bwd = [], []
-            for s, bounds in enumerate(plan):
-                rngs = [(bounds[j], bounds[j + 1]) for j in range(len(bounds) - 1)]
-                if len(rngs) == 1:
-                    rngs = [()]
-                fwd.append([lat.predict(OpKind.FWD, s, b_size, tokens, layers=r) for r in rngs])
-                bwd.append([lat.predict(OpKind.BWD, s, b_size, tokens, layers=r) for r in rngs])
+            raw = self._raw_durs.get(key[:3])
+            if raw is None:   # the uncalibrated model times (LatencyModel.predict = raw x correction)
+                if len(self._raw_durs) > 256:
+                    self._raw_durs.clear()
+                prof = self.lat.profile.stages
+                raw = ([], [])
+                for s, bounds in enumerate(plan):
+                    st = prof[s]
+                    rngs = [(bounds[j], bounds[j + 1]) for j in range(len(bounds) - 1)]
+                    if len(rngs) == 1:
+                        rngs = [()]
+                    raw[0].append([st.fwd.pass_s(b_size, tokens, layer_fraction(st, r)) for r in rngs])
+                    raw[1].append([st.bwd.pass_s(b_size, tokens, layer_fraction(st, r)) for r in rngs])
+                self._raw_durs[key[:3]] = raw
+            corr = self.lat.correction
+            fwd = [[d * corr(s, OpKind.FWD) for d in ds] for s, ds in enumerate(raw[0])]
+            bwd = [[d * corr(s, OpKind.BWD) for d in ds] for s, ds in enumerate(raw[1])]
             hit = self._durs[key] = (fwd, bwd)
         return hit
 
     def remaining_chain(self, b: Batch) -> list[tuple[int, float]]:
         """The (stage, duration) ops left of a chunked training micro-batch after what ran or
-        runs: forward chunks ascending, stage by stage, then backward chunks descending."""
-        fwd, bwd = self._chunk_durs(b.size, b.seq_tokens, b.chunks)
-        S = b.num_stages
-        ops: list[tuple[int, float]] = []
+        runs: forward chunks ascending, stage by stage, then backward chunks descending (a
+        suffix of the whole chunked chain of its shape, cached per calibration)."""
+        ops, fwd_at, bwd_at = self._full_chain(b.size, b.seq_tokens, b.chunks)
         run = 1 if b.running else 0
         if not b.fwd_done:
-            for s in range(b.fwd_next, S):
-                j0 = b.chunk + run if s == b.fwd_next else 0
-                ops.extend((s, d) for d in fwd[s][j0:])
-            top = S - 1
-            first = None
-        else:
-            top = b.bwd_next
-            first = b.chunk - run
-        for s in range(top, -1, -1):
-            j0 = first if (s == top and first is not None) else len(bwd[s]) - 1
-            ops.extend((s, bwd[s][j]) for j in range(j0, -1, -1))
-        return ops
+            s = b.fwd_next
+            return ops[fwd_at[s] + min(b.chunk + run, fwd_at[s + 1] - fwd_at[s]):]
+        s = b.bwd_next
+        if s < 0:
+            return []
+        k = fwd_at[s + 1] - fwd_at[s]   # its backward has as many chunks, run from chunk - run down
+        return ops[bwd_at[s] + min(k, max(0, k - 1 - (b.chunk - run))):]
+
+    def _full_chain(self, b_size: int, tokens: int, plan: Plan) -> tuple[list[tuple[int, float]], list[int],
+                                                                        list[int]]:
+        """The whole chunked chain of a shape, and where in it each stage's forward chunks
+        (fwd_at[s]; fwd_at[S]: the end of the forwards) and backward chunks (bwd_at[s]) begin."""
+        key = (b_size, tokens, plan, self.lat.version, "full")
+        hit = self._durs.get(key)
+        if hit is None:
+            fwd, bwd = self._chunk_durs(b_size, tokens, plan)
+            S = len(fwd)
+            ops: list[tuple[int, float]] = []
+            fwd_at = []
+            for s in range(S):
+                fwd_at.append(len(ops))
+                ops.extend((s, d) for d in fwd[s])
+            fwd_at.append(len(ops))
+            bwd_at = [0] * S
+            for s in range(S - 1, -1, -1):
+                bwd_at[s] = len(ops)
+                ops.extend((s, d) for d in reversed(bwd[s]))
+            hit = self._durs[key] = (ops, fwd_at, bwd_at)
+        return hit
 
     def task_chain(self, task: Task) -> list[tuple[int, float]] | None:
         """The chain of a queued training task that would be chunked: one op per stage and

@@ -98,7 +98,8 @@ class Dispatcher:
             if pipe.can_fwd(node, probe, 0):
                 out.append(Candidate(CandKey(c_new, node.train_wait[0].arrival_s, 3, -1),
                                      CandKind.TRAIN_NEW, None))
-        out.sort(key=_by_key)
+        if len(out) > 1:
+            out.sort(key=_by_key)
         return out
 
     def _batch_ready(self, node: NodeState, now: float) -> bool:

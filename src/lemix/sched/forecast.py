@@ -142,14 +142,30 @@ class NodeTimeline:
         is inlined: timeline rebuilds are most of a decision's cost)."""
         first = True
         bisect_right = bisect.bisect_right
+        ivs, ends_of, infs, inf_ends = self.iv, self._ends, self._inf, self._inf_ends
         for stage, dur in stage_ops:
-            iv, ends = self.iv[stage], self._ends[stage]
+            ends = ends_of[stage]
             if not self._disjoint:
                 start, _ = self._earliest_scan(stage, ready, dur, False)
                 ready = start + dur
                 self.add(stage, start, ready, train)
+            elif not ends or ends[-1] <= ready:
+                # the usual case: nothing on the stage ends after `ready`, so the op starts then
+                iv = ivs[stage]
+                start, end = ready, ready + dur
+                item = (start, end, train)
+                if not iv or iv[-1] <= item:
+                    iv.append(item)          # and it goes last
+                    ends.append(end)
+                    if not train:
+                        infs[stage].append((start, end))
+                        inf_ends[stage].append(end)
+                else:
+                    self.add(stage, start, end, train)
+                ready = end
             else:
                 # earliest(): skip what ends by `ready`, then move past every op in the way
+                iv = ivs[stage]
                 t = ready
                 i = bisect_right(ends, t)
                 n = len(iv)
@@ -163,11 +179,11 @@ class NodeTimeline:
                 start, end = t, t + dur
                 item = (start, end, train)
                 if i == n and (not iv or iv[-1] <= item):
-                    iv.append(item)          # the usual case: it goes last
+                    iv.append(item)
                     ends.append(end)
                     if not train:
-                        self._inf[stage].append((start, end))
-                        self._inf_ends[stage].append(end)
+                        infs[stage].append((start, end))
+                        inf_ends[stage].append(end)
                 else:
                     self.add(stage, start, end, train)
                 ready = end

@@ -173,11 +173,17 @@ class LatencyModel:
         self.calibrate = calibrate
         self.alpha = alpha
         self._ratio: dict[tuple[int, OpKind], float] = {}
+        self._raw_cache: dict[tuple, float] = {}
         self.version = 0  # bumped whenever a correction changes (callers cache on it)
 
     def predict(self, kind: OpKind, stage: int, batch: int = 1, seq: int = 0, kv: int = 0,
                 nbytes: int = 0, layers: tuple = ()) -> float:
-        raw = _raw(self.profile, kind, stage, batch, seq, kv, nbytes, layers)
+        key = (kind, stage, batch, seq, kv, nbytes, layers)
+        raw = self._raw_cache.get(key)
+        if raw is None:   # the profile's time of an op of this shape (it never changes)
+            if len(self._raw_cache) > 65536:
+                self._raw_cache.clear()
+            raw = self._raw_cache[key] = _raw(self.profile, kind, stage, batch, seq, kv, nbytes, layers)
         return raw * self._ratio.get((stage, kind), 1.0)
 
     def predict_op(self, op: Op) -> float:
@@ -188,8 +194,11 @@ class LatencyModel:
         """Calibration: fold measured/predicted of a finished op into the stage's correction."""
         if not self.calibrate or measured_s <= 0:
             return
-        raw = _raw(self.profile, op.kind, op.stage, op.batch_size, op.seq_tokens, op.kv_tokens, op.bytes,
-                   op.layers)
+        key = (op.kind, op.stage, op.batch_size, op.seq_tokens, op.kv_tokens, op.bytes, op.layers)
+        raw = self._raw_cache.get(key)
+        if raw is None:
+            raw = _raw(self.profile, op.kind, op.stage, op.batch_size, op.seq_tokens, op.kv_tokens, op.bytes,
+                       op.layers)
         if raw <= 0:
             return
         key = (op.stage, op.kind)

@@ -81,45 +81,52 @@ class Simulator:
     def run(self, tasks: Iterable[Task], progress: Callable[[int], None] | None = None) -> RunResult:
         for task in tasks:
             self._push(task.arrival_s, ARRIVAL, task)
-        while self._heap:
-            t = self._heap[0][0]
-            if t > self.horizon_s:
+        # the loop runs once per op: the calls it makes are bound once here
+        heap, heappop, heappush = self._heap, heapq.heappop, heapq.heappush
+        sched, ex, clock, duration = self.sched, self.executor, self.clock, self.duration
+        on_op_finished, on_arrival, plan_now = sched.on_op_finished, sched.on_arrival, sched.plan
+        wakeups = self._wakeups
+        horizon = self.horizon_s
+        while heap:
+            t = heap[0][0]
+            if t > horizon:
                 break
-            self.clock.advance_to(t)
+            clock.advance_to(t)
             resolved = 0
-            while self._heap and self._heap[0][0] == t:
-                _, kind, _, payload = heapq.heappop(self._heap)
+            while heap and heap[0][0] == t:
+                _, kind, _, payload = heappop(heap)
                 self.events_processed += 1
-                ex = self.executor
                 if kind == FINISH:
                     op, res = payload
-                    out = self.sched.on_op_finished(res if ex is None else ex.finish(op, res))
+                    out = on_op_finished(res if ex is None else ex.finish(op, res))
                 elif kind == ARRIVAL:
                     if ex is not None:
                         ex.arrive(payload)
-                    out = self.sched.on_arrival(payload)
+                    out = on_arrival(payload)
                 else:
-                    self._wakeups.discard(t)
+                    wakeups.discard(t)
                     out = None
                 if ex is not None:
                     ex.take(out)
                 resolved += out.resolved if out else 0
-            plan = self.sched.plan()
+            plan = plan_now()
             resolved += plan.outputs.resolved if plan.outputs else 0
-            if self.executor is not None:
-                self.executor.take(plan.outputs)
+            if ex is not None:
+                ex.take(plan.outputs)
             for op in plan.ops:
                 self.ops_executed += 1
-                end = t + self.duration(op)
-                if self.executor is not None:
-                    self.executor.start(op)
-                self._push(end, FINISH, (op, OpResult(op.op_id, t, end)))
-            if plan.wakeup_s is not None and plan.wakeup_s > t and plan.wakeup_s not in self._wakeups:
-                self._wakeups.add(plan.wakeup_s)
-                self._push(plan.wakeup_s, WAKEUP, None)
+                end = t + duration(op)
+                if ex is not None:
+                    ex.start(op)
+                heappush(heap, (end, FINISH, self._seq, (op, OpResult(op.op_id, t, end))))
+                self._seq += 1
+            w = plan.wakeup_s
+            if w is not None and w > t and w not in wakeups:
+                wakeups.add(w)
+                self._push(w, WAKEUP, None)
             if progress and resolved:   # tasks done (finished or failed), not arrivals
                 progress(resolved)
-        return self.sched.finalize()
+        return sched.finalize()
 
 
 def simulate_policy(params: SchedParams, profile: Profile, tasks: list[Task], *, noise: float = DEFAULT_NOISE,
