@@ -317,7 +317,10 @@ def _apply(tree: dict, overrides: dict[str, Any], *, skip_none: bool) -> None:
 def deprecations(cfg: LemixConfig) -> list[str]:
     """What a config says the deprecated way, each with what to say instead."""
     w, out = cfg.workload, []
-    if w.rate is not None:
+    if w.rate is not None and w.requests_per_s is None:    # a trace brings its own arrivals
+        out.append("workload.rate (--rate) is deprecated, and a trace sets its own request arrivals: "
+                   "it has no effect here; drop it")
+    elif w.rate is not None:
         share = w.arrival_train_share
         per = f" = {w.rate:g} x (1 - {share:g}) = {w.requests_per_s:g}" if share else f" = {w.rate:g}"
         out.append(f"workload.rate (--rate) is deprecated: it counts training tasks too; use "
