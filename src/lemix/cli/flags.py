@@ -51,7 +51,7 @@ POLICY = [
     F("--max-defer", "policy.max_defer_s"), F("--max-batch", "policy.max_batch"),
     F("--max-wait", "policy.max_wait_s"), F("--pipeline", "policy.pipeline"),
     F("--microbatches", "policy.microbatches"), F("--sync-every", "policy.sync_every"),
-    F("--average-every", "policy.average_every"), F("--train-chunk-ms", "policy.train_chunk_ms"),
+    F("--average-every", "policy.average_every"), F("--no-merge-stagger", "policy.merge_stagger", const=False), F("--train-chunk-ms", "policy.train_chunk_ms"),
     F("--train-queue-depth", "policy.train_queue_depth"), F("--chunk-frac", "policy.chunk_frac"),
     F("--no-profile", "policy.no_profile"), F("--no-prioritization", "policy.no_prioritization"),
     F("--no-memory-check", "policy.no_memory_check"), F("--no-chunking", "policy.no_chunking"),
