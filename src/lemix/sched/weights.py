@@ -147,6 +147,10 @@ class Weights:
         self._stagger_first = -1
         self._next_staggered()
 
+    def merging(self, node: NodeState) -> bool:
+        """The node is taking (or about to take) a staggered merge's copy."""
+        return self._stagger_spec is not None and any(d.sync is self._stagger_spec for d in node.devices)
+
     def _start_sync(self, node: NodeState, spec: SyncSpec) -> None:
         for d in node.devices:
             d.sync = spec
