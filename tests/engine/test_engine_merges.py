@@ -84,3 +84,16 @@ def test_virtual_staggered_merges_never_sync_two_nodes_at_once():
     (r,) = run_engine(cfg)
     syncs = _sync_windows(r)   # all at once: some node's copy overlaps another's
     assert any(m != n and s2 < e and s < e2 for n, s, e in syncs for m, s2, e2 in syncs)
+
+
+def test_wall_clock_engine_takes_staggered_merges_on_local_threads():
+    # correctness only (no timing decides anything): the runtime's gather path writes the
+    # staggered merges, every task completes, and no two nodes copy at once
+    cfg = virtual_cfg(**{"cluster.clock": "wall", "policy.names": "lemix", "policy.average_every": 1,
+                         "workload.duration_s": 3.0})
+    (r,) = run_engine(cfg)
+    syncs = _sync_windows(r)
+    assert len({n for n, _, _ in syncs}) == 2
+    for n, s, e in syncs:
+        assert not any(m != n and s2 < e and s < e2 for m, s2, e2 in syncs)
+    assert not any(q.failed for q in r.requests) and r.train_steps

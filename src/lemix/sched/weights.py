@@ -85,6 +85,7 @@ class Weights:
         self._stagger: list[int] = []                    # ... nodes still to take the current one
         self._stagger_spec: SyncSpec | None = None
         self._stagger_first = -1                         # ... the node whose copy snapshots it
+        self._merge_due = False                          # ... another round was asked for meanwhile
 
     def staleness(self, node: NodeState, now: float) -> tuple[int, float]:
         """How far the node's weights are behind the freshest: in steps, and in seconds since
@@ -127,11 +128,14 @@ class Weights:
         by the samples each trained since the last merge, so a node that only served gets the
         trainers' progress and a trainer is not pulled back by it. The result counts as the
         freshest version. Staggered: one node at a time (a request while a round is still going
-        waits for the next one; its samples count there)."""
+        starts the next round when this one ends)."""
+        if stagger and self._stagger_spec is not None:
+            self._merge_due = True
+            return
         nodes = self.cluster.nodes
         healthy = [n for n in nodes if n.healthy]
         total = sum(self._merge_samples[n.index] for n in healthy)
-        if len(healthy) < 2 or total <= 0 or (stagger and self._stagger_spec is not None):
+        if len(healthy) < 2 or total <= 0:
             return
         mix = tuple((self._merge_samples[n.index] / total) if n.healthy else 0.0 for n in nodes)
         self._merge_samples = [0] * len(nodes)
@@ -168,6 +172,9 @@ class Weights:
                 self._start_sync(n, self._stagger_spec)
                 return
         self._stagger_spec = None
+        if self._merge_due:
+            self._merge_due = False
+            self.request_merge(True)
 
     def request_sync(self, node: NodeState) -> None:
         """Copy weights into every stage of `node` from the freshest training node."""
