@@ -106,8 +106,8 @@ class Dispatcher:
     def _passing(self, node: NodeState, s: int, now: float) -> list[Candidate]:
         """Under a staggered merge's pending copy of stage s: inference on the node that still
         needs the stage goes first (its batches and decode iteration due there, and at stage 0
-        the requests waiting to be admitted); while such work is on an earlier stage, the copy
-        waits for it."""
+        the requests waiting to be admitted, and a due optimizer step); while such work is on an
+        earlier stage, the copy waits for it."""
         c_inf, out, waiting = INFER_CLASS, [], False
         for b in node.batches.values():
             if not b.train and b.fwd_next <= s:
@@ -126,6 +126,9 @@ class Dispatcher:
                 out.append(Candidate(CandKey(c_inf, node.infer_wait[0].arrival_s, 1, -1), CandKind.INFER_NEW, None))
             else:
                 waiting = True
+        dev = node.devices[s]   # a due step goes first too: the merge then carries it
+        if dev.grads_pending and self.pipe.step_due(node, s):
+            out.append(Candidate(OPTIM_KEY, CandKind.OPTIM, None))
         out.sort(key=_by_key)
         return out if (out or waiting) else _SYNC_ONLY
 
