@@ -121,9 +121,11 @@ class Dispatcher:
                 out.append(Candidate(CandKey(c_inf, it.ready_s, 0, it.bid), CandKind.DECODE, it))
             else:
                 waiting = True
-        if node.infer_wait:   # placed before the merge began (placement skips the node since)
+        # requests placed before the merge began (placement skips the node unless it is the only one)
+        if node.infer_wait:
             if s == 0 and self._batch_ready(node, now):
-                out.append(Candidate(CandKey(c_inf, node.infer_wait[0].arrival_s, 1, -1), CandKind.INFER_NEW, None))
+                key = CandKey(c_inf, node.infer_wait[0].arrival_s, 1, -1)
+                out.append(Candidate(key, CandKind.INFER_NEW, None))
             else:
                 waiting = True
         dev = node.devices[s]   # a due step goes first too: the merge then carries it
