@@ -145,6 +145,9 @@ class PolicyConfig(_Strict):
     sync_every: int = Field(_SP.sync_every, ge=1, description="K: training steps between weight syncs (separate)")
     average_every: int = Field(_SP.average_every, ge=0, description="co-located: average weights across training "
                                "nodes every K of a node's steps (0 = never)")
+    merge_stagger: bool = Field(_SP.merge_stagger, description="a merge runs on one node at a time "
+                                "(the others keep serving); each later node adds the average's "
+                                "delta to its current weights (false: every node at once)")
     no_profile: bool = Field(_SP.no_profile, description="start from a generic latency model and "
                              "calibrate online")
     no_prioritization: bool = Field(_SP.no_prioritization, description="lemix without SLO-aware "
@@ -228,6 +231,7 @@ class LemixConfig(_Strict):
             kappa=p.kappa, min_train_share=p.min_train_share, max_defer_s=p.max_defer_s,
             max_batch=p.max_batch, max_wait_s=p.max_wait_s, pipeline=p.pipeline,
             microbatches=p.microbatches, sync_every=p.sync_every, average_every=p.average_every,
+            merge_stagger=p.merge_stagger,
             generate=self.workload.mode == "generate",
             train_share=self.workload.effective_train_share,
             no_profile=p.no_profile, no_prioritization=p.no_prioritization,

@@ -54,6 +54,11 @@ class SyncSpec:
     source: int = -1                  # copy node `source`'s stage (-1 when `mix` is given)
     mix: tuple[float, ...] = ()       # weight of each node's copy (sums to 1; 0 = not used)
     version: int = 0                  # the weight version the receiver has afterwards
+    # a staggered merge (round > 0): the members take it one node at a time; the first copy of
+    # a stage snapshots every member's copy, and each later member adds (average - its snapshot)
+    # to its current weights, so training it did in between is kept
+    round: int = 0
+    members: tuple[int, ...] = ()     # the nodes the staggered round snapshots and updates
 
     @property
     def average(self) -> bool:

@@ -92,14 +92,18 @@ def test_two_cli_runs_give_identical_summaries_under_cpu_load(tmp_path):
     assert (tmp_path / "a" / "requests.csv").read_text() == (tmp_path / "b" / "requests.csv").read_text()
 
 
-def test_colocated_inference_loss_beats_separate_under_drift():
+@pytest.mark.parametrize("stagger,margin", [(False, 0.97), (True, 0.98)])
+def test_colocated_inference_loss_beats_separate_under_drift(stagger, margin):
     # co-located nodes serve what they train (merged every 4 steps); separate's serving node gets
     # the trainer's weights every 8 steps, so it lags behind the drifting topic. On the virtual
-    # clock the outcome is the same on every machine under any load.
-    cfg = virtual_cfg(**{"workload.duration_s": 8.0, "workload.drift_groups": 3, "model.lr": 2e-3})
+    # clock the outcome is the same on every machine under any load. Staggered merges serve
+    # the requests that arrive during a merge from the node not yet merged (on time, but with
+    # older weights than waiting for the merge would give): a smaller margin.
+    cfg = virtual_cfg(**{"workload.duration_s": 8.0, "workload.drift_groups": 3, "model.lr": 2e-3,
+                         "policy.merge_stagger": stagger})
     results = {r.policy: summarize(r) for r in run_engine(cfg)}
     lemix, separate = results["lemix"], results["separate"]
-    assert lemix["inference_loss_mean"] < 0.97 * separate["inference_loss_mean"]
+    assert lemix["inference_loss_mean"] < margin * separate["inference_loss_mean"]
     assert lemix["staleness_steps_mean"] < separate["staleness_steps_mean"]
 
 

@@ -19,6 +19,7 @@ import torch
 from lemix.clock import Clock, WallClock
 from lemix.engine.backend import Backend, EngineError, WorkerLost
 from lemix.engine.data import TaskTexts, TaskTokens
+from lemix.engine.merges import StaggeredMerges
 from lemix.engine.messages import (Backward, Decode, Forward, Free, GetWeights, Offload, Reload,
                                    SamplingParams, SetWeights, Step)
 from lemix.engine.outcomes import Listener, average_weights, step_losses
@@ -86,7 +87,8 @@ class Engine:
         self._compute_s = 0.0
         self._busy_s = 0.0
         self.listener = listener
-        self._gather: dict[int, tuple[int, list]] = {}            # merge op -> (copies, got)
+        self._gather: dict[int, tuple[int, list]] = {}            # merge op -> (copies, got: (node, weights))
+        self.merges = StaggeredMerges()                           # staggered merges' deltas
         self.recent_ops: deque[OpRecord] = deque(maxlen=RECENT_OPS)   # for live metrics (serve)
         self.last_snapshot: ClusterSnapshot = self.sched.snapshot()     # ... taken on the engine thread
         self._stop_requested: set[int] = set()
@@ -201,7 +203,8 @@ class Engine:
     def _launch(self, op: Op) -> None:
         self._flights[op.op_id] = _Flight(op, self.clock.now())
         if op.kind is OpKind.SYNC and op.sync.average:   # gather the copies, then average
-            nodes = [n for n in op.sync.sources(op.node) if n not in self.recovery.down]
+            sources = self.merges.sources(op) if op.sync.round else op.sync.sources(op.node)
+            nodes = [n for n in sources if n not in self.recovery.down]
             self._gather[op.op_id] = (len(nodes), [])
             for n in nodes:
                 self.backend.submit(n, op.stage, GetWeights(), GatherTag(op.op_id, n))
@@ -218,7 +221,11 @@ class Engine:
             return
         del self._gather[op_id]
         op = self._flights[op_id].op
-        self.backend.submit(op.node, op.stage, SetWeights(average_weights(got)), OpTag(op.op_id))
+        if op.sync.round:
+            state = self.merges.result(op, dict(got))
+        else:
+            state = average_weights([(op.sync.mix[n], sd) for n, sd in got])
+        self.backend.submit(op.node, op.stage, SetWeights(state), OpTag(op.op_id))
 
     def _command(self, op: Op) -> Any:
         last = op.stage == self.params.stages - 1
@@ -333,7 +340,7 @@ class Engine:
         if isinstance(res, Exception):
             return self._op_error(flight.op, res)
         if isinstance(tag, GatherTag):
-            self._gather[tag.op_id][1].append((flight.op.sync.mix[tag.node], res.state_dict))
+            self._gather[tag.op_id][1].append((tag.node, res.state_dict))
             self._maybe_average(tag.op_id)
             return
         self.backend.submit(flight.op.node, flight.op.stage, SetWeights(res.state_dict), OpTag(tag.op_id))

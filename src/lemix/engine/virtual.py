@@ -75,7 +75,7 @@ class VirtualEngine:
     def start(self, op: Op) -> None:
         eng = self.eng
         if op.kind is OpKind.SYNC:   # read the sources now; the receiver is written at the end
-            for n in op.sync.sources(op.node):
+            for n in self._sources(op):
                 eng.backend.submit(n, op.stage, GetWeights(), GatherTag(op.op_id, n))
             return
         eng.backend.submit(op.node, op.stage, eng.command(op), OpTag(op.op_id))
@@ -83,8 +83,10 @@ class VirtualEngine:
     def finish(self, op: Op, result: OpResult) -> OpResult:
         eng = self.eng
         if op.kind is OpKind.SYNC:
-            copies = [(n, self._reply(GatherTag(op.op_id, n), op)) for n in op.sync.sources(op.node)]
-            if op.sync.average:
+            copies = [(n, self._reply(GatherTag(op.op_id, n), op)) for n in self._sources(op)]
+            if op.sync.round:
+                state = eng.merges.result(op, {n: res.state_dict for n, res in copies})
+            elif op.sync.average:
                 state = average_weights([(op.sync.mix[n], res.state_dict) for n, res in copies])
             else:
                 state = copies[0][1].state_dict
@@ -92,6 +94,9 @@ class VirtualEngine:
         res = self._reply(OpTag(op.op_id), op)
         self._compute_s += getattr(res, "compute_s", 0.0)
         return replace(result, stopped_task_ids=eng.absorb(op, res, result.end_s))
+
+    def _sources(self, op: Op) -> tuple[int, ...]:
+        return self.eng.merges.sources(op) if op.sync.round else op.sync.sources(op.node)
 
     # ------------------------------------------------------------------ replies
     def _reply(self, tag: Any, op: Op) -> Any:

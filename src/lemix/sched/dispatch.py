@@ -17,7 +17,7 @@ from lemix.sched.failures import Failures
 from lemix.sched.latency import LatencyModel, Profile
 from lemix.sched.ledger import Served, TaskLedger
 from lemix.sched.memory import MemoryGate, Reload, Verdict, Victim, VictimKind
-from lemix.sched.order import INF, OPTIM_KEY, SYNC_KEY, CandKey, CandKind, Candidate, DispatchOrder
+from lemix.sched.order import INF, INFER_CLASS, OPTIM_KEY, SYNC_KEY, CandKey, CandKind, Candidate, DispatchOrder
 from lemix.sched.params import SchedParams
 from lemix.sched.pipeline import PipelineMode
 from lemix.sched.state import Batch, DecodeIter, NodeState
@@ -66,6 +66,8 @@ class Dispatcher:
         dev = node.devices[s]
         syncing = dev.sync is not None
         if syncing and not node.stash_on(s):
+            if dev.sync.round:   # a staggered merge: requests already on the node pass first
+                return self._passing(node, s, now)
             return _SYNC_ONLY  # never under a pending backward
         c_inf, c_bwd, c_fwd, c_new = self.order.classes(dev, now)
         pipe = self.pipe
@@ -101,6 +103,37 @@ class Dispatcher:
         if len(out) > 1:
             out.sort(key=_by_key)
         return out
+
+    def _passing(self, node: NodeState, s: int, now: float) -> list[Candidate]:
+        """Under a staggered merge's pending copy of stage s: inference on the node that still
+        needs the stage goes first (its batches and decode iteration due there, and at stage 0
+        the requests waiting to be admitted, and a due optimizer step); while such work is on an
+        earlier stage, the copy waits for it."""
+        c_inf, out, waiting = INFER_CLASS, [], False
+        for b in node.batches.values():
+            if not b.train and b.fwd_next <= s:
+                if b.fwd_next == s and not b.running:
+                    out.append(Candidate(CandKey(c_inf, b.ready_s, 1, b.bid), CandKind.FWD, b))
+                else:
+                    waiting = True
+        it = node.decode
+        if it is not None and it.stage <= s:
+            if it.stage == s and not it.running:
+                out.append(Candidate(CandKey(c_inf, it.ready_s, 0, it.bid), CandKind.DECODE, it))
+            else:
+                waiting = True
+        # requests placed before the merge began (placement skips the node unless it is the only one)
+        if node.infer_wait:
+            if s == 0 and self._batch_ready(node, now):
+                key = CandKey(c_inf, node.infer_wait[0].arrival_s, 1, -1)
+                out.append(Candidate(key, CandKind.INFER_NEW, None))
+            else:
+                waiting = True
+        dev = node.devices[s]   # a due step goes first too: the merge then carries it
+        if dev.grads_pending and self.pipe.step_due(node, s):
+            out.append(Candidate(OPTIM_KEY, CandKind.OPTIM, None))
+        out.sort(key=_by_key)
+        return out if (out or waiting) else _SYNC_ONLY
 
     def _batch_ready(self, node: NodeState, now: float) -> bool:
         """T_w: a batch forms when full, or when its oldest request waited max_wait_s."""

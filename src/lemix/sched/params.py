@@ -26,6 +26,7 @@ class SchedParams:
     microbatches: int = 4
     sync_every: int = 8
     average_every: int = 0
+    merge_stagger: bool = True        # co-located merges one node at a time (weights.py)
     generate: bool = False
     train_share: float | None = 0.5
     no_profile: bool = False

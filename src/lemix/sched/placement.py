@@ -56,6 +56,9 @@ class Placement:
 
     # ------------------------------------------------------------------ what policies read
     def candidate_nodes(self, task: Task) -> list[int]:
+        return self._candidates(task)
+
+    def _pool(self, task: Task) -> list[int]:
         healthy = [n.index for n in self.cluster.nodes if n.healthy]
         if not healthy:
             return []
@@ -64,6 +67,15 @@ class Placement:
         serve, train = self._roles
         pool = train if task.is_train else serve
         return [n for n in healthy if n in pool] or healthy
+
+    def _candidates(self, task: Task) -> list[int]:
+        """The nodes that may take the task; a request skips a node taking a staggered merge
+        (it cannot serve until the copy ends) while another node can take it."""
+        nodes = self._pool(task)
+        if task.is_train or len(nodes) < 2:
+            return nodes
+        free = [n for n in nodes if not self.weights.merging(self.cluster.nodes[n])]
+        return free or nodes
 
     def pending_work_s(self, node: int) -> float:
         return self._owed[node]

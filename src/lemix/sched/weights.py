@@ -5,7 +5,10 @@ merge brought. A weight regime (chosen by the policy) says what happens after st
 
 - `LocalWeights`: a co-located node serves what it trains (updates visible at once);
 - `MergeEvery(K)`: co-located nodes train on different data; every K steps (cluster-wide) every
-  healthy node replaces its weights by the sample-weighted average of all copies (FedAvg);
+  healthy node replaces its weights by the sample-weighted average of all copies (FedAvg).
+  Staggered (the default), one node takes the merge at a time, so the others keep serving: the
+  first node's copy snapshots every member's weights, and each later node adds (average - its
+  snapshot) to its current weights, keeping the training it did in between;
 - `SyncServersEvery(K)` (separate): every K steps serving-only nodes copy the freshest trainer's.
 
 Each stage takes its copy or merge when no pending backward needs its old weights.
@@ -51,8 +54,12 @@ class _EveryK:
 
 
 class MergeEvery(_EveryK):
+    def __init__(self, every: int, stagger: bool = False) -> None:
+        super().__init__(every)
+        self.stagger = stagger
+
     def act(self, weights: "Weights") -> None:
-        weights.request_merge()
+        weights.request_merge(self.stagger)
 
 
 class SyncServersEvery(_EveryK):
@@ -74,6 +81,11 @@ class Weights:
         self._version_first_s: dict[int, float] = {0: 0.0}
         self._merge_samples = [0] * len(cluster.nodes)   # samples trained per node since the last merge
         self._unstepped: dict[int, list[Task]] = {}      # node -> trained tasks its next step applies
+        self._round = 0                                  # staggered merges: the last round's number
+        self._stagger: list[int] = []                    # ... nodes still to take the current one
+        self._stagger_spec: SyncSpec | None = None
+        self._stagger_first = -1                         # ... the node whose copy snapshots it
+        self._merge_due = False                          # ... another round was asked for meanwhile
 
     def staleness(self, node: NodeState, now: float) -> tuple[int, float]:
         """How far the node's weights are behind the freshest: in steps, and in seconds since
@@ -111,24 +123,58 @@ class Weights:
         self.regime.after_step(self)
 
     # ------------------------------------------------------------------ copies and merges
-    def request_merge(self) -> None:
+    def request_merge(self, stagger: bool = False) -> None:
         """Every healthy node replaces its weights by the average of all nodes' copies weighted
         by the samples each trained since the last merge, so a node that only served gets the
         trainers' progress and a trainer is not pulled back by it. The result counts as the
-        freshest version."""
+        freshest version. Staggered: one node at a time (a request while a round is still going
+        starts the next round when this one ends)."""
+        if stagger and self._stagger_spec is not None:
+            self._merge_due = True
+            return
         nodes = self.cluster.nodes
         healthy = [n for n in nodes if n.healthy]
         total = sum(self._merge_samples[n.index] for n in healthy)
         if len(healthy) < 2 or total <= 0:
             return
         mix = tuple((self._merge_samples[n.index] / total) if n.healthy else 0.0 for n in nodes)
-        spec = SyncSpec(-1, mix, max(n.version for n in healthy))
-        for n in healthy:
-            for d in n.devices:
-                d.sync = spec
-            self.pipe.flush(n)
-            self.cluster.touch(n)
         self._merge_samples = [0] * len(nodes)
+        version = max(n.version for n in healthy)
+        if not stagger:
+            spec = SyncSpec(-1, mix, version)
+            for n in healthy:
+                self._start_sync(n, spec)
+            return
+        self._round += 1
+        self._stagger_spec = SyncSpec(-1, mix, version, self._round, tuple(n.index for n in healthy))
+        self._stagger = [n.index for n in healthy]
+        self._stagger_first = -1
+        self._next_staggered()
+
+    def merging(self, node: NodeState) -> bool:
+        """The node is taking (or about to take) a staggered merge's copy."""
+        return self._stagger_spec is not None and any(d.sync is self._stagger_spec for d in node.devices)
+
+    def _start_sync(self, node: NodeState, spec: SyncSpec) -> None:
+        for d in node.devices:
+            d.sync = spec
+        self.pipe.flush(node)
+        self.cluster.touch(node)
+
+    def _next_staggered(self) -> None:
+        """The next healthy member takes the staggered merge; the round ends after the last."""
+        nodes = self.cluster.nodes
+        while self._stagger:
+            n = nodes[self._stagger.pop(0)]
+            if n.healthy:
+                if self._stagger_first < 0:
+                    self._stagger_first = n.index
+                self._start_sync(n, self._stagger_spec)
+                return
+        self._stagger_spec = None
+        if self._merge_due:
+            self._merge_due = False
+            self.request_merge(True)
 
     def request_sync(self, node: NodeState) -> None:
         """Copy weights into every stage of `node` from the freshest training node."""
@@ -136,15 +182,15 @@ class Weights:
         if not trainers:
             return
         src = max(trainers, key=lambda n: (n.version, -n.index))
-        spec = SyncSpec(src.index, (), src.version)
-        for d in node.devices:
-            d.sync = spec
-        self.pipe.flush(node)
-        self.cluster.touch(node)
+        self._start_sync(node, SyncSpec(src.index, (), src.version))
 
     def sync_bytes(self, node: NodeState, s: int, spec: SyncSpec) -> int:
         """What the stage's copy moves: its weights, from every other contributing node."""
         nbytes = self.profile.stages[s].copy_bytes   # LoRA: the adapters only
+        if spec.round and node.index != self._stagger_first:
+            return nbytes   # a later member of a staggered merge: its delta only
+        if spec.round:  # the first member snapshots every other member's copy
+            return nbytes * max(1, len(spec.members) - 1)
         if spec.mix:  # pull every other contributing node's copy
             nbytes *= max(1, sum(1 for i, w in enumerate(spec.mix) if w > 0 and i != node.index))
         return nbytes
@@ -160,14 +206,19 @@ class Weights:
         if all(d.sync is None for d in node.devices):
             # the weight version moves; step counts stay (S-PP rounds are numbered by them)
             node.version = max(node.version, pending.version)
+            if pending.round and pending is self._stagger_spec:
+                self._next_staggered()
 
     # ------------------------------------------------------------------ failures
     def node_failed(self, dead: NodeState) -> list[Task]:
         """The dead node's trained-but-unstepped tasks (their gradients died with it: they train
         again); a copy another node was taking from it is taken from another source."""
         lost = self._unstepped.pop(dead.index, [])
+        taking = any(d.sync is not None and d.sync.round for d in dead.devices)
         for d in dead.devices:
             d.sync = None
+        if taking and self._stagger_spec is not None:
+            self._next_staggered()   # the dead node was taking the staggered merge: the next one does
         for other in self.cluster.nodes:
             if other.healthy and any(d.sync is not None and not d.sync.average and d.sync.source == dead.index
                                      for d in other.devices):

@@ -70,7 +70,7 @@ class PolicyBase:
 
     def weight_regime(self) -> WeightRegime:
         every = self.params.average_every
-        return MergeEvery(every) if every else LocalWeights()
+        return MergeEvery(every, self.params.merge_stagger) if every else LocalWeights()
 
     def roles(self, view: ClusterView) -> tuple[frozenset[int], frozenset[int]] | None:
         return None
