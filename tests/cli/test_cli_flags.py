@@ -97,7 +97,9 @@ def test_defaults_in_help_are_the_commands_own():
     assert helps["simulate"]["--request-rate"].endswith("(default: 8)")
     assert helps["run"]["--request-rate"].endswith("(default: 4)")
     assert helps["serve"]["--nodes"].endswith("(default: 1)") and helps["serve"]["--port"].endswith("(default: 8000)")
-    assert helps["simulate"]["--no-progress"].endswith("(default: off)")
+    # a --no-X flag says it turns the feature off, and the feature's default (progress bars: on)
+    assert helps["simulate"]["--no-progress"].startswith("turn off: show progress bars")
+    assert helps["simulate"]["--no-progress"].endswith("(default: on)")
 
 
 def test_policy_help_lists_the_registered_names():

@@ -170,9 +170,10 @@ def add_flags(p: argparse.ArgumentParser, flags: list[Flag], defaults: LemixConf
         desc = "; ".join(x for x in (info.description, f.note) if x)
         default = get_dotted(defaults, f.field)
         if is_switch(f.field):
-            shown = show(default) if f.const is True else show(not default)
+            # a --no-X flag turns a feature off: its help says so and shows the feature's default
+            text = desc if f.const is True else f"turn off: {desc}"
             p.add_argument(f.flag, dest=f.field, action="store_const", const=f.const, default=None,
-                           help=f"{desc} [{f.field}] (default: {shown})")
+                           help=f"{text} [{f.field}] (default: {show(default)})")
         else:
             p.add_argument(f.flag, dest=f.field, default=None, metavar=_metavar(info.annotation),
                            help=f"{desc} [{f.field}] (default: {show(default)})")
