@@ -319,8 +319,11 @@ def _apply(tree: dict, overrides: dict[str, Any], *, skip_none: bool) -> None:
 
 
 def deprecations(cfg: LemixConfig) -> list[str]:
-    """What a config says the deprecated way, each with what to say instead."""
+    """What a config says the deprecated way, or says to no effect, each with what to say instead."""
     w, out = cfg.workload, []
+    if w.arrival == "trace" and w.request_rate is not None:   # only set by the user with a trace
+        out.append("workload.request_rate (--request-rate) has no effect with a trace: it replays its own "
+                   "arrival times; scale them with workload.trace_speedup (--trace-speedup)")
     if w.rate is not None and w.requests_per_s is None:    # a trace brings its own arrivals
         out.append("workload.rate (--rate) is deprecated, and a trace sets its own request arrivals: "
                    "it has no effect here; drop it")

@@ -182,6 +182,18 @@ def test_deprecated_rate_with_a_trace_warns_instead_of_crashing(tmp_path):
     assert cfg.workload.requests_per_s is None
 
 
+def test_request_rate_with_a_trace_warns_that_it_has_no_effect(tmp_path):
+    trace = tmp_path / "t.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                     "2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:50.9951690,396,109\n")
+    with pytest.warns(LemixDeprecationWarning, match=r"no effect with a trace.*--trace-speedup"):
+        cfg = load_config(None, {"workload.trace": str(trace), "workload.request_rate": 8.0})
+    assert cfg.workload.requests_per_s is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(None, {"workload.trace": str(trace)})     # a trace alone warns of nothing
+
+
 def test_deprecated_cv2_is_the_old_gamma():
     with pytest.warns(LemixDeprecationWarning, match=r"use workload.burstiness .* = 1 / CV\^2 = 0.25"):
         old = load_config(None, {"workload.arrival": "gamma", "workload.burstiness_cv2": 4.0, "workload.rate": 16.0})
