@@ -69,7 +69,8 @@ class Dispatcher:
             if dev.sync.round:   # a staggered merge: requests already on the node pass first
                 return self._passing(node, s, now)
             return _SYNC_ONLY  # never under a pending backward
-        c_inf, c_bwd, c_fwd, c_new = self.order.classes(dev, now)
+        solo = self.order.solo_training and node.has_no_inference()
+        c_inf, c_bwd, c_fwd, c_new = self.order.classes(dev, now, solo)
         pipe = self.pipe
         out = []
         if dev.grads_pending and pipe.step_due(node, s) and not node.stash_on(s):
