@@ -174,9 +174,9 @@ class PolicyConfig(_Strict):
                                 "training's device-time floor is separation's training share of nodes")
     chunk_quiet_s: float | None = Field(_SP.chunk_quiet_s, gt=0, description="lemix: train unchunked once no "
                                         "request arrived this long (null: always chunk)")
-    no_solo_training: bool = Field(_SP.no_solo_training, description="lemix: a node with no inference "
-                                   "still orders its training inference-first (backward before new "
-                                   "admissions) instead of first ready, running ahead into free memory")
+    no_solo_training: bool = Field(_SP.no_solo_training, description="lemix: on a quiet cluster (no "
+                                   "request for chunk_quiet_s, none present) training stays inference-first "
+                                   "(backward before new admissions) instead of first ready, as on a trainer")
 
     @field_validator("names", mode="before")
     @classmethod

@@ -15,16 +15,19 @@ a device: a pending weight sync; a due optimizer step; then, per the dispatch or
   Under overload, inference-first held training at the 10% floor and lost to separate on
   total throughput (the code trace at 8x, 80% training).
 
-Solo training (issue 10; `solo_training`, `--no-solo-training`): on a node with no inference
-queued, in flight or running there is nothing for the inference-first order to protect, so its
-training is ordered first ready, as on a dedicated training node: stage 0 admits new
+Solo training (issue 10; `solo_training`, `--no-solo-training`): on a quiet cluster (requests
+were seen, none arrived for `chunk_quiet_s` and none is queued or running anywhere: the
+chunker's `quiet`, when training also runs unchunked) there is nothing for the inference-first
+order to protect, so training is ordered first ready, as on a dedicated training node: stage 0 admits new
 micro-batches ahead of the backwards of earlier ones (as far as the pipeline mode and the memory
 gate let it), so more micro-batches share each optimizer step's pipeline drain (apipe steps a
 stage only when it holds no stash). Kept inference-first (backward before forward before
 admission), a 2-stage node trained 1F1B-like with about M micro-batches per drain and idled 13%
 of its device time in the training-only tail of an overloaded run (the code trace at 8x, 80%
 training: 0.976x separate's task throughput, whose training nodes run ahead). The first request
-placed on the node restores inference-first. The trade: fewer, larger optimizer steps there
+to arrive restores inference-first. Per node (any node without inference) it cost the default
+scenario requests (a node between two requests ran ahead, and the next one found backward
+chunks ready on both stages), so it waits for the cluster to be quiet. The trade: fewer, larger optimizer steps there
 (more micro-batches' gradients per step), and a request arriving while the node still works
 through its run-ahead finds backward chunks ready on every stage (each blocks it at most the
 chunk bound, as bounded blocking accepts).
@@ -92,11 +95,11 @@ class Classes(NamedTuple):
 
 class DispatchOrder(Protocol):
     overtakes_training: bool   # queued inference passes queued training (forecasts model it)
-    solo_training: bool        # a node with no inference orders its training first ready
+    solo_training: bool        # a quiet cluster orders its training first ready
 
     def classes(self, dev: Device, now: float, solo: bool = False) -> Classes:
-        """`solo`: the device's node has no inference (the dispatcher asks only when
-        `solo_training`)."""
+        """`solo`: the cluster is quiet, no inference to protect (the dispatcher asks only
+        when `solo_training`)."""
         ...
 
     def hold_until(self, node: NodeState, s: int, now: float) -> float:
