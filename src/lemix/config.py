@@ -174,6 +174,9 @@ class PolicyConfig(_Strict):
                                 "training's device-time floor is separation's training share of nodes")
     chunk_quiet_s: float | None = Field(_SP.chunk_quiet_s, gt=0, description="lemix: train unchunked once no "
                                         "request arrived this long (null: always chunk)")
+    no_solo_training: bool = Field(_SP.no_solo_training, description="lemix: on a quiet cluster (no "
+                                   "request for chunk_quiet_s, none present) training stays inference-first "
+                                   "(backward before new admissions) instead of first ready, as on a trainer")
 
     @field_validator("names", mode="before")
     @classmethod
@@ -238,6 +241,7 @@ class LemixConfig(_Strict):
             no_memory_check=p.no_memory_check, no_chunking=p.no_chunking, train_chunk_ms=p.train_chunk_ms,
             chunk_frac=p.chunk_frac, no_late_binding=p.no_late_binding, eq4_inference_only=p.eq4_inference_only, no_lookahead_slack=p.no_lookahead_slack, train_queue_depth=p.train_queue_depth,
             no_slo_batching=p.no_slo_batching, backlog_floor=p.backlog_floor, chunk_quiet_s=p.chunk_quiet_s,
+            no_solo_training=p.no_solo_training,
             slo_scale=self.slo.scale, slo_ttft_s=self.slo.ttft_s,
             slo_e2e_s=self.slo.e2e_s, seed=self.seed, **self._backlog(),
         )

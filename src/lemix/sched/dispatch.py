@@ -8,7 +8,7 @@ completion.py.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from lemix.clock import Clock
 from lemix.sched.chunking import chunk_layers, chunk_stash_bytes, mid_stage
@@ -59,6 +59,7 @@ class Dispatcher:
         self._next_bid = 0
         self.chunker = None   # set by the Scheduler: chunk plans of training ops (chunking.py)
         self.slo_batching = False   # set by the Scheduler (issue 10): see _slo_batch
+        self.quiet: Callable[[], bool] = lambda: False   # set by the Scheduler (solo training, order.py)
 
     # ------------------------------------------------------------------ candidates
     def candidates(self, node: NodeState, s: int, now: float,
@@ -69,7 +70,8 @@ class Dispatcher:
             if dev.sync.round:   # a staggered merge: requests already on the node pass first
                 return self._passing(node, s, now)
             return _SYNC_ONLY  # never under a pending backward
-        c_inf, c_bwd, c_fwd, c_new = self.order.classes(dev, now)
+        solo = self.order.solo_training and self.quiet()
+        c_inf, c_bwd, c_fwd, c_new = self.order.classes(dev, now, solo)
         pipe = self.pipe
         out = []
         if dev.grads_pending and pipe.step_due(node, s) and not node.stash_on(s):

@@ -15,6 +15,23 @@ a device: a pending weight sync; a due optimizer step; then, per the dispatch or
   Under overload, inference-first held training at the 10% floor and lost to separate on
   total throughput (the code trace at 8x, 80% training).
 
+Solo training (issue 10; `solo_training`, `--no-solo-training`): on a quiet cluster (requests
+were seen, none arrived for `chunk_quiet_s` and none is queued or running anywhere: the
+chunker's `quiet`, when training also runs unchunked) there is nothing for the inference-first
+order to protect, so training is ordered first ready, as on a dedicated training node: stage 0 admits new
+micro-batches ahead of the backwards of earlier ones (as far as the pipeline mode and the memory
+gate let it), so more micro-batches share each optimizer step's pipeline drain (apipe steps a
+stage only when it holds no stash). Kept inference-first (backward before forward before
+admission), a 2-stage node trained 1F1B-like with about M micro-batches per drain and idled 13%
+of its device time in the training-only tail of an overloaded run (the code trace at 8x, 80%
+training: 0.976x separate's task throughput, whose training nodes run ahead). The first request
+to arrive restores inference-first. Per node (any node without inference) it cost the default
+scenario requests (a node between two requests ran ahead, and the next one found backward
+chunks ready on both stages), so it waits for the cluster to be quiet. The trade: fewer, larger optimizer steps there
+(more micro-batches' gradients per step), and a request arriving while the node still works
+through its run-ahead finds backward chunks ready on every stage (each blocks it at most the
+chunk bound, as bounded blocking accepts).
+
 The order is a seam: a dispatch order that, say, chunks training ops or backs training off
 under an SLO budget is one new class here that a policy returns.
 """
@@ -78,8 +95,12 @@ class Classes(NamedTuple):
 
 class DispatchOrder(Protocol):
     overtakes_training: bool   # queued inference passes queued training (forecasts model it)
+    solo_training: bool        # a quiet cluster orders its training first ready
 
-    def classes(self, dev: Device, now: float) -> Classes: ...
+    def classes(self, dev: Device, now: float, solo: bool = False) -> Classes:
+        """`solo`: the cluster is quiet, no inference to protect (the dispatcher asks only
+        when `solo_training`)."""
+        ...
 
     def hold_until(self, node: NodeState, s: int, now: float) -> float:
         """A training op that would end after this time must not start on stage s now (INF:
@@ -89,9 +110,10 @@ class DispatchOrder(Protocol):
 
 class FirstReady:
     overtakes_training = False
+    solo_training = False
     _ALL = Classes(INFER_CLASS, INFER_CLASS, INFER_CLASS, INFER_CLASS)
 
-    def classes(self, dev: Device, now: float) -> Classes:
+    def classes(self, dev: Device, now: float, solo: bool = False) -> Classes:
         return self._ALL
 
     def hold_until(self, node: NodeState, s: int, now: float) -> float:
@@ -104,15 +126,18 @@ class InferenceFirst:
     _STARVED = Classes(STARVED_INFER_CLASS, BWD_CLASS, FWD_CLASS, NEW_CLASS)  # training first until its share recovers
 
     def __init__(self, min_train_share: float, *, lookahead: bool = True,
-                 backlog_share: float | None = None) -> None:
+                 backlog_share: float | None = None, solo_training: bool = False) -> None:
         self.min_train_share = min_train_share
         self.lookahead = lookahead
+        self.solo_training = solo_training   # issue 10 (overload): see the module's docstring
         # issue 10 (both backlogged): while both workloads are backlogged, training's floor is
         # the share of devices separation would give it; `backlogged` is set by the Scheduler
         self.backlog_share = backlog_share
         self.backlogged: Callable[[], bool] | None = None
 
-    def classes(self, dev: Device, now: float) -> Classes:
+    def classes(self, dev: Device, now: float, solo: bool = False) -> Classes:
+        if solo and self.solo_training:
+            return FirstReady._ALL   # nothing to protect: training first ready (solo training)
         return self._STARVED if self.training_starved(dev, now) else self._NORMAL
 
     def floor(self) -> float:

@@ -52,3 +52,5 @@ class SchedParams:
     backlog_floor: bool = False          # both backlogged: training's floor is separation's share
     no_slo_batching: bool = False        # lemix: a request joins a prefill batch even if someone misses by it
     chunk_quiet_s: float | None = 10.0   # unchunked training once no request arrived this long (None: always chunk)
+    # issue 10, third round (overload)
+    no_solo_training: bool = False       # lemix: a node without inference still orders training inference-first

@@ -118,6 +118,8 @@ class Scheduler:
                                             and not params.eq4_inference_only)
         # hook (issue 10): SLO-aware prefill batching (dispatch.py, _slo_batch)
         self.dispatcher.slo_batching = getattr(self.policy, "slo_batching", False) and not params.no_slo_batching
+        # hook (issue 10, solo training: order.py): no request for chunk_quiet_s, none present
+        self.dispatcher.quiet = self.chunker.quiet
         # hook (issue 10): both workloads backlogged raises training's floor (order.py)
         if hasattr(order, "backlogged"):
             order.backlogged = self._both_backlogged
