@@ -90,6 +90,16 @@ def test_every_flag_shows_help_its_field_and_default():
             assert m.group(2) == action.dest
 
 
+def test_every_commands_help_prints(capsys):
+    for c in COMMANDS:      # argparse %-formats help: a stray % in a description crashed `--help`
+        with pytest.raises(SystemExit) as e:
+            main([c.name, "--help"])
+        assert e.value.code == 0
+        assert f"usage: lemix {c.name}" in capsys.readouterr().out
+    sweep_help = build_parser()._subparsers._group_actions[0].choices["sweep"].format_help()
+    assert "1% of HI" in sweep_help
+
+
 def test_defaults_in_help_are_the_commands_own():
     subs = next(a for a in build_parser()._actions if a.dest == "command").choices
     helps = {c: {a.option_strings[0]: a.help for a in subs[c]._actions if a.option_strings}

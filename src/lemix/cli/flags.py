@@ -167,16 +167,17 @@ def add_flags(p: argparse.ArgumentParser, flags: list[Flag], defaults: LemixConf
     command runs with when no flag and no file is given)."""
     for f in flags:
         info = field_info(f.field)
-        desc = "; ".join(x for x in (info.description, f.note) if x)
-        default = get_dotted(defaults, f.field)
+        # argparse %-formats help strings: a literal % in a description must be doubled
+        desc = "; ".join(x for x in (info.description, f.note) if x).replace("%", "%%")
+        default = str(show(get_dotted(defaults, f.field))).replace("%", "%%")
         if is_switch(f.field):
             # a --no-X flag turns a feature off: its help says so and shows the feature's default
             text = desc if f.const is True else f"turn off: {desc}"
             p.add_argument(f.flag, dest=f.field, action="store_const", const=f.const, default=None,
-                           help=f"{text} [{f.field}] (default: {show(default)})")
+                           help=f"{text} [{f.field}] (default: {default})")
         else:
             p.add_argument(f.flag, dest=f.field, default=None, metavar=_metavar(info.annotation),
-                           help=f"{desc} [{f.field}] (default: {show(default)})")
+                           help=f"{desc} [{f.field}] (default: {default})")
     p.add_argument("--config", dest="config", metavar="FILE",
                    help="YAML file with any of the sections cluster, model, workload, policy, slo, "
                         "serve, sweep, profiler, export (the field in brackets after each flag); "
