@@ -59,6 +59,7 @@ class Dispatcher:
         self._next_bid = 0
         self.chunker = None   # set by the Scheduler: chunk plans of training ops (chunking.py)
         self.slo_batching = False   # set by the Scheduler (issue 10): see _slo_batch
+        self.host_gate = None       # set by the Scheduler (issue 10): may a training op start? (contention.py)
 
     # ------------------------------------------------------------------ candidates
     def candidates(self, node: NodeState, s: int, now: float,
@@ -179,6 +180,9 @@ class Dispatcher:
             kind = c.kind
             if hold < INF and c.training and now + self._predict(node, s, c) > hold:
                 continue  # inference reaches this stage before the training op would end
+            if c.training and self.host_gate is not None and not self.host_gate():
+                self.cluster.wait(node)   # the host's training slots are taken: look again later
+                continue
             if kind is CandKind.SYNC:
                 spec = dev.sync
                 return self._start(node, s, OpKind.SYNC, -1, (), False,

@@ -52,3 +52,7 @@ class SchedParams:
     backlog_floor: bool = False          # both backlogged: training's floor is separation's share
     no_slo_batching: bool = False        # lemix: a request joins a prefill batch even if someone misses by it
     chunk_quiet_s: float | None = 10.0   # unchunked training once no request arrived this long (None: always chunk)
+    # issue 10, host contention (contention.py): devices sharing a host's cores slow each other
+    shared_host: bool = False            # set by the executor: the devices share one host's CPUs (wall clock, cpu)
+    no_host_gate: bool = False           # lemix: training ops not capped to the host's contention-free concurrency
+    host_slowdown: float = 1.5           # a learned inference slowdown above this closes a training slot

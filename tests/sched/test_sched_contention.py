@@ -1,0 +1,122 @@
+"""Host contention (sched/contention.py): what the scheduler learns from synthetic observations
+of ops on a shared host, and the host gate it drives. Deterministic: hand-built op results."""
+from __future__ import annotations
+
+import pytest
+
+from sched_factory import finish, infer, make_params, make_scheduler, train
+from lemix.sched.contention import HostContention
+from lemix.types import Op, OpKind
+
+MS = 1e-3
+
+
+def _op(op_id: int, node: int, stage: int, *, train_op: bool = False, predicted_s: float = 1 * MS,
+        kind: OpKind = OpKind.FWD) -> Op:
+    return Op(op_id, kind, node, stage, op_id, (op_id,), train_op, 1, 10, predicted_s=predicted_s)
+
+
+def _teach(hc: HostContention, slowdown_by_others: dict[int, float], n: int = 20) -> None:
+    """n inference ops per count of other busy devices, each `slowdown` x its prediction; the
+    others are training ops running over the whole op."""
+    t, oid = 0.0, 0
+    for others, slow in slowdown_by_others.items():
+        for _ in range(n):
+            dur = slow * MS
+            running = [((1, s), t - MS) for s in range(others)]   # devices of node 1, busy throughout
+            hc.observe(_op(oid, 0, 0), t, t + dur, running)
+            t += 10 * MS   # no overlap between the taught ops themselves
+            oid += 1
+
+
+def test_others_busy_is_the_time_averaged_count_of_other_devices():
+    hc = HostContention(4)
+    hc.observe(_op(0, 1, 0, train_op=True), 0.0, 2 * MS, [])     # busy 0..2 ms on (1, 0)
+    hc.observe(_op(1, 1, 1, train_op=True), 1 * MS, 4 * MS, [])  # busy 1..4 ms on (1, 1)
+    # an op on (0, 0) over 0..4 ms: (1,0) for 2 ms, (1,1) for 3 ms, (0,1) running since 3 ms: 1 ms
+    k = hc.others_busy(0.0, 4 * MS, (0, 0), [((0, 1), 3 * MS)])
+    assert k == pytest.approx((2 + 3 + 1) / 4)
+    assert hc.others_busy(0.0, 4 * MS, (1, 0), []) == pytest.approx(3 / 4)   # its own device does not count
+    assert hc.others_busy(1.0, 1.0, (0, 0), []) == 0.0
+
+
+def test_learns_the_slowdown_relative_to_no_other_busy_device():
+    hc = HostContention(4, slowdown=1.5)
+    # the calibrated prediction already includes some average contention: base 0.8 x
+    _teach(hc, {0: 0.8, 1: 0.88, 2: 1.6, 3: 2.4})
+    assert hc.factor(1) == pytest.approx(1.1)
+    assert hc.factor(2) == pytest.approx(2.0)
+    assert hc.factor(3) == pytest.approx(3.0)
+    # 2 other busy devices slow inference 2x (> 1.5): a request must find at most one: 1 slot
+    assert hc.training_slots() == 1
+    assert hc.allows_training(0) and not hc.allows_training(1)
+    assert hc.summary() == {"host_slowdown": {"1": 1.1, "2": 2.0, "3": 3.0}, "host_training_slots": 1}
+
+
+def test_flat_times_leave_every_slot_open():
+    """A GPU host (or one with cores to spare): no slowdown, the gate never binds."""
+    hc = HostContention(4)
+    _teach(hc, {0: 1.0, 1: 1.02, 2: 0.98, 3: 1.01})
+    assert hc.training_slots() == 4
+    assert all(hc.allows_training(k) for k in range(4))
+
+
+def test_no_evidence_no_slowdown_and_training_ops_teach_nothing():
+    hc = HostContention(4, min_obs=8)
+    _teach(hc, {0: 1.0}, n=8)
+    _teach(hc, {2: 3.0}, n=7)               # too few observations at 2 others
+    assert hc.factor(2) == 1.0 and hc.training_slots() == 4
+    for i in range(20):                     # training ops are not what the gate protects
+        hc.observe(_op(100 + i, 0, 0, train_op=True), i, i + 5 * MS, [((1, 0), i), ((1, 1), i)])
+    assert hc.training_slots() == 4
+    _teach(hc, {2: 3.0}, n=1)               # the 8th inference observation closes the slot
+    assert hc.training_slots() == 1
+
+
+def test_one_slot_even_on_a_single_core():
+    hc = HostContention(4)
+    _teach(hc, {0: 1.0, 1: 2.0, 2: 3.0})
+    assert hc.training_slots() == 1
+
+
+@pytest.mark.parametrize("kw", [dict(devices=0), dict(devices=2, slowdown=1.0)])
+def test_bad_arguments_are_errors(kw):
+    with pytest.raises(ValueError):
+        HostContention(**kw)
+
+
+def _two_trainers(**kw):
+    """2 nodes x 2 stages, a training task placed on each node at t=0."""
+    sched, clock = make_scheduler(make_params(nodes=2, stages=2, **kw))
+    sched.on_arrival(train(0, 0.0))
+    sched.on_arrival(train(1, 0.0))
+    return sched, clock
+
+
+def test_host_gate_runs_one_training_op_once_contention_is_learned():
+    sched, clock = _two_trainers(shared_host=True)
+    _teach(sched.contention, {0: 1.0, 1: 1.0, 2: 2.0})
+    ops = sched.plan().ops
+    assert len([o for o in ops if o.train]) == 1            # the host has one training slot
+    finish(sched, ops[0], 0.0, ops[0].predicted_s)
+    clock.advance_to(ops[0].predicted_s)
+    nxt = sched.plan().ops
+    assert len([o for o in nxt if o.train]) == 1            # the slot passes on
+    # inference is never held by the gate
+    sched.on_arrival(infer(10, clock.now()))
+    assert any(not o.train for o in sched.plan().ops)
+
+
+@pytest.mark.parametrize("kw", [dict(shared_host=True, no_host_gate=True), dict(shared_host=False),
+                                dict(shared_host=True, policy="naivemix")])
+def test_without_the_gate_both_nodes_train_at_once(kw):
+    sched, _ = _two_trainers(**kw)
+    if sched.contention is not None:
+        _teach(sched.contention, {0: 1.0, 1: 1.0, 2: 2.0})
+    assert len([o for o in sched.plan().ops if o.train]) == 2
+    assert (sched.contention is None) == (not kw["shared_host"])
+
+
+def test_unlearned_host_gate_is_open():
+    sched, _ = _two_trainers(shared_host=True)
+    assert len([o for o in sched.plan().ops if o.train]) == 2
