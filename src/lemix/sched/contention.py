@@ -9,7 +9,8 @@ lemix's misses were short requests slowed by training running on *other* devices
 
 `HostContention` learns, from every finished inference op, the geometric mean of measured /
 predicted time as a function of how many other devices of the host were busy during it (the
-time-averaged count, rounded), relative to when none was. `training_slots` is the most other busy
+time-averaged count, rounded), relative to when none was (or the fewest seen, on a host never
+quiet). `training_slots` is the most other busy
 devices an inference op tolerates before that factor exceeds `slowdown`; the host gate
 (`allows_training`) starts a training op only while fewer training ops than that run on the
 host (at least one always may), so a request finds a core when it comes. On GPUs (or a host with
@@ -30,7 +31,7 @@ from lemix.types import Op, OpKind
 
 
 class HostContention:
-    def __init__(self, devices: int, *, slowdown: float = 1.5, alpha: float = 0.1, min_obs: int = 8,
+    def __init__(self, devices: int, *, slowdown: float = 1.5, alpha: float = 0.1, min_obs: int = 5,
                  history: int = 64) -> None:
         if devices < 1:
             raise ValueError(f"a host needs at least one device, got {devices}")
@@ -78,14 +79,21 @@ class HostContention:
         self._done.append((start_s, end_s, device))
 
     # ------------------------------------------------------------------ what it learned
+    def _base(self) -> int:
+        """The fewest other busy devices with enough observations: what slowdowns are relative
+        to (0 unless the host is never quiet)."""
+        for k in range(self.devices):
+            if self._n[k] >= self.min_obs:
+                return k
+        return self.devices
+
     def factor(self, others: int) -> float:
-        """Learned slowdown of an inference op with `others` other busy devices (1.0 = as with
-        none, or not enough observations yet)."""
-        if others <= 0 or others >= self.devices:
+        """Learned slowdown of an inference op with `others` other busy devices, relative to the
+        fewest others observed (1.0 at or below that, or without enough observations)."""
+        base = self._base()
+        if others <= base or others >= self.devices or self._n[others] < self.min_obs:
             return 1.0
-        if self._n[0] < self.min_obs or self._n[others] < self.min_obs:
-            return 1.0
-        return math.exp(self._log[others] - self._log[0])
+        return math.exp(self._log[others] - self._log[base])
 
     def _training_slots(self) -> int:
         for k in range(1, self.devices):

@@ -130,13 +130,21 @@ class Simulator:
 
 
 def simulate_policy(params: SchedParams, profile: Profile, tasks: list[Task], *, noise: float = DEFAULT_NOISE,
-                    horizon_s: float = float("inf"),
+                    horizon_s: float = float("inf"), host_cores: int = 0,
                     progress: Callable[[int], None] | None = None) -> tuple[RunResult, Simulator]:
-    """Run one policy over a task list on a fresh scheduler; return its result and the loop."""
+    """Run one policy over a task list on a fresh scheduler; return its result and the loop.
+    `host_cores` > 0: every device shares that many cores (sim/contended.py; the scheduler is
+    told its host is shared)."""
     clock = SimClock()
+    if host_cores > 0:
+        from dataclasses import replace
+
+        from lemix.sim.contended import ContendedSimulator
+        params = replace(params, shared_host=True)
     sched = Scheduler(params, profile, clock, timer=time.perf_counter)
-    sim = Simulator(sched, clock, LatencyModel(profile, calibrate=False), noise=noise, seed=params.seed,
-                    horizon_s=horizon_s)
+    kw = dict(noise=noise, seed=params.seed, horizon_s=horizon_s)
+    sim = (ContendedSimulator(sched, clock, LatencyModel(profile, calibrate=False), cores=host_cores, **kw)
+           if host_cores > 0 else Simulator(sched, clock, LatencyModel(profile, calibrate=False), **kw))
     wall0 = time.perf_counter()
     result = sim.run(tasks, progress)
     result.wall_s = time.perf_counter() - wall0
