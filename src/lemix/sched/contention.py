@@ -12,8 +12,8 @@ predicted time as a function of how many other devices of the host were busy dur
 time-averaged count, rounded), relative to when none was (or the fewest seen, on a host never
 quiet). `training_slots` is the most other busy
 devices an inference op tolerates before that factor exceeds `slowdown`; the host gate
-(`allows_training`) starts a training op only while fewer training ops than that run on the
-host (at least one always may), so a request finds a core when it comes. On GPUs (or a host with
+(`allows_training`) starts a training forward or backward only while fewer of them than that
+run on the host (at least one always may; optimizer steps, short, are not held), so a request finds a core when it comes. On GPUs (or a host with
 cores to spare) the learned factors stay ~1 and the gate never binds; a bucket with fewer than
 `min_obs` observations counts as no slowdown, so the gate starts open and closes only on
 evidence. Learned factors do not decay: a bucket the gate keeps empty keeps its last value.

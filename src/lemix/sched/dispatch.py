@@ -180,7 +180,8 @@ class Dispatcher:
             kind = c.kind
             if hold < INF and c.training and now + self._predict(node, s, c) > hold:
                 continue  # inference reaches this stage before the training op would end
-            if c.training and self.host_gate is not None and not self.host_gate():
+            if (self.host_gate is not None and c.training and c.kind is not CandKind.OPTIM
+                    and not self.host_gate()):
                 self.cluster.wait(node)   # the host's training slots are taken: look again later
                 continue
             if kind is CandKind.SYNC:

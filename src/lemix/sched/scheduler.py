@@ -59,8 +59,8 @@ from lemix.sched.state import NodeState
 from lemix.sched.times import StageTimes
 from lemix.sched.timelines import Timelines, View
 from lemix.sched.weights import Weights
-from lemix.types import (ClusterSnapshot, Event, EventKind, NodeSnapshot, Op, OpResult, Outputs, RunResult,
-                         Task)
+from lemix.types import (ClusterSnapshot, Event, EventKind, NodeSnapshot, Op, OpKind, OpResult, Outputs,
+                         RunResult, Task)
 
 
 @dataclass(frozen=True)
@@ -245,8 +245,10 @@ class Scheduler:
         self.contention.observe(entry.op, result.start_s, result.end_s, running)
 
     def _host_allows_training(self) -> bool:
-        """The host gate: fewer training ops run on the host than its training slots."""
-        busy = sum(1 for r in self.dispatcher.running.values() if r.op.train)
+        """The host gate: fewer training forwards and backwards run on the host than its
+        training slots (optimizer steps, as short as a request's op, are not held)."""
+        busy = sum(1 for r in self.dispatcher.running.values()
+                   if r.op.train and (r.op.kind is OpKind.FWD or r.op.kind is OpKind.BWD))
         return self.contention.allows_training(busy)
 
     def _inference_present(self) -> bool:
