@@ -246,10 +246,26 @@ class Scheduler:
 
     def _host_allows_training(self) -> bool:
         """The host gate: fewer training forwards and backwards run on the host than its
-        training slots (optimizer steps, as short as a request's op, are not held)."""
+        training slots (optimizer steps, as short as a request's op, are not held). Training
+        that falls behind gets a node's pipeline worth of slots (what separation gives it)."""
         busy = sum(1 for r in self.dispatcher.running.values()
                    if r.op.train and (r.op.kind is OpKind.FWD or r.op.kind is OpKind.BWD))
-        return self.contention.allows_training(busy)
+        if self.contention.allows_training(busy):
+            return True
+        return busy < self.params.stages and self._training_behind()
+
+    def _training_behind(self) -> bool:
+        """Some unfinished training task waited longer than slo_scale x its unloaded time (the
+        bound requests get)."""
+        now, scale, times = self.clock.now(), self.params.slo_scale, self.times
+        tasks = [t for t, _ in self.placement.deferred]
+        for n in self.nodes:
+            tasks.extend(n.train_wait)
+            tasks.extend(b.tasks[0] for b in n.batches.values() if b.train)
+        for t in tasks:
+            if now - t.arrival_s > scale * sum(map(sum, times.of(t))):
+                return True
+        return False
 
     def _inference_present(self) -> bool:
         """A request is waiting for placement, queued or in flight on some node."""
