@@ -2,6 +2,7 @@
 policy on the same workload and the same initial weights."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -118,7 +119,10 @@ def run_engine(cfg: LemixConfig, *, progress: Callable[[str, int], Callable[[int
         texts = TaskTexts(tokenizer, source, seed=cfg.seed)
         backend = make_backend(cfg.cluster.backend, **({"address": cfg.cluster.ray_address}
                                                        if cfg.cluster.backend == "ray" else {}))
-        engine = Engine(cfg.sched_params(name), profile, hf_model, tokenizer, texts, backend,
+        params = cfg.sched_params(name)
+        if not virtual and cfg.shared_host:   # devices share this host's cores (sched/contention.py)
+            params = replace(params, shared_host=True)
+        engine = Engine(params, profile, hf_model, tokenizer, texts, backend,
                         devices=stage_devices(cfg), lr=cfg.model.lr, weight_decay=cfg.model.weight_decay,
                         memory_budget_bytes=int(cfg.cluster.device_memory_gb * 1e9),
                         clock=SimClock() if virtual else None, ignore_eos=cfg.workload.ignore_eos)

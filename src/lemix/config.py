@@ -177,6 +177,10 @@ class PolicyConfig(_Strict):
     no_solo_training: bool = Field(_SP.no_solo_training, description="lemix: on a quiet cluster (no "
                                    "request for chunk_quiet_s, none present) training stays inference-first "
                                    "(backward before new admissions) instead of first ready, as on a trainer")
+    no_host_gate: bool = Field(_SP.no_host_gate, description="lemix on the wall-clock engine on CPUs: do not cap "
+                               "training ops to the concurrency the shared host runs without slowing inference")
+    host_slowdown: float = Field(_SP.host_slowdown, gt=1, description="lemix host gate: a learned slowdown of "
+                                 "inference above this, with k other devices busy, leaves training k-1 slots")
 
     @field_validator("names", mode="before")
     @classmethod
@@ -242,9 +246,17 @@ class LemixConfig(_Strict):
             chunk_frac=p.chunk_frac, no_late_binding=p.no_late_binding, eq4_inference_only=p.eq4_inference_only, no_lookahead_slack=p.no_lookahead_slack, train_queue_depth=p.train_queue_depth,
             no_slo_batching=p.no_slo_batching, backlog_floor=p.backlog_floor, chunk_quiet_s=p.chunk_quiet_s,
             no_solo_training=p.no_solo_training,
+            no_host_gate=p.no_host_gate, host_slowdown=p.host_slowdown,
             slo_scale=self.slo.scale, slo_ttft_s=self.slo.ttft_s,
             slo_e2e_s=self.slo.e2e_s, seed=self.seed, **self._backlog(),
         )
+
+    @property
+    def shared_host(self) -> bool:
+        """On the wall-clock engine: its devices share one host's CPU cores (the scheduler learns
+        the host's contention, sched/contention.py). The engine sets SchedParams.shared_host from
+        it; sched_params leaves it off (the simulator has no host)."""
+        return self.cluster.clock == "wall" and all(d.strip() == "cpu" for d in self.cluster.device.split(","))
 
     def _backlog(self) -> dict:
         w = self.workload

@@ -20,7 +20,7 @@ from lemix.sched.presets import PRESETS
 TEXT = {"model.name": "some/checkpoint", "cluster.device": "cuda", "policy.names": "luf",
         "model.lora_targets": "q_proj,v_proj", "model.sim_preset": next(iter(PRESETS)),
         "cluster.ray_address": "auto", "serve.host": "0.0.0.0", "sweep.arrivals": "poisson,gamma",
-        "sweep.modes": "prefill,generate", "sweep.capacity_range": "1,2"}
+        "sweep.modes": "prefill,generate", "sweep.capacity_range": "1,2", "policy.host_slowdown": "2.0"}
 
 
 def sample(dotted: str, default) -> str:

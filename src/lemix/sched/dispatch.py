@@ -60,6 +60,7 @@ class Dispatcher:
         self.chunker = None   # set by the Scheduler: chunk plans of training ops (chunking.py)
         self.slo_batching = False   # set by the Scheduler (issue 10): see _slo_batch
         self.quiet: Callable[[], bool] = lambda: False   # set by the Scheduler (solo training, order.py)
+        self.host_gate = None       # set by the Scheduler (issue 10): may a training op start? (contention.py)
 
     # ------------------------------------------------------------------ candidates
     def candidates(self, node: NodeState, s: int, now: float,
@@ -181,6 +182,10 @@ class Dispatcher:
             kind = c.kind
             if hold < INF and c.training and now + self._predict(node, s, c) > hold:
                 continue  # inference reaches this stage before the training op would end
+            if (self.host_gate is not None and c.training and c.kind is not CandKind.OPTIM
+                    and not self.host_gate()):
+                self.cluster.wait(node)   # the host's training slots are taken: look again later
+                continue
             if kind is CandKind.SYNC:
                 spec = dev.sync
                 return self._start(node, s, OpKind.SYNC, -1, (), False,

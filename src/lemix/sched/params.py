@@ -54,3 +54,7 @@ class SchedParams:
     chunk_quiet_s: float | None = 10.0   # unchunked training once no request arrived this long (None: always chunk)
     # issue 10, third round (overload)
     no_solo_training: bool = False       # lemix: a node without inference still orders training inference-first
+    # issue 10, host contention (contention.py): devices sharing a host's cores slow each other
+    shared_host: bool = False            # set by the executor: the devices share one host's CPUs (wall clock, cpu)
+    no_host_gate: bool = False           # lemix: training ops not capped to the host's contention-free concurrency
+    host_slowdown: float = 1.5           # a learned inference slowdown above this closes a training slot

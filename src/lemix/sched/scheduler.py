@@ -44,6 +44,7 @@ from lemix.sched.backlog import TrainBacklog
 from lemix.sched.chunking import Chunker
 from lemix.sched.cluster import Cluster
 from lemix.sched.completion import Completion
+from lemix.sched.contention import HostContention
 from lemix.sched.dispatch import Dispatcher
 from lemix.sched.failures import Failures
 from lemix.sched.latency import LatencyModel, Profile, generic_profile
@@ -58,8 +59,8 @@ from lemix.sched.state import NodeState
 from lemix.sched.times import StageTimes
 from lemix.sched.timelines import Timelines, View
 from lemix.sched.weights import Weights
-from lemix.types import (ClusterSnapshot, Event, EventKind, NodeSnapshot, Op, OpResult, Outputs, RunResult,
-                         Task)
+from lemix.types import (ClusterSnapshot, Event, EventKind, NodeSnapshot, Op, OpKind, OpResult, Outputs,
+                         RunResult, Task)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,12 @@ class Scheduler:
             order.backlogged = self._both_backlogged
         # hook (issue 10, --train-backlog): training tasks drawn whenever a node lacks one
         self.backlog = TrainBacklog(params, self.cluster, self.placement, self.ledger, self.memory)
+        # hook (issue 10, host contention): learned on a shared host; lemix caps training by it
+        self.contention = (HostContention(params.nodes * params.stages, slowdown=params.host_slowdown)
+                           if params.shared_host else None)
+        if (self.contention is not None and getattr(self.policy, "host_gate", False)
+                and not params.no_host_gate):
+            self.dispatcher.host_gate = self._host_allows_training
 
     # ------------------------------------------------------------------ contract
     def on_arrival(self, task: Task) -> Outputs:
@@ -151,6 +158,8 @@ class Scheduler:
         return Plan(tuple(ops), self.cluster.next_wakeup(), self._take())
 
     def on_op_finished(self, result: OpResult) -> Outputs:
+        if self.contention is not None and result.error is None:
+            self._observe_contention(result)
         self.completion.finish(result)
         return self._take()
 
@@ -228,6 +237,38 @@ class Scheduler:
         queued = sum(len(n.infer_wait) for n in healthy)
         return queued > self.params.max_batch * len(healthy)
 
+    def _observe_contention(self, result: OpResult) -> None:
+        entry = self.dispatcher.running.get(result.op_id)
+        if entry is None:
+            return
+        nodes = self.nodes
+        running = [((r.op.node, r.op.stage), nodes[r.op.node].devices[r.op.stage].running_start_s)
+                   for op_id, r in self.dispatcher.running.items() if op_id != result.op_id]
+        self.contention.observe(entry.op, result.start_s, result.end_s, running)
+
+    def _host_allows_training(self) -> bool:
+        """The host gate: fewer training forwards and backwards run on the host than its
+        training slots (optimizer steps, as short as a request's op, are not held). Training
+        that falls behind gets a node's pipeline worth of slots (what separation gives it)."""
+        busy = sum(1 for r in self.dispatcher.running.values()
+                   if r.op.train and (r.op.kind is OpKind.FWD or r.op.kind is OpKind.BWD))
+        if self.contention.allows_training(busy):
+            return True
+        return busy < self.params.stages and self._training_behind()
+
+    def _training_behind(self) -> bool:
+        """Some unfinished training task waited longer than slo_scale x its unloaded time (the
+        bound requests get)."""
+        now, scale, times = self.clock.now(), self.params.slo_scale, self.times
+        tasks = [t for t, _ in self.placement.deferred]
+        for n in self.nodes:
+            tasks.extend(n.train_wait)
+            tasks.extend(b.tasks[0] for b in n.batches.values() if b.train)
+        for t in tasks:
+            if now - t.arrival_s > scale * sum(map(sum, times.of(t))):
+                return True
+        return False
+
     def _inference_present(self) -> bool:
         """A request is waiting for placement, queued or in flight on some node."""
         return (any(not t.is_train for t in self.placement.incoming)
@@ -257,4 +298,6 @@ class Scheduler:
     def finalize(self) -> RunResult:
         """Count every task that never finished as failed ("unfinished"); return the result."""
         self.ledger.finalize()
+        if self.contention is not None:
+            self.result.extras.update(self.contention.summary())
         return self.result

@@ -166,7 +166,7 @@ class EngineHost:
         from lemix.engine.runtime import Engine
 
         cfg, opts = self.cfg, self.opts
-        params = replace(cfg.sched_params(cfg.policy.names[0]), generate=True)
+        params = replace(cfg.sched_params(cfg.policy.names[0]), generate=True, shared_host=cfg.shared_host)
         self.backend = HeldBackend(make_backend(cfg.cluster.backend, **(
             {"address": cfg.cluster.ray_address} if cfg.cluster.backend == "ray" else {})))
         self.engine = Engine(params, profile, self._hf_model, self.tok, TaskTexts(self.tok, NoText()),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from dataclasses import replace
 from typing import Callable, Iterable, Protocol
 
 import numpy as np
@@ -129,14 +130,42 @@ class Simulator:
         return sched.finalize()
 
 
+class ContendedSimulator(Simulator):
+    """A host-contention model (issue 10): the devices share `cores` CPU cores, as the
+    wall-clock engine's stage threads share a machine's, so the host gate (sched/contention.py)
+    can be tested deterministically. An op started while b ops are in flight (itself included)
+    takes max(1, b / cores) x its time, fixed when it starts (an op already running is not
+    slowed by later ones). Only when asked for: a GPU cluster has no such coupling."""
+
+    def __init__(self, *args, cores: int, **kw) -> None:
+        if cores < 1:
+            raise ValueError(f"host cores must be >= 1, got {cores}")
+        super().__init__(*args, **kw)
+        self.cores = cores
+        self._ends: list[float] = []   # end times of the ops in flight (a min-heap)
+
+    def duration(self, op: Op) -> float:
+        t, ends = self.clock.now(), self._ends
+        while ends and ends[0] <= t:
+            heapq.heappop(ends)
+        d = super().duration(op) * max(1.0, (len(ends) + 1) / self.cores)
+        heapq.heappush(ends, t + d)
+        return d
+
+
 def simulate_policy(params: SchedParams, profile: Profile, tasks: list[Task], *, noise: float = DEFAULT_NOISE,
-                    horizon_s: float = float("inf"),
+                    horizon_s: float = float("inf"), host_cores: int = 0,
                     progress: Callable[[int], None] | None = None) -> tuple[RunResult, Simulator]:
-    """Run one policy over a task list on a fresh scheduler; return its result and the loop."""
+    """Run one policy over a task list on a fresh scheduler; return its result and the loop.
+    `host_cores` > 0: every device shares that many cores (ContendedSimulator; the scheduler is
+    told its host is shared)."""
     clock = SimClock()
+    if host_cores > 0:
+        params = replace(params, shared_host=True)
     sched = Scheduler(params, profile, clock, timer=time.perf_counter)
-    sim = Simulator(sched, clock, LatencyModel(profile, calibrate=False), noise=noise, seed=params.seed,
-                    horizon_s=horizon_s)
+    kw = dict(noise=noise, seed=params.seed, horizon_s=horizon_s)
+    sim = (ContendedSimulator(sched, clock, LatencyModel(profile, calibrate=False), cores=host_cores, **kw)
+           if host_cores > 0 else Simulator(sched, clock, LatencyModel(profile, calibrate=False), **kw))
     wall0 = time.perf_counter()
     result = sim.run(tasks, progress)
     result.wall_s = time.perf_counter() - wall0

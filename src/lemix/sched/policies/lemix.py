@@ -58,6 +58,7 @@ class Lemix(PolicyBase):
         self.chunk_training = not params.no_chunking   # bounded blocking (sched/chunking.py)
         self.late_binding = True   # training placed when a node has room (sched/admission.py)
         self.slo_batching = True   # a request joins a prefill batch only if no one misses by it (dispatch.py)
+        self.host_gate = True      # on a shared host, training capped to its contention-free slots (contention.py)
 
     def dispatch_order(self) -> DispatchOrder:
         """Prioritization: inference first on every device, with lookahead, training's share
