@@ -174,6 +174,11 @@ class PolicyConfig(_Strict):
                                 "training's device-time floor is separation's training share of nodes")
     chunk_quiet_s: float | None = Field(_SP.chunk_quiet_s, gt=0, description="lemix: train unchunked once no "
                                         "request arrived this long (null: always chunk)")
+    adaptive_chunks: bool = Field(_SP.adaptive_chunks, description="lemix: while a node serves nothing, "
+                                  "a training op covers as many chunks as the tight request arriving "
+                                  "then would still meet its SLO behind (false: one chunk per op)")
+    step_first: bool = Field(_SP.step_first, description="lemix: a due optimizer step goes before the "
+                             "inference waiting on its device (default: after it)")
 
     @field_validator("names", mode="before")
     @classmethod
@@ -238,6 +243,7 @@ class LemixConfig(_Strict):
             no_memory_check=p.no_memory_check, no_chunking=p.no_chunking, train_chunk_ms=p.train_chunk_ms,
             chunk_frac=p.chunk_frac, no_late_binding=p.no_late_binding, eq4_inference_only=p.eq4_inference_only, no_lookahead_slack=p.no_lookahead_slack, train_queue_depth=p.train_queue_depth,
             no_slo_batching=p.no_slo_batching, backlog_floor=p.backlog_floor, chunk_quiet_s=p.chunk_quiet_s,
+            adaptive_chunks=p.adaptive_chunks, step_first=p.step_first,
             slo_scale=self.slo.scale, slo_ttft_s=self.slo.ttft_s,
             slo_e2e_s=self.slo.e2e_s, seed=self.seed, **self._backlog(),
         )

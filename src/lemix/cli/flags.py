@@ -60,6 +60,7 @@ POLICY = [
     F("--eq4-inference-only", "policy.eq4_inference_only"), F("--no-late-binding", "policy.no_late_binding"),
     F("--no-slo-batching", "policy.no_slo_batching"), F("--backlog-floor", "policy.backlog_floor"),
     F("--chunk-quiet-s", "policy.chunk_quiet_s"),
+    F("--no-adaptive-chunks", "policy.adaptive_chunks", const=False), F("--step-first", "policy.step_first"),
 ]
 SLO = [F("--slo-scale", "slo.scale"), F("--slo-ttft", "slo.ttft_s"), F("--slo-e2e", "slo.e2e_s")]
 PROFILE = [F("--profile", "model.profile"), F("--force-profile", "model.force_profile"), F("--seed", "seed")]

@@ -45,7 +45,7 @@ from typing import Callable
 
 from lemix.sched.latency import LatencyModel, layer_fraction
 from lemix.sched.params import SchedParams
-from lemix.sched.state import Batch
+from lemix.sched.state import Batch, NodeState
 from lemix.types import OpKind, Task, TaskKind
 
 Plan = tuple[tuple[int, ...], ...]   # per stage, layer boundaries (0, ..., L); () = not chunked
@@ -60,11 +60,14 @@ def n_chunks(b: Batch, s: int) -> int:
 
 
 def chunk_layers(b: Batch, s: int) -> tuple:
-    """The layer range of the chunk due next on stage s (() when the stage is one op)."""
+    """The layer range of the op due next on stage s: `b.span` chunks from the current one
+    (forward: upwards; backward: downwards); () when the stage is one op."""
     if not b.chunks or len(b.chunks[s]) <= 2:
         return ()
-    bounds = b.chunks[s]
-    return (bounds[b.chunk], bounds[b.chunk + 1])
+    bounds, j, m = b.chunks[s], b.chunk, b.span
+    if b.fwd_done:
+        return (bounds[j - m + 1], bounds[j + 1])
+    return (bounds[j], bounds[j + m])
 
 
 def mid_stage(b: Batch) -> bool:
@@ -87,7 +90,7 @@ def stash_bytes(b: Batch, s: int, per_token: int) -> int:
         return total
     bounds = b.chunks[s]
     if not b.fwd_done and b.fwd_next == s:
-        upto = bounds[b.chunk + (1 if b.running else 0)]
+        upto = bounds[b.chunk + (b.span if b.running else 0)]
     elif b.fwd_done and b.bwd_next == s:
         upto = bounds[b.chunk + 1]
     else:
@@ -96,20 +99,28 @@ def stash_bytes(b: Batch, s: int, per_token: int) -> int:
 
 
 def chunk_stash_bytes(b: Batch, s: int, per_token: int) -> int:
-    """What the chunk due next on stage s stashes (forward) or frees (backward)."""
+    """What the op due next on stage s (its `b.span` chunks) stashes (forward) or frees
+    (backward)."""
     total = b.tokens * per_token
     if not b.chunks:
         return total
-    bounds = b.chunks[s]
-    j = b.chunk
-    return total * bounds[j + 1] // bounds[-1] - total * bounds[j] // bounds[-1]
+    bounds, j, m = b.chunks[s], b.chunk, b.span
+    lo, hi = (j - m + 1, j + 1) if b.fwd_done else (j, j + m)
+    return total * bounds[hi] // bounds[-1] - total * bounds[lo] // bounds[-1]
+
+
+def left_on_stage(b: Batch, s: int) -> int:
+    """Chunks of the stage's current direction not yet started (forward: from b.chunk up;
+    backward: from b.chunk down)."""
+    return b.chunk + 1 if b.fwd_done else n_chunks(b, s) - b.chunk
 
 
 def advance_fwd(b: Batch) -> bool:
-    """A forward chunk finished: True when the stage's forward is complete."""
+    """A forward op (b.span chunks) finished: True when the stage's forward is complete."""
     if not b.chunks:
         return True
-    b.chunk += 1
+    b.chunk += b.span
+    b.span = 1
     if b.chunk < n_chunks(b, b.fwd_next):
         return False
     b.chunk = 0
@@ -120,13 +131,18 @@ def start_bwd(b: Batch, s: int) -> None:
     """The backward on stage s begins with its last chunk."""
     if b.chunks and s >= 0:
         b.chunk = n_chunks(b, s) - 1
+        b.span = 1
 
 
 def advance_bwd(b: Batch) -> bool:
-    """A backward chunk finished: True when the stage's backward is complete."""
-    if not b.chunks or b.chunk == 0:
+    """A backward op (b.span chunks) finished: True when the stage's backward is complete."""
+    if not b.chunks:
         return True
-    b.chunk -= 1
+    m, b.span = b.span, 1
+    if b.chunk - m < 0:
+        b.chunk = 0
+        return True
+    b.chunk -= m
     return False
 
 
@@ -140,10 +156,13 @@ class Chunker:
         self.lat = lat
         self.enabled = enabled
         self.lookahead_slack = enabled and not params.no_lookahead_slack
-        self._per_unit: deque[float] = deque(maxlen=_WINDOW)
+        self.adaptive = enabled and params.adaptive_chunks
+        self._per_unit: deque[tuple[float, float, int, int]] = deque(maxlen=_WINDOW)  # (unit, SLO, shape)
         self._seen = 0
         probe = Task(-1, TaskKind.INFER, 0.0, 1, 1)
         self._tight_s = slo_of(probe)
+        self._probe = (self._tight_s, 1, 1)   # the tight request: its SLO, prompt and output tokens
+        self._tails: tuple[tuple, list[float]] = ((), [])   # the probe's forward from each stage on
         self._durs: dict[tuple, tuple] = {}   # chunk durations and chains per shape, plan, calibration
         self._raw_durs: dict[tuple, tuple[list[list[float]], list[list[float]]]] = {}   # ... uncalibrated
         self._plans: dict[tuple, tuple[int, Plan]] = {}
@@ -158,11 +177,12 @@ class Chunker:
             return
         self._last_request_s = max(self._last_request_s, task.arrival_s)
         unit = slo_s / max(1, task.output_tokens) if self.params.generate else slo_s
-        self._per_unit.append(unit)
+        self._per_unit.append((unit, slo_s, task.prompt_tokens, task.output_tokens))
         self._seen += 1
         if self._seen <= _REFRESH or self._seen % _REFRESH == 0:
             xs = sorted(self._per_unit)
-            self._tight_s = xs[min(len(xs) - 1, int(_TIGHT_Q * len(xs)))]
+            tight = xs[min(len(xs) - 1, int(_TIGHT_Q * len(xs)))]
+            self._tight_s, self._probe = tight[0], tight[1:]
 
     def target_s(self) -> float:
         """The longest a chunk may be predicted to run."""
@@ -178,6 +198,63 @@ class Chunker:
             return False
         return (self._last_request_s > float("-inf") and self._now() >= self._last_request_s + q
                 and not self._inference_present())
+
+    # ------------------------------------------------------------------ adaptive chunks
+    def span(self, node: NodeState, s: int, b: Batch) -> int:
+        """How many of b's chunks the op due next on stage s covers: 1 while the node serves
+        anything (the bound), else the most that the tight request arriving now still meets
+        its SLO behind (see `merge_budget_s`)."""
+        if not self.adaptive or not b.chunks or len(b.chunks[s]) <= 2 or not node.has_no_inference():
+            return 1
+        left = left_on_stage(b, s)
+        if left <= 1:
+            return 1
+        budget = self.merge_budget_s(s)
+        bounds, j = b.chunks[s], b.chunk
+        kind = OpKind.BWD if b.fwd_done else OpKind.FWD
+        for m in range(left, 1, -1):   # the largest that fits
+            rng = (bounds[j - m + 1], bounds[j + 1]) if b.fwd_done else (bounds[j], bounds[j + m])
+            if self.lat.predict(kind, s, b.size, b.seq_tokens, layers=rng) <= budget:
+                return m
+        return 1
+
+    def new_span(self, node: NodeState, s: int, task: Task) -> int:
+        """span() of the first op of a training task about to be admitted on stage s."""
+        plan = self.plan(task.batch_size, task.prompt_tokens)
+        if not self.adaptive or not plan:
+            return 1
+        return self.span(node, s, Batch(-1, node.index, True, [task], task.prompt_tokens, node.num_stages,
+                                        chunks=plan))
+
+    def merge_budget_s(self, s: int) -> float:
+        """The longest an op starting now on stage s of a node that serves nothing may last so
+        that the tight request (the `_TIGHT_Q` quantile of recent requests, per blocking unit)
+        arriving now still meets its SLO there: it reaches stage s no earlier than now, and
+        from there needs its forward on stages s..S-1 (a chain's end is the latest over its
+        stages of when the stage is free plus the chain's rest from there), so the op may end
+        by SLO - that rest. In generate mode its decode iterations come after, each waiting
+        for at most one chunk (the node is then not quiet: bounded chunks); with a TTFT limit
+        the prefill must also meet it."""
+        slo, prompt, out = self._probe
+        key = (prompt, out, slo, self.lat.version)
+        if self._tails[0] != key:
+            S = len(self.lat.profile.stages)
+            tails = [0.0] * (S + 1)
+            for j in range(S - 1, -1, -1):
+                tails[j] = tails[j + 1] + self.lat.predict(OpKind.FWD, j, 1, prompt)
+            self._tails = (key, tails)
+        rest = self._tails[1][s]
+        p = self.params
+        limit = slo
+        if p.generate and out > 1:
+            it = sum(self.lat.predict(OpKind.DECODE, j, 1, 1, prompt + out // 2)
+                     for j in range(len(self.lat.profile.stages)))
+            limit -= (out - 1) * (it + self.target_s())
+            if p.slo_ttft_s is not None:
+                limit = min(limit, p.slo_ttft_s)
+        if self.lookahead_slack:   # each later stage may still run one chunk into its way
+            limit -= (len(self.lat.profile.stages) - 1 - s) * self.target_s()
+        return limit - rest
 
     def plan(self, batch: int, tokens: int) -> Plan:
         """Per stage, the layer boundaries of the fewest equal chunks that meet the bound (none
@@ -257,7 +334,7 @@ class Chunker:
         runs: forward chunks ascending, stage by stage, then backward chunks descending (a
         suffix of the whole chunked chain of its shape, cached per calibration)."""
         ops, fwd_at, bwd_at = self._full_chain(b.size, b.seq_tokens, b.chunks)
-        run = 1 if b.running else 0
+        run = b.span if b.running else 0
         if not b.fwd_done:
             s = b.fwd_next
             return ops[fwd_at[s] + min(b.chunk + run, fwd_at[s + 1] - fwd_at[s]):]

@@ -69,11 +69,11 @@ class Dispatcher:
             if dev.sync.round:   # a staggered merge: requests already on the node pass first
                 return self._passing(node, s, now)
             return _SYNC_ONLY  # never under a pending backward
-        c_inf, c_bwd, c_fwd, c_new = self.order.classes(dev, now)
+        c_inf, c_bwd, c_fwd, c_new, k_step = self.order.classes(dev, now)
         pipe = self.pipe
         out = []
         if dev.grads_pending and pipe.step_due(node, s) and not node.stash_on(s):
-            out.append(Candidate(OPTIM_KEY, CandKind.OPTIM, None))
+            out.append(Candidate(k_step, CandKind.OPTIM, None))
         it = node.decode
         if it is not None and it.stage == s and not it.running:
             out.append(Candidate(CandKey(c_inf, it.ready_s, 0, it.bid), CandKind.DECODE, it))
@@ -175,8 +175,11 @@ class Dispatcher:
         candidates = self.candidates(node, s, now, by_stage)
         if dev.wait_key is not None and all(c.key != dev.wait_key for c in candidates):
             dev.wait_key, dev.wait_since_s = None, None  # the waiting op is no longer a candidate
+        chunker = self.chunker
         for c in candidates:
             kind = c.kind
+            if chunker is not None and (kind is CandKind.BWD or (kind is CandKind.FWD and c.obj.train)):
+                c.obj.span = chunker.span(node, s, c.obj)   # adaptive chunks: what its op covers
             if hold < INF and c.training and now + self._predict(node, s, c) > hold:
                 continue  # inference reaches this stage before the training op would end
             if kind is CandKind.SYNC:
@@ -206,7 +209,7 @@ class Dispatcher:
         if c.kind is CandKind.TRAIN_NEW:
             t = node.train_wait[0]
             plan = self.chunker.plan(t.batch_size, t.prompt_tokens) if self.chunker else ()
-            first = (plan[s][0], plan[s][1]) if plan and len(plan[s]) > 2 else ()
+            first = (plan[s][0], plan[s][self.chunker.new_span(node, s, t)]) if plan and len(plan[s]) > 2 else ()
             return self.lat.predict(OpKind.FWD, s, t.batch_size, t.prompt_tokens, layers=first)
         b = c.obj
         return self.lat.predict(OpKind.BWD if c.kind is CandKind.BWD else OpKind.FWD, s, b.size, b.seq_tokens,
@@ -254,6 +257,7 @@ class Dispatcher:
                         ready_s=now)
             if self.chunker is not None:   # bounded blocking: its chunk plan, fixed from now on
                 obj.chunks = self.chunker.plan(task.batch_size, task.prompt_tokens)
+                obj.span = self.chunker.span(node, s, obj) if obj.chunks else 1
             self.pipe.admit(node, obj)
             node.batches[obj.bid] = obj
         elif kind is CandKind.DECODE_NEW:

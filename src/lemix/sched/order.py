@@ -7,7 +7,8 @@ a device: a pending weight sync; a due optimizer step; then, per the dispatch or
 - `FirstReady` (the baselines, lemix without prioritization): first ready, first served;
 - `InferenceFirst` (lemix): inference (decode, prefill) before training backward before training
   forward before admitting a new training task; with `lookahead`, a device does not start a
-  training op that would still run when inference already on its way reaches it. Training is
+  training op that would still run when inference already on its way reaches it (and with
+  `step_after_inference`, a due optimizer step waits for inference ready on the device). Training is
   not starved: below `min_train_share` of a device's recent busy time (a decayed window) its
   training ops go first. With `backlog_share` (issue 10), while both workloads are backlogged
   (the scheduler's `backlogged`: training waits for placement and more than a full batch of
@@ -65,6 +66,9 @@ class Candidate(NamedTuple):
 SYNC_CLASS, OPTIM_CLASS, INFER_CLASS, BWD_CLASS, FWD_CLASS, NEW_CLASS, STARVED_INFER_CLASS = 0, 1, 2, 3, 4, 5, 6
 SYNC_KEY = CandKey(SYNC_CLASS, 0.0, 0, 0)
 OPTIM_KEY = CandKey(OPTIM_CLASS, 0.0, 0, 0)
+# inference first: a due step waits for the inference waiting on its device (it is training
+# work; a step of ~30 ms on the built-in 3B profile went ahead of requests and missed them)
+OPTIM_AFTER_INFER_KEY = CandKey(INFER_CLASS, INF, 0, 0)
 
 
 class Classes(NamedTuple):
@@ -74,6 +78,7 @@ class Classes(NamedTuple):
     backward: int
     forward: int     # of a training micro-batch already admitted
     admit: int       # a new training task
+    step: CandKey = OPTIM_KEY   # a due optimizer step's key
 
 
 class DispatchOrder(Protocol):
@@ -104,9 +109,11 @@ class InferenceFirst:
     _STARVED = Classes(STARVED_INFER_CLASS, BWD_CLASS, FWD_CLASS, NEW_CLASS)  # training first until its share recovers
 
     def __init__(self, min_train_share: float, *, lookahead: bool = True,
-                 backlog_share: float | None = None) -> None:
+                 backlog_share: float | None = None, step_after_inference: bool = False) -> None:
         self.min_train_share = min_train_share
         self.lookahead = lookahead
+        if step_after_inference:   # (issue 10) see OPTIM_AFTER_INFER_KEY
+            self._NORMAL = self._NORMAL._replace(step=OPTIM_AFTER_INFER_KEY)
         # issue 10 (both backlogged): while both workloads are backlogged, training's floor is
         # the share of devices separation would give it; `backlogged` is set by the Scheduler
         self.backlog_share = backlog_share

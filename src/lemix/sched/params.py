@@ -52,3 +52,6 @@ class SchedParams:
     backlog_floor: bool = False          # both backlogged: training's floor is separation's share
     no_slo_batching: bool = False        # lemix: a request joins a prefill batch even if someone misses by it
     chunk_quiet_s: float | None = 10.0   # unchunked training once no request arrived this long (None: always chunk)
+    # issue 10, third round (adaptive-chunks)
+    adaptive_chunks: bool = True         # merge chunks into one op while a node serves nothing (chunking.py)
+    step_first: bool = False             # lemix: a due optimizer step goes before inference waiting on its device
