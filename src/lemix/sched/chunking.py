@@ -70,6 +70,14 @@ def chunk_layers(b: Batch, s: int) -> tuple:
     return (bounds[j], bounds[j + m])
 
 
+def chunk_cuts(b: Batch, s: int) -> tuple[int, ...]:
+    """The chunk boundaries inside a forward op over several chunks (adaptive chunks): the
+    worker keeps each chunk's boundary so that a backward can cover any run of them."""
+    if not b.chunks or b.span <= 1 or b.fwd_done:
+        return ()
+    return b.chunks[s][b.chunk + 1:b.chunk + b.span]
+
+
 def mid_stage(b: Batch) -> bool:
     """A chunked training micro-batch is part-way through its current stage's forward or
     backward (the stage is committed to it: its next chunk is not gated again)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from lemix.clock import Clock
-from lemix.sched.chunking import chunk_layers, chunk_stash_bytes, mid_stage
+from lemix.sched.chunking import chunk_cuts, chunk_layers, chunk_stash_bytes, mid_stage
 from lemix.sched.cluster import Cluster
 from lemix.sched.failures import Failures
 from lemix.sched.latency import LatencyModel, Profile
@@ -218,9 +218,10 @@ class Dispatcher:
     # ------------------------------------------------------------------ starting ops
     def _start(self, node: NodeState, s: int, kind: OpKind, bid: int, task_ids: tuple, train: bool, *,
                batch: int = 0, seq: int = 0, kv: int = 0, nbytes: int = 0, obj: object = None,
-               held: int = 0, extra: int = 0, sync: SyncSpec | None = None, layers: tuple = ()) -> Op:
+               held: int = 0, extra: int = 0, sync: SyncSpec | None = None, layers: tuple = (),
+               cuts: tuple = ()) -> Op:
         op = Op(self._next_op, kind, node.index, s, bid, task_ids, train, batch, seq, kv, nbytes,
-                self.lat.predict(kind, s, batch, seq, kv, nbytes, layers), sync, layers)
+                self.lat.predict(kind, s, batch, seq, kv, nbytes, layers), sync, layers, cuts)
         self._next_op += 1
         dev = node.devices[s]
         dev.running = op
@@ -292,7 +293,8 @@ class Dispatcher:
                 kv_bytes[t.task_id][s] += t.prompt_tokens * st.kv_bytes_per_token
                 held += t.prompt_tokens * st.kv_bytes_per_token
         return self._start(node, s, OpKind.FWD, b.bid, ids, b.train, batch=b.size, seq=b.seq_tokens,
-                           obj=b, held=held, extra=tmp, layers=layers)
+                           obj=b, held=held, extra=tmp, layers=layers,
+                           cuts=chunk_cuts(b, s) if b.train else ())
 
     def _oom(self, node: NodeState, s: int, c: Candidate, need: int) -> None:
         """No memory gate and the op does not fit: it fails as on a real device."""
