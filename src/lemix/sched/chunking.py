@@ -25,7 +25,18 @@ built-in profile cost 19% more device time than one op per stage). A drain of tr
 the requests end ran at 81% of separate's speed without it. `chunk_quiet_s = None` chunks always.
 
 A micro-batch's plan is fixed when it is admitted (`Batch.chunks`: per stage, its chunks'
-layer boundaries) and is followed to the end. Memory follows the chunks: a forward chunk stashes
+layer boundaries) and is followed to the end.
+
+Adaptive chunks (`adaptive_chunks`, on by default; `--no-adaptive-chunks`): the bound is for
+a request that finds a chunk running; while the node serves nothing (no request queued, in
+flight or decoding there), one op may cover several consecutive chunks (`Batch.span`; forward
+and backward each choose theirs), as many as the tight request (the same quantile of recent
+requests) arriving at the op's start would still meet its SLO behind (`merge_budget_s`).
+Each op saves the per-op constant of the chunks it merges (on the built-in 3B profile,
+one-layer chunks cost 19% more device time than one op per stage); with a request on the node
+ops shrink back to one chunk. A forward over several chunks carries their inner boundaries
+(`Op.cuts`) so the worker keeps each chunk's boundary activation: a backward may then cover
+any run of the forward's chunks, top down. Memory follows the chunks: a forward chunk stashes
 its layers' share of the stage's activations, a backward chunk frees it (`stash_bytes`).
 Lookahead slack: the lookahead (a device does not start training that would still run when
 inference on its way arrives) lets a training op start if it ends within the chunk bound of
