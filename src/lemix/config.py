@@ -179,6 +179,9 @@ class PolicyConfig(_Strict):
                                   "then would still meet its SLO behind (false: one chunk per op)")
     step_first: bool = Field(_SP.step_first, description="lemix: a due optimizer step goes before the "
                              "inference waiting on its device (default: after it)")
+    no_lookahead_queued: bool = Field(_SP.no_lookahead_queued, description="lemix: the lookahead sees only "
+                                      "inference running on the stage before, not inference queued there "
+                                      "behind a training op")
 
     @field_validator("names", mode="before")
     @classmethod
@@ -244,6 +247,7 @@ class LemixConfig(_Strict):
             chunk_frac=p.chunk_frac, no_late_binding=p.no_late_binding, eq4_inference_only=p.eq4_inference_only, no_lookahead_slack=p.no_lookahead_slack, train_queue_depth=p.train_queue_depth,
             no_slo_batching=p.no_slo_batching, backlog_floor=p.backlog_floor, chunk_quiet_s=p.chunk_quiet_s,
             adaptive_chunks=p.adaptive_chunks, step_first=p.step_first,
+            no_lookahead_queued=p.no_lookahead_queued,
             slo_scale=self.slo.scale, slo_ttft_s=self.slo.ttft_s,
             slo_e2e_s=self.slo.e2e_s, seed=self.seed, **self._backlog(),
         )

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Callable
+from typing import Callable, Sequence
 
 from lemix.sched.latency import LatencyModel, layer_fraction
 from lemix.sched.params import SchedParams
@@ -170,7 +170,8 @@ class Chunker:
 
     def __init__(self, params: SchedParams, lat: LatencyModel, slo_of: Callable[[Task], float], *,
                  enabled: bool, now: Callable[[], float] | None = None,
-                 inference_present: Callable[[], bool] | None = None) -> None:
+                 inference_present: Callable[[], bool] | None = None, nodes: Sequence[NodeState] = (),
+                 training_waits: Callable[[], bool] | None = None) -> None:
         self.params = params
         self.lat = lat
         self.enabled = enabled
@@ -181,7 +182,9 @@ class Chunker:
         probe = Task(-1, TaskKind.INFER, 0.0, 1, 1)
         self._tight_s = slo_of(probe)
         self._probe = (self._tight_s, 1, 1)   # the tight request: its SLO, prompt and output tokens
-        self._tails: tuple[tuple, list[float]] = ((), [])   # the probe's forward from each stage on
+        self._limits: dict[tuple, list[float]] = {}   # per request shape and calibration: _budget_s
+        self._nodes: list[NodeState] = list(nodes)
+        self._training_waits = training_waits
         self._durs: dict[tuple, tuple] = {}   # chunk durations and chains per shape, plan, calibration
         self._raw_durs: dict[tuple, tuple[list[list[float]], list[list[float]]]] = {}   # ... uncalibrated
         self._plans: dict[tuple, tuple[int, Plan]] = {}
@@ -221,8 +224,9 @@ class Chunker:
     # ------------------------------------------------------------------ adaptive chunks
     def span(self, node: NodeState, s: int, b: Batch) -> int:
         """How many of b's chunks the op due next on stage s covers: 1 while the node serves
-        anything (the bound), else the most that the tight request arriving now still meets
-        its SLO behind (see `merge_budget_s`)."""
+        anything (the bound); else the most that the tight request arriving now would still
+        meet its SLO behind (`merge_budget_s`), provided another node keeps to one chunk per op
+        (`_fast_lane`: at any time one node of a cluster does, for the tightest requests)."""
         if not self.adaptive or not b.chunks or len(b.chunks[s]) <= 2 or not node.has_no_inference():
             return 1
         left = left_on_stage(b, s)
@@ -231,6 +235,10 @@ class Chunker:
         budget = self.merge_budget_s(s)
         bounds, j = b.chunks[s], b.chunk
         kind = OpKind.BWD if b.fwd_done else OpKind.FWD
+        if not (node.train_wait or (self._training_waits is not None and self._training_waits())):
+            return 1   # no training waits for the device time a merge saves: nothing to gain
+        if not self._fast_lane(node):
+            return 1
         for m in range(left, 1, -1):   # the largest that fits
             rng = (bounds[j - m + 1], bounds[j + 1]) if b.fwd_done else (bounds[j], bounds[j + m])
             if self.lat.predict(kind, s, b.size, b.seq_tokens, layers=rng) <= budget:
@@ -248,32 +256,48 @@ class Chunker:
     def merge_budget_s(self, s: int) -> float:
         """The longest an op starting now on stage s of a node that serves nothing may last so
         that the tight request (the `_TIGHT_Q` quantile of recent requests, per blocking unit)
-        arriving now still meets its SLO there: it reaches stage s no earlier than now, and
-        from there needs its forward on stages s..S-1 (a chain's end is the latest over its
-        stages of when the stage is free plus the chain's rest from there), so the op may end
-        by SLO - that rest. In generate mode its decode iterations come after, each waiting
-        for at most one chunk (the node is then not quiet: bounded chunks); with a TTFT limit
-        the prefill must also meet it."""
-        slo, prompt, out = self._probe
+        arriving now still meets its SLO there (`_budget_s`)."""
+        return self._budget_s(self._probe, s)
+
+    def _budget_s(self, probe: tuple[float, int, int], s: int) -> float:
+        """How long after now stage s may stay busy so that a request of this shape (SLO,
+        prompt, output tokens) arriving now still meets its SLO on the node: it reaches stage s
+        no earlier than now, and from there needs its forward on stages s..S-1 (a chain's end
+        is the latest over its stages of when the stage is free plus the chain's rest from
+        there), and each later stage may still run one chunk into its way (lookahead slack).
+        In generate mode its decode iterations come after, each behind at most one chunk (the
+        node is then not quiet: bounded chunks); with a TTFT limit the prefill must meet it."""
+        slo, prompt, out = probe
         key = (prompt, out, slo, self.lat.version)
-        if self._tails[0] != key:
+        hit = self._limits.get(key)
+        if hit is None:
+            if len(self._limits) > 64:
+                self._limits.clear()
             S = len(self.lat.profile.stages)
-            tails = [0.0] * (S + 1)
+            p = self.params
+            limit = slo
+            if p.generate and out > 1:
+                it = sum(self.lat.predict(OpKind.DECODE, j, 1, 1, prompt + out // 2) for j in range(S))
+                limit -= (out - 1) * (it + self.target_s())
+                if p.slo_ttft_s is not None:
+                    limit = min(limit, p.slo_ttft_s)
+            slack = self.target_s() if self.lookahead_slack else 0.0
+            hit = [0.0] * S
+            rest = 0.0
             for j in range(S - 1, -1, -1):
-                tails[j] = tails[j + 1] + self.lat.predict(OpKind.FWD, j, 1, prompt)
-            self._tails = (key, tails)
-        rest = self._tails[1][s]
-        p = self.params
-        limit = slo
-        if p.generate and out > 1:
-            it = sum(self.lat.predict(OpKind.DECODE, j, 1, 1, prompt + out // 2)
-                     for j in range(len(self.lat.profile.stages)))
-            limit -= (out - 1) * (it + self.target_s())
-            if p.slo_ttft_s is not None:
-                limit = min(limit, p.slo_ttft_s)
-        if self.lookahead_slack:   # each later stage may still run one chunk into its way
-            limit -= (len(self.lat.profile.stages) - 1 - s) * self.target_s()
-        return limit - rest
+                rest += self.lat.predict(OpKind.FWD, j, 1, prompt)
+                hit[j] = limit - rest - (S - 1 - j) * slack
+            self._limits[key] = hit
+        return hit[s]
+
+    def _fast_lane(self, node: NodeState) -> bool:
+        """Another healthy serving node runs no op over several chunks: the bound still holds
+        there, and placement sends a request where its response is predicted shortest."""
+        for m in self._nodes:
+            if m is not node and m.healthy and m.serves and not any(
+                    b.running and b.span > 1 for b in m.batches.values()):
+                return True
+        return False
 
     def plan(self, batch: int, tokens: int) -> Plan:
         """Per stage, the layer boundaries of the fewest equal chunks that meet the bound (none

@@ -55,3 +55,4 @@ class SchedParams:
     # issue 10, third round (adaptive-chunks)
     adaptive_chunks: bool = True         # merge chunks into one op while a node serves nothing (chunking.py)
     step_first: bool = False             # lemix: a due optimizer step goes before inference waiting on its device
+    no_lookahead_queued: bool = False    # lemix: the lookahead ignores inference queued behind training on the stage before
