@@ -31,8 +31,11 @@ Adaptive chunks (`adaptive_chunks`, on by default; `--no-adaptive-chunks`): the 
 a request that finds a chunk running; while the node serves nothing (no request queued, in
 flight or decoding there), one op may cover several consecutive chunks (`Batch.span`; forward
 and backward each choose theirs), as many as the tight request (the same quantile of recent
-requests) arriving at the op's start would still meet its SLO behind (`merge_budget_s`).
-Each op saves the per-op constant of the chunks it merges (on the built-in 3B profile,
+requests) arriving at the op's start would still meet its SLO behind (`merge_budget_s`), and
+only while training waits for device time (a task placed on the node not yet in its pipeline,
+or one deferred: otherwise a merge gains nothing) and another node runs no merged op (so at
+any time one node keeps the bound for the requests tighter than the quantile, and placement
+can send them there). Each op saves the per-op constant of the chunks it merges (on the built-in 3B profile,
 one-layer chunks cost 19% more device time than one op per stage); with a request on the node
 ops shrink back to one chunk. A forward over several chunks carries their inner boundaries
 (`Op.cuts`) so the worker keeps each chunk's boundary activation: a backward may then cover
