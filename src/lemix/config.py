@@ -181,6 +181,14 @@ class PolicyConfig(_Strict):
                                "training ops to the concurrency the shared host runs without slowing inference")
     host_slowdown: float = Field(_SP.host_slowdown, gt=1, description="lemix host gate: a learned slowdown of "
                                  "inference above this, with k other devices busy, leaves training k-1 slots")
+    adaptive_chunks: bool = Field(_SP.adaptive_chunks, description="lemix: while a node serves nothing, "
+                                  "a training op covers as many chunks as the tight request arriving "
+                                  "then would still meet its SLO behind (false: one chunk per op)")
+    step_first: bool = Field(_SP.step_first, description="lemix: a due optimizer step goes before the "
+                             "inference waiting on its device (default: after it)")
+    no_lookahead_queued: bool = Field(_SP.no_lookahead_queued, description="lemix: the lookahead sees only "
+                                      "inference running on the stage before, not inference queued there "
+                                      "behind a training op")
 
     @field_validator("names", mode="before")
     @classmethod
@@ -247,6 +255,8 @@ class LemixConfig(_Strict):
             no_slo_batching=p.no_slo_batching, backlog_floor=p.backlog_floor, chunk_quiet_s=p.chunk_quiet_s,
             no_solo_training=p.no_solo_training,
             no_host_gate=p.no_host_gate, host_slowdown=p.host_slowdown,
+            adaptive_chunks=p.adaptive_chunks, step_first=p.step_first,
+            no_lookahead_queued=p.no_lookahead_queued,
             slo_scale=self.slo.scale, slo_ttft_s=self.slo.ttft_s,
             slo_e2e_s=self.slo.e2e_s, seed=self.seed, **self._backlog(),
         )

@@ -90,6 +90,8 @@ class Op:
     sync: SyncSpec | None = None      # SYNC: where the new weights come from
     layers: tuple[int, int] | tuple[()] = ()   # FWD/BWD of training: a chunk, [first, end) of the
                                                # stage's own layers (sched/chunking.py); () = all
+    cuts: tuple[int, ...] = ()        # FWD over several chunks (adaptive chunks): the chunk
+                                      # boundaries inside `layers`, where a backward may stop
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,7 @@ class OpRecord:
     kv_tokens: int = 0
     bytes: int = 0
     layers: tuple[int, int] | tuple[()] = ()   # a training chunk's layer range (Op.layers)
+    cuts: tuple[int, ...] = ()                 # ... the chunk boundaries inside it (Op.cuts)
 
 
 @dataclass(frozen=True)

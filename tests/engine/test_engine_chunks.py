@@ -127,3 +127,87 @@ def test_engine_run_with_chunking_completes_every_task():
     chunked = [o for o in r.ops if o.layers]
     assert chunked and all(o.train for o in chunked)
     assert s["train_steps"] > 0 and s["train_loss_last"] is not None
+
+
+def _runs(bounds: list[int], sizes: list[int]) -> list[tuple[int, int, tuple[int, ...]]]:
+    """Ops over runs of consecutive chunks (chunk boundaries `bounds`, ascending): per op
+    (lo, hi, the chunk boundaries strictly inside it)."""
+    assert sum(sizes) == len(bounds) - 1
+    out, j = [], 0
+    for m in sizes:
+        out.append((bounds[j], bounds[j + m], tuple(bounds[j + 1:j + m])))
+        j += m
+    return out
+
+
+def _merged_step(workers, batches, bounds, fwd_sizes, bwd_sizes, of_layers=0):
+    """GPipe order; on every stage the forward runs the chunks `bounds` as ops over runs of
+    `fwd_sizes` chunks (with their cuts), the backward over runs of `bwd_sizes` chunks from the
+    top down: a different grouping of the same chunks."""
+    losses = []
+    for b, (ids, mask) in enumerate(batches):
+        lengths = tuple(mask.sum(1).tolist())
+        hidden = None
+        for w in workers:
+            for lo, hi, cuts in _runs(bounds, fwd_sizes):
+                first = lo == 0
+                res = w.handle(Forward(b, True, tuple(range(len(lengths))), lengths,
+                                       input_ids=ids if first and w.stage_index == 0 else None,
+                                       hidden=hidden if first and w.stage_index > 0 else None,
+                                       labels=ids if w.stage.is_last else None, loss_scale=1 / len(batches),
+                                       layers=(lo, hi), of_layers=of_layers, cuts=cuts))
+            hidden = res.hidden
+        losses.append(res.loss)
+    top_down = [(lo, hi) for lo, hi, _ in _runs(bounds, bwd_sizes[::-1])][::-1]   # sizes listed top first
+    for b in range(len(batches)):
+        grad = None
+        for w in reversed(workers):
+            for lo, hi in top_down:
+                res = w.handle(Backward(b, grad if hi == bounds[-1] else None, layers=(lo, hi),
+                                        of_layers=of_layers))
+                assert (res.grad_input is None) == (lo > 0 or w.stage_index == 0)
+            grad = res.grad_input
+            assert b not in w.stashes
+    return losses
+
+
+@pytest.mark.parametrize("family,layers,of_layers,bounds,fwd_sizes,bwd_sizes", [
+    ("builtin", 8, 0, [0, 1, 2, 3, 4], [3, 1], [1, 3]),             # per-layer chunks, merged both ways
+    ("llama", 8, 0, [0, 2, 4], [2], [1, 1]),                         # one forward op, backward chunk by chunk
+    ("qwen2", 8, 0, [0, 1, 2, 3, 4], [1, 1, 1, 1], [4]),             # forward chunk by chunk, one backward op
+    ("builtin", 4, 13, list(range(14)), [5, 8], [2, 6, 5]),          # planned on 13 layers, 2 real ones
+])
+def test_merged_chunk_ops_grads_match_reference(family, layers, of_layers, bounds, fwd_sizes, bwd_sizes):
+    # adaptive chunks: forward and backward group the same chunks into ops independently
+    make = (lambda: build_builtin_tiny(seed=1, num_layers=layers)) if family == "builtin" \
+        else (lambda: tiny_hf(family, layers=layers))
+    ref_model, model = make(), make()
+    batches = [padded_batch(lens, seed=i) for i, lens in enumerate(MICRO_BATCHES)]
+    ref_grads, ref_losses = _reference_step(ref_model, batches)
+    workers = make_workers(model, 2, lr=LR, weight_decay=WD)
+    losses = _merged_step(workers, batches, bounds, fwd_sizes, bwd_sizes, of_layers)
+    assert losses == pytest.approx(ref_losses, abs=1e-5)
+    for w in workers:
+        for key, p in w.stage.named_parameters():
+            torch.testing.assert_close(p.grad, ref_grads[w.stage.hf_names[key]], atol=1e-6, rtol=1e-4)
+
+
+def test_merged_chunk_memory_and_a_backward_must_be_a_run_of_the_forwards_chunks():
+    (w,) = make_workers(build_builtin_tiny(seed=1, num_layers=4), 1, lr=LR)
+    ids, mask = padded_batch([9, 7], seed=3)
+    lengths = tuple(mask.sum(1).tolist())
+    fwd = lambda lo, hi, cuts: w.handle(Forward(0, True, (0, 1), lengths, labels=ids,  # noqa: E731
+                                                input_ids=ids if lo == 0 else None, layers=(lo, hi), cuts=cuts))
+    act = lambda: w.handle(Memory()).act_bytes   # noqa: E731
+    with pytest.raises(ValueError, match="not ascending"):
+        fwd(0, 2, (2,))
+    fwd(0, 2, ())          # chunk [0, 2)
+    one = act()
+    fwd(2, 4, (3,))        # chunks [2, 3) and [3, 4) as one op
+    assert act() > one > 0
+    with pytest.raises(ValueError, match="not a run of the forward's chunks"):
+        w.handle(Backward(0, None, layers=(1, 4)))   # 1 is inside the chunk [0, 2)
+    w.handle(Backward(0, None, layers=(3, 4)))
+    after_top = act()
+    w.handle(Backward(0, None, layers=(0, 3)))      # [2, 3) and [0, 2) as one op
+    assert 0 < after_top and act() == 0 and 0 not in w.stashes

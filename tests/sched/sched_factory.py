@@ -140,9 +140,12 @@ def _per_batch(result: RunResult, kinds: tuple[OpKind, ...]) -> dict[tuple[int, 
 
 
 def check_chunk_order(result: RunResult, layers_per_stage: list[int] | None = None) -> None:
-    """Bounded blocking: per (node, batch, stage), forward chunks run one after another over
-    ascending, contiguous layer ranges, backward chunks over the same ranges in reverse; with
-    `layers_per_stage`, the ranges cover each stage's layers exactly."""
+    """Bounded blocking: per (node, batch, stage), forward ops run one after another over
+    ascending, contiguous layer ranges, backward ops over descending contiguous ranges of the
+    same chunks (adaptive chunks: an op may cover several chunks, `OpRecord.cuts`; a backward
+    op starts and ends only at boundaries of the forward's chunks, so the backward runs over
+    the same chunks in reverse); with `layers_per_stage`, the ranges cover each stage's layers
+    exactly."""
     chunks: dict[tuple, list] = {}
     for o in result.ops:
         if o.layers:
@@ -160,9 +163,15 @@ def check_chunk_order(result: RunResult, layers_per_stage: list[int] | None = No
             assert hi == lo2 and lo < hi, (node, bid, s, kind, ranges)
         if layers_per_stage is not None:
             assert ranges[-1][1] == layers_per_stage[s], (node, bid, s, kind, ranges)
+        for o in ops:
+            assert not o.cuts or kind is OpKind.FWD, o   # a backward needs no cuts
+            assert all(lo < c < hi for c in o.cuts for lo, hi in [o.layers]), o
+            assert list(o.cuts) == sorted(set(o.cuts)), o
         if kind is OpKind.BWD:
             fwd = chunks.get((node, bid, s, OpKind.FWD), [])
-            assert [o.layers for o in fwd] == [o.layers for o in ops][::-1], (node, bid, s)
+            cut_at = {b for o in fwd for b in (*o.layers, *o.cuts)}
+            assert cut_at and {b for o in ops for b in o.layers} <= cut_at, (node, bid, s, ranges, cut_at)
+            assert ranges[-1][1] == max(cut_at), (node, bid, s)
 
 
 def check_stage_order(result: RunResult) -> None:

@@ -39,6 +39,7 @@ cluster = st.fixed_dictionaries({
     "average_every": st.sampled_from([0, 1, 2]),
     "t_max_s": st.sampled_from([0.0, 0.001, 0.05]),
     "train_chunk_ms": st.sampled_from([1.0, 5.0, 15.0]),
+    "adaptive_chunks": st.booleans(),
 })
 
 
@@ -92,10 +93,27 @@ def test_chunked_runs_keep_every_invariant(kw, specs, capacity):
             assert "more than the" in f.error and f.node == -1, f
     assert sum(s.samples for s in result.train_steps) == sum(r.samples for r in result.train_tasks
                                                             if r.finish_s is not None)
-    # a chunk is predicted under the bound unless it is a single layer
+    # a chunk is predicted under the bound unless it is a single layer; an op over several
+    # chunks (adaptive chunks) starts only while its node serves nothing
     for o in result.ops:
-        if o.layers and o.layers[1] - o.layers[0] > 1:
+        if not o.layers:
+            continue
+        if covers_several_chunks(o, result):
+            assert kw["adaptive_chunks"], o
+            assert not any(r.node == o.node and r.arrival_s <= o.start_s < (r.finish_s or float("inf"))
+                           for r in result.requests), o
+        elif o.layers[1] - o.layers[0] > 1:
             assert o.predicted_s <= kw["train_chunk_ms"] * MS + 1e-12, o
+
+
+def covers_several_chunks(o, result) -> bool:
+    """A forward op with cuts, or a backward op with a boundary of the forward's chunks inside."""
+    if o.kind is OpKind.FWD:
+        return bool(o.cuts)
+    inner = {c for f in result.ops if f.kind is OpKind.FWD and (f.node, f.batch_id, f.stage) == (o.node, o.batch_id,
+                                                                                                 o.stage)
+             for c in (*f.layers, *f.cuts)}
+    return any(o.layers[0] < c < o.layers[1] for c in inner)
 
 
 def test_a_long_training_op_is_cut_into_chunks_in_order():

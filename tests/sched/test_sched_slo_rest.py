@@ -38,9 +38,11 @@ def test_a_stage_finishes_its_micro_batch_before_another_ones_chunks():
 
 
 def _chunked_after_requests(quiet_s):
-    # a request at 0, a training task at 1 s (quiet after 0.5 s) and one at 0.2 s (not quiet)
+    # a request at 0, a training task at 1 s (quiet after 0.5 s) and one at 0.2 s (not quiet);
+    # one chunk per op (adaptive chunks would merge some while the node serves nothing)
     tasks = [infer(0, 0.0, 10), train(1, 0.2, 100), train(2, 1.0, 100)]
-    result, _ = simulate_full(make_params(nodes=1, stages=2, train_chunk_ms=60.0, chunk_quiet_s=quiet_s),
+    result, _ = simulate_full(make_params(nodes=1, stages=2, train_chunk_ms=60.0, chunk_quiet_s=quiet_s,
+                                          adaptive_chunks=False),
                               tasks, make_profile(2, layers=LAYERS))
     check_all(result, tasks)
     return {tid: sorted({o.layers for o in result.ops if o.train and o.kind is OpKind.FWD and o.task_ids == (tid,)})

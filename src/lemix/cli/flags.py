@@ -61,6 +61,8 @@ POLICY = [
     F("--no-slo-batching", "policy.no_slo_batching"), F("--backlog-floor", "policy.backlog_floor"),
     F("--chunk-quiet-s", "policy.chunk_quiet_s"), F("--no-solo-training", "policy.no_solo_training"),
     F("--no-host-gate", "policy.no_host_gate"), F("--host-slowdown", "policy.host_slowdown"),
+    F("--no-adaptive-chunks", "policy.adaptive_chunks", const=False), F("--step-first", "policy.step_first"),
+    F("--no-lookahead-queued", "policy.no_lookahead_queued"),
 ]
 SLO = [F("--slo-scale", "slo.scale"), F("--slo-ttft", "slo.ttft_s"), F("--slo-e2e", "slo.e2e_s")]
 PROFILE = [F("--profile", "model.profile"), F("--force-profile", "model.force_profile"), F("--seed", "seed")]

@@ -15,6 +15,13 @@ states for the next stage (or computes the loss on the last stage). The first ba
 (the top one) takes the next stage's grad_output; the last (lo = 0) returns grad_input.
 Gradients equal the unchunked backward's: the chunks are the same computation, cut at layer
 boundaries.
+
+Several chunks as one op (adaptive chunks, while the node serves nothing): a Forward over
+[lo, hi) with `cuts` runs the chunks [lo, c1), [c1, c2), ..., [ck, hi) one after the other and
+keeps each one's input leaf and output as if each were its own op, so a backward may cover any
+run of consecutive chunks (its range's top must be where the previous backward stopped, its
+bottom a chunk's start): it backpropagates through them top down, each chunk's input gradient
+feeding the one below. Forward and backward choose their runs independently.
 """
 from __future__ import annotations
 
@@ -32,7 +39,8 @@ class ChunkedStash(ActivationStash):
     def __init__(self, param_storages: set[int], lengths: torch.Tensor):
         super().__init__(param_storages)
         self.lengths = lengths
-        self.io: dict[int, tuple[torch.Tensor | None, torch.Tensor, int, int]] = {}  # lo -> (inp, out, saved span)
+        # per chunk, by its first layer: (input leaf, output, its span of `saved`, its end layer)
+        self.io: dict[int, tuple[torch.Tensor | None, torch.Tensor, int, int, int]] = {}
         self.boundary: torch.Tensor | None = None    # output of the last forward chunk
         self.next_lo = 0                             # the forward chunk due next starts here
         self.grad_above: torch.Tensor | None = None  # d loss / d (input of the last backward chunk)
@@ -92,12 +100,22 @@ def _check_range(worker, layers: tuple, of_layers: int, what: str) -> tuple[int,
     return lo, hi, lo * L // total, hi * L // total
 
 
+def _check_cuts(cmd: Forward, lo: int, hi: int) -> tuple[int, ...]:
+    """The chunk boundaries of a forward op: lo, its cuts (ascending, inside it), hi."""
+    cuts = tuple(cmd.cuts)
+    if any(not a < b for a, b in zip((lo, *cuts), (*cuts, hi))):
+        raise ValueError(f"forward chunk {cmd.layers}: cuts {cuts} are not ascending inside it")
+    return (lo, *cuts, hi)
+
+
 def chunk_forward(worker, cmd: Forward, timer) -> ForwardResult:
-    """A training forward over layers cmd.layers of the stage (see the module doc)."""
-    lo, hi, rlo, rhi = _check_range(worker, cmd.layers, cmd.of_layers, "forward")
+    """A training forward over layers cmd.layers of the stage, one chunk after the other when
+    it covers several (`cmd.cuts`; see the module doc)."""
+    lo, hi, _, _ = _check_range(worker, cmd.layers, cmd.of_layers, "forward")
     L = cmd.of_layers or worker.stage.num_layers
     if not cmd.train:
         raise ValueError("only training forwards run in chunks")
+    bounds = _check_cuts(cmd, lo, hi)
     if lo == 0:
         if cmd.batch_id in worker.stashes:
             raise ValueError(f"micro-batch {cmd.batch_id} already has a pending backward")
@@ -105,72 +123,104 @@ def chunk_forward(worker, cmd: Forward, timer) -> ForwardResult:
         lengths = torch.tensor(cmd.lengths, device=worker.device)
         params = {p.untyped_storage().data_ptr() for p in worker.stage.parameters()}
         stash = worker.stashes[cmd.batch_id] = ChunkedStash(params, lengths)
-        inp = None if worker._first else x.requires_grad_()
     else:
         stash = worker.stashes.get(cmd.batch_id)
         if not isinstance(stash, ChunkedStash) or stash.next_lo != lo or stash.boundary is None:
             raise ValueError(f"micro-batch {cmd.batch_id}: forward chunk {cmd.layers} out of order")
         if stash.on_host:
             raise RuntimeError(f"micro-batch {cmd.batch_id}: activations are offloaded; reload first")
-        inp = x = stash.boundary.requires_grad_()
+        x = stash.boundary
         lengths = stash.lengths
     labels = None
     if worker._last and hi == L:
         if cmd.labels is None:
             raise ValueError("the last stage needs labels for a training forward")
         labels = mask_labels(cmd.labels.to(worker.device, dtype=torch.long), lengths)
-    first_saved = len(stash.saved)
     loss = None
-    with timer(worker.device) as t, stash.hooks():
-        out = run_layers(worker.stage, x, lengths, rlo, rhi, embed=lo == 0) if lo == 0 or rlo < rhi else x
-        if labels is not None:
-            loss = causal_lm_loss(out, labels)
-            out = loss * cmd.loss_scale
+    with timer(worker.device) as t:
+        for a, b in zip(bounds, bounds[1:]):
+            x, loss = _forward_chunk(worker, stash, x, lengths, a, b, L, labels if b == L else None,
+                                     cmd.loss_scale)
     hidden = None
     if hi < L:
-        stash.boundary = out.detach()          # the next chunk's input (keeps the data)
+        stash.boundary = x                     # the next op's input (keeps the data)
     else:
         stash.boundary = None
         if not worker._last:
-            hidden = out.detach().to("cpu", copy=True)
-    stash.io[lo] = (inp, out, first_saved, len(stash.saved))
+            hidden = x.to("cpu", copy=True)
+    return ForwardResult(cmd.batch_id, hidden=hidden, loss=None if loss is None else float(loss.detach()),
+                         compute_s=t.s)
+
+
+def _forward_chunk(worker, stash: ChunkedStash, x: torch.Tensor, lengths: torch.Tensor, lo: int, hi: int,
+                   L: int, labels: torch.Tensor | None, loss_scale: float):
+    """One chunk [lo, hi) (of L) of a training forward: returns its output, detached (the
+    next chunk's input), and the loss when it ends the last stage. The chunk's input leaf and
+    output are kept in stash.io for its backward, without their memory."""
+    _, _, rlo, rhi = _check_range(worker, (lo, hi), L, "forward")
+    first_chunk = lo == 0
+    inp = None if (first_chunk and worker._first) else x.requires_grad_()
+    first_saved = len(stash.saved)
+    loss = None
+    with stash.hooks():
+        out = run_layers(worker.stage, x, lengths, rlo, rhi, embed=first_chunk) \
+            if first_chunk or rlo < rhi else x
+        if labels is not None:
+            loss = causal_lm_loss(out, labels)
+            out = loss * loss_scale
+    nxt = out.detach()
+    stash.io[lo] = (inp, out, first_saved, len(stash.saved), hi)
     stash.next_lo = hi
     if inp is not None:
         inp.data = _placeholder(inp)           # its data lives on in the saved tensors if needed
     if out.dim() > 0:
         out.data = _placeholder(out)
-    return ForwardResult(cmd.batch_id, hidden=hidden, loss=None if loss is None else float(loss.detach()),
-                         compute_s=t.s)
+    return nxt, loss
 
 
 def chunk_backward(worker, cmd: Backward, timer) -> BackwardResult:
-    """A backward over layers cmd.layers of the stage, top chunk first (see the module doc)."""
+    """A backward over layers cmd.layers of the stage, top chunk first: the chunks the
+    forward kept inside that range, each in turn (see the module doc)."""
     lo, hi, _, _ = _check_range(worker, cmd.layers, cmd.of_layers, "backward")
     L = cmd.of_layers or worker.stage.num_layers
     stash = worker._stash(cmd.batch_id)
-    if not isinstance(stash, ChunkedStash) or lo not in stash.io or stash.next_lo != L \
+    if not isinstance(stash, ChunkedStash) or stash.next_lo != L \
             or (stash.bwd_hi if stash.bwd_hi is not None else L) != hi:
         raise ValueError(f"micro-batch {cmd.batch_id}: backward chunk {cmd.layers} out of order")
+    starts = {entry[4]: start for start, entry in stash.io.items()}   # a chunk's end -> its start
+    chain, at = [], hi
+    while at > lo:
+        start = starts.get(at)
+        if start is None or start < lo:
+            raise ValueError(f"micro-batch {cmd.batch_id}: backward chunk {cmd.layers} is not a run of "
+                             f"the forward's chunks {sorted((a, e[4]) for a, e in stash.io.items())}")
+        chain.append(start)
+        at = start
     if stash.on_host:
         raise RuntimeError(f"micro-batch {cmd.batch_id}: activations are offloaded; reload first")
-    inp, out, s0, s1 = stash.io.pop(lo)
     top = hi == L
     if top and worker._last != (cmd.grad_output is None):
         raise ValueError("grad_output must be None exactly on the last stage")
     if not top and cmd.grad_output is not None:
         raise ValueError("only the top backward chunk takes the next stage's grad_output")
     if top:
-        grad = None if worker._last else cmd.grad_output.to(worker.device, dtype=out.dtype)
+        grad = None if worker._last else cmd.grad_output.to(worker.device, dtype=stash.io[chain[0]][1].dtype)
     else:
         grad = stash.grad_above
+    spent = []
     with timer(worker.device) as t:
-        torch.autograd.backward(out, grad)     # accumulates .grad
-    for i in range(s0, s1):                    # this chunk's activations are spent
-        stash.saved[i] = None
+        for start in chain:
+            inp, out, s0, s1, _ = stash.io.pop(start)
+            torch.autograd.backward(out, grad)     # accumulates .grad
+            spent.append((s0, s1))
+            grad = None if inp is None else inp.grad
+    for s0, s1 in spent:                       # these chunks' activations are spent
+        for i in range(s0, s1):
+            stash.saved[i] = None
     stash.bwd_hi = lo
     if lo > 0:
-        stash.grad_above = inp.grad
+        stash.grad_above = grad
         return BackwardResult(cmd.batch_id, grad_input=None, compute_s=t.s)
     del worker.stashes[cmd.batch_id]
-    grad_in = None if worker._first else inp.grad.to("cpu", copy=True)
+    grad_in = None if worker._first else grad.to("cpu", copy=True)
     return BackwardResult(cmd.batch_id, grad_input=grad_in, compute_s=t.s)

@@ -90,6 +90,7 @@ class Forward:
     loss_scale: float = 1.0
     layers: tuple[int, int] | tuple[()] = ()   # training chunk: layers [lo, hi) of `of_layers` (engine/chunks.py)
     of_layers: int = 0                          # ... the scheduler's layer count of the stage (0: the stage's own)
+    cuts: tuple[int, ...] = ()                  # ... chunk boundaries inside it (several chunks as one op)
 
 
 @dataclass(frozen=True)

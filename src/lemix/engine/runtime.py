@@ -263,7 +263,7 @@ class Engine:
             ids, lengths = self._ids[op.batch_id]
             return Forward(op.batch_id, True, tuple(range(len(lengths))), lengths,
                            labels=ids if last else None, loss_scale=self.loss_scale, layers=op.layers,
-                           of_layers=self._planned_layers(op.stage))
+                           of_layers=self._planned_layers(op.stage), cuts=op.cuts)
         if op.stage == 0:
             rows = [row for t in op.task_ids for row in self.texts.tokens(self._tasks[t]).samples]
             lengths = tuple(len(r) for r in rows)
@@ -283,7 +283,7 @@ class Engine:
                        hidden=None if op.stage == 0 else self._acts.pop((op.batch_id, op.stage)),
                        labels=ids if last else None, keep_kv=keep_kv, sampling=sampling,
                        loss_scale=self.loss_scale, layers=op.layers,
-                       of_layers=self._planned_layers(op.stage) if op.layers else 0)
+                       of_layers=self._planned_layers(op.stage) if op.layers else 0, cuts=op.cuts)
 
     # ------------------------------------------------------------------ results -> OpResults
     def _complete(self, tag: Any, res: Any) -> None:

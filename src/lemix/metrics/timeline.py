@@ -93,6 +93,10 @@ def _op_event(op: OpRecord, policy: str | None, pid_base: int) -> dict:
     kind = getattr(op.kind, "value", str(op.kind))
     args: dict = {"task_ids": list(op.task_ids), "train": bool(op.train),
                   "predicted_s": float(op.predicted_s), "batch_id": int(op.batch_id)}
+    if op.layers:   # a training chunk (or a run of chunks: their inner boundaries)
+        args["layers"] = list(op.layers)
+        if op.cuts:
+            args["cuts"] = list(op.cuts)
     if policy:
         args["policy"] = policy
     return {

@@ -25,7 +25,21 @@ built-in profile cost 19% more device time than one op per stage). A drain of tr
 the requests end ran at 81% of separate's speed without it. `chunk_quiet_s = None` chunks always.
 
 A micro-batch's plan is fixed when it is admitted (`Batch.chunks`: per stage, its chunks'
-layer boundaries) and is followed to the end. Memory follows the chunks: a forward chunk stashes
+layer boundaries) and is followed to the end.
+
+Adaptive chunks (`adaptive_chunks`, on by default; `--no-adaptive-chunks`): the bound is for
+a request that finds a chunk running; while the node serves nothing (no request queued, in
+flight or decoding there), one op may cover several consecutive chunks (`Batch.span`; forward
+and backward each choose theirs), as many as the tight request (the same quantile of recent
+requests) arriving at the op's start would still meet its SLO behind (`merge_budget_s`), and
+only while training waits for device time (a task placed on the node not yet in its pipeline,
+or one deferred: otherwise a merge gains nothing) and another node runs no merged op (so at
+any time one node keeps the bound for the requests tighter than the quantile, and placement
+can send them there). Each op saves the per-op constant of the chunks it merges (on the built-in 3B profile,
+one-layer chunks cost 19% more device time than one op per stage); with a request on the node
+ops shrink back to one chunk. A forward over several chunks carries their inner boundaries
+(`Op.cuts`) so the worker keeps each chunk's boundary activation: a backward may then cover
+any run of the forward's chunks, top down. Memory follows the chunks: a forward chunk stashes
 its layers' share of the stage's activations, a backward chunk frees it (`stash_bytes`).
 Lookahead slack: the lookahead (a device does not start training that would still run when
 inference on its way arrives) lets a training op start if it ends within the chunk bound of
@@ -41,11 +55,11 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Callable
+from typing import Callable, Sequence
 
 from lemix.sched.latency import LatencyModel, layer_fraction
 from lemix.sched.params import SchedParams
-from lemix.sched.state import Batch
+from lemix.sched.state import Batch, NodeState
 from lemix.types import OpKind, Task, TaskKind
 
 Plan = tuple[tuple[int, ...], ...]   # per stage, layer boundaries (0, ..., L); () = not chunked
@@ -60,11 +74,22 @@ def n_chunks(b: Batch, s: int) -> int:
 
 
 def chunk_layers(b: Batch, s: int) -> tuple:
-    """The layer range of the chunk due next on stage s (() when the stage is one op)."""
+    """The layer range of the op due next on stage s: `b.span` chunks from the current one
+    (forward: upwards; backward: downwards); () when the stage is one op."""
     if not b.chunks or len(b.chunks[s]) <= 2:
         return ()
-    bounds = b.chunks[s]
-    return (bounds[b.chunk], bounds[b.chunk + 1])
+    bounds, j, m = b.chunks[s], b.chunk, b.span
+    if b.fwd_done:
+        return (bounds[j - m + 1], bounds[j + 1])
+    return (bounds[j], bounds[j + m])
+
+
+def chunk_cuts(b: Batch, s: int) -> tuple[int, ...]:
+    """The chunk boundaries inside a forward op over several chunks (adaptive chunks): the
+    worker keeps each chunk's boundary so that a backward can cover any run of them."""
+    if not b.chunks or b.span <= 1 or b.fwd_done:
+        return ()
+    return b.chunks[s][b.chunk + 1:b.chunk + b.span]
 
 
 def mid_stage(b: Batch) -> bool:
@@ -87,7 +112,7 @@ def stash_bytes(b: Batch, s: int, per_token: int) -> int:
         return total
     bounds = b.chunks[s]
     if not b.fwd_done and b.fwd_next == s:
-        upto = bounds[b.chunk + (1 if b.running else 0)]
+        upto = bounds[b.chunk + (b.span if b.running else 0)]
     elif b.fwd_done and b.bwd_next == s:
         upto = bounds[b.chunk + 1]
     else:
@@ -96,20 +121,28 @@ def stash_bytes(b: Batch, s: int, per_token: int) -> int:
 
 
 def chunk_stash_bytes(b: Batch, s: int, per_token: int) -> int:
-    """What the chunk due next on stage s stashes (forward) or frees (backward)."""
+    """What the op due next on stage s (its `b.span` chunks) stashes (forward) or frees
+    (backward)."""
     total = b.tokens * per_token
     if not b.chunks:
         return total
-    bounds = b.chunks[s]
-    j = b.chunk
-    return total * bounds[j + 1] // bounds[-1] - total * bounds[j] // bounds[-1]
+    bounds, j, m = b.chunks[s], b.chunk, b.span
+    lo, hi = (j - m + 1, j + 1) if b.fwd_done else (j, j + m)
+    return total * bounds[hi] // bounds[-1] - total * bounds[lo] // bounds[-1]
+
+
+def left_on_stage(b: Batch, s: int) -> int:
+    """Chunks of the stage's current direction not yet started (forward: from b.chunk up;
+    backward: from b.chunk down)."""
+    return b.chunk + 1 if b.fwd_done else n_chunks(b, s) - b.chunk
 
 
 def advance_fwd(b: Batch) -> bool:
-    """A forward chunk finished: True when the stage's forward is complete."""
+    """A forward op (b.span chunks) finished: True when the stage's forward is complete."""
     if not b.chunks:
         return True
-    b.chunk += 1
+    b.chunk += b.span
+    b.span = 1
     if b.chunk < n_chunks(b, b.fwd_next):
         return False
     b.chunk = 0
@@ -120,13 +153,18 @@ def start_bwd(b: Batch, s: int) -> None:
     """The backward on stage s begins with its last chunk."""
     if b.chunks and s >= 0:
         b.chunk = n_chunks(b, s) - 1
+        b.span = 1
 
 
 def advance_bwd(b: Batch) -> bool:
-    """A backward chunk finished: True when the stage's backward is complete."""
-    if not b.chunks or b.chunk == 0:
+    """A backward op (b.span chunks) finished: True when the stage's backward is complete."""
+    if not b.chunks:
         return True
-    b.chunk -= 1
+    m, b.span = b.span, 1
+    if b.chunk - m < 0:
+        b.chunk = 0
+        return True
+    b.chunk -= m
     return False
 
 
@@ -135,15 +173,21 @@ class Chunker:
 
     def __init__(self, params: SchedParams, lat: LatencyModel, slo_of: Callable[[Task], float], *,
                  enabled: bool, now: Callable[[], float] | None = None,
-                 inference_present: Callable[[], bool] | None = None) -> None:
+                 inference_present: Callable[[], bool] | None = None, nodes: Sequence[NodeState] = (),
+                 training_waits: Callable[[], bool] | None = None) -> None:
         self.params = params
         self.lat = lat
         self.enabled = enabled
         self.lookahead_slack = enabled and not params.no_lookahead_slack
-        self._per_unit: deque[float] = deque(maxlen=_WINDOW)
+        self.adaptive = enabled and params.adaptive_chunks
+        self._per_unit: deque[tuple[float, float, int, int]] = deque(maxlen=_WINDOW)  # (unit, SLO, shape)
         self._seen = 0
         probe = Task(-1, TaskKind.INFER, 0.0, 1, 1)
         self._tight_s = slo_of(probe)
+        self._probe = (self._tight_s, 1, 1)   # the tight request: its SLO, prompt and output tokens
+        self._limits: dict[tuple, list[float]] = {}   # per request shape and calibration: _budget_s
+        self._nodes: list[NodeState] = list(nodes)
+        self._training_waits = training_waits
         self._durs: dict[tuple, tuple] = {}   # chunk durations and chains per shape, plan, calibration
         self._raw_durs: dict[tuple, tuple[list[list[float]], list[list[float]]]] = {}   # ... uncalibrated
         self._plans: dict[tuple, tuple[int, Plan]] = {}
@@ -158,11 +202,12 @@ class Chunker:
             return
         self._last_request_s = max(self._last_request_s, task.arrival_s)
         unit = slo_s / max(1, task.output_tokens) if self.params.generate else slo_s
-        self._per_unit.append(unit)
+        self._per_unit.append((unit, slo_s, task.prompt_tokens, task.output_tokens))
         self._seen += 1
         if self._seen <= _REFRESH or self._seen % _REFRESH == 0:
             xs = sorted(self._per_unit)
-            self._tight_s = xs[min(len(xs) - 1, int(_TIGHT_Q * len(xs)))]
+            tight = xs[min(len(xs) - 1, int(_TIGHT_Q * len(xs)))]
+            self._tight_s, self._probe = tight[0], tight[1:]
 
     def target_s(self) -> float:
         """The longest a chunk may be predicted to run."""
@@ -178,6 +223,84 @@ class Chunker:
             return False
         return (self._last_request_s > float("-inf") and self._now() >= self._last_request_s + q
                 and not self._inference_present())
+
+    # ------------------------------------------------------------------ adaptive chunks
+    def span(self, node: NodeState, s: int, b: Batch) -> int:
+        """How many of b's chunks the op due next on stage s covers: 1 while the node serves
+        anything (the bound); else the most that the tight request arriving now would still
+        meet its SLO behind (`merge_budget_s`), provided another node keeps to one chunk per op
+        (`_fast_lane`: at any time one node of a cluster does, for the tightest requests)."""
+        if not self.adaptive or not b.chunks or len(b.chunks[s]) <= 2 or not node.has_no_inference():
+            return 1
+        left = left_on_stage(b, s)
+        if left <= 1:
+            return 1
+        budget = self.merge_budget_s(s)
+        bounds, j = b.chunks[s], b.chunk
+        kind = OpKind.BWD if b.fwd_done else OpKind.FWD
+        if not (node.train_wait or (self._training_waits is not None and self._training_waits())):
+            return 1   # no training waits for the device time a merge saves: nothing to gain
+        if not self._fast_lane(node):
+            return 1
+        for m in range(left, 1, -1):   # the largest that fits
+            rng = (bounds[j - m + 1], bounds[j + 1]) if b.fwd_done else (bounds[j], bounds[j + m])
+            if self.lat.predict(kind, s, b.size, b.seq_tokens, layers=rng) <= budget:
+                return m
+        return 1
+
+    def new_span(self, node: NodeState, s: int, task: Task) -> int:
+        """span() of the first op of a training task about to be admitted on stage s."""
+        plan = self.plan(task.batch_size, task.prompt_tokens)
+        if not self.adaptive or not plan:
+            return 1
+        return self.span(node, s, Batch(-1, node.index, True, [task], task.prompt_tokens, node.num_stages,
+                                        chunks=plan))
+
+    def merge_budget_s(self, s: int) -> float:
+        """The longest an op starting now on stage s of a node that serves nothing may last so
+        that the tight request (the `_TIGHT_Q` quantile of recent requests, per blocking unit)
+        arriving now still meets its SLO there (`_budget_s`)."""
+        return self._budget_s(self._probe, s)
+
+    def _budget_s(self, probe: tuple[float, int, int], s: int) -> float:
+        """How long after now stage s may stay busy so that a request of this shape (SLO,
+        prompt, output tokens) arriving now still meets its SLO on the node: it reaches stage s
+        no earlier than now, and from there needs its forward on stages s..S-1 (a chain's end
+        is the latest over its stages of when the stage is free plus the chain's rest from
+        there), and each later stage may still run one chunk into its way (lookahead slack).
+        In generate mode its decode iterations come after, each behind at most one chunk (the
+        node is then not quiet: bounded chunks); with a TTFT limit the prefill must meet it."""
+        slo, prompt, out = probe
+        key = (prompt, out, slo, self.lat.version)
+        hit = self._limits.get(key)
+        if hit is None:
+            if len(self._limits) > 64:
+                self._limits.clear()
+            S = len(self.lat.profile.stages)
+            p = self.params
+            limit = slo
+            if p.generate and out > 1:
+                it = sum(self.lat.predict(OpKind.DECODE, j, 1, 1, prompt + out // 2) for j in range(S))
+                limit -= (out - 1) * (it + self.target_s())
+                if p.slo_ttft_s is not None:
+                    limit = min(limit, p.slo_ttft_s)
+            slack = self.target_s() if self.lookahead_slack else 0.0
+            hit = [0.0] * S
+            rest = 0.0
+            for j in range(S - 1, -1, -1):
+                rest += self.lat.predict(OpKind.FWD, j, 1, prompt)
+                hit[j] = limit - rest - (S - 1 - j) * slack
+            self._limits[key] = hit
+        return hit[s]
+
+    def _fast_lane(self, node: NodeState) -> bool:
+        """Another healthy serving node runs no op over several chunks: the bound still holds
+        there, and placement sends a request where its response is predicted shortest."""
+        for m in self._nodes:
+            if m is not node and m.healthy and m.serves and not any(
+                    b.running and b.span > 1 for b in m.batches.values()):
+                return True
+        return False
 
     def plan(self, batch: int, tokens: int) -> Plan:
         """Per stage, the layer boundaries of the fewest equal chunks that meet the bound (none
@@ -257,7 +380,7 @@ class Chunker:
         runs: forward chunks ascending, stage by stage, then backward chunks descending (a
         suffix of the whole chunked chain of its shape, cached per calibration)."""
         ops, fwd_at, bwd_at = self._full_chain(b.size, b.seq_tokens, b.chunks)
-        run = 1 if b.running else 0
+        run = b.span if b.running else 0
         if not b.fwd_done:
             s = b.fwd_next
             return ops[fwd_at[s] + min(b.chunk + run, fwd_at[s + 1] - fwd_at[s]):]

@@ -69,7 +69,7 @@ class Completion:
         self.cluster.touch(node)
         self.rec.op(OpRecord(op.node, op.stage, op.kind, result.start_s, result.end_s, op.batch_id,
                              op.task_ids, op.train, op.predicted_s, op.batch_size,
-                             op.seq_tokens, op.kv_tokens, op.bytes, op.layers))
+                             op.seq_tokens, op.kv_tokens, op.bytes, op.layers, op.cuts))
         self.placement.op_ended(op)
         if result.error:
             self._failed(node, entry, result.error)

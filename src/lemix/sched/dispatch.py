@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 from lemix.clock import Clock
-from lemix.sched.chunking import chunk_layers, chunk_stash_bytes, mid_stage
+from lemix.sched.chunking import chunk_cuts, chunk_layers, chunk_stash_bytes, mid_stage
 from lemix.sched.cluster import Cluster
 from lemix.sched.failures import Failures
 from lemix.sched.latency import LatencyModel, Profile
@@ -72,11 +72,11 @@ class Dispatcher:
                 return self._passing(node, s, now)
             return _SYNC_ONLY  # never under a pending backward
         solo = self.order.solo_training and self.quiet()
-        c_inf, c_bwd, c_fwd, c_new = self.order.classes(dev, now, solo)
+        c_inf, c_bwd, c_fwd, c_new, k_step = self.order.classes(dev, now, solo)
         pipe = self.pipe
         out = []
         if dev.grads_pending and pipe.step_due(node, s) and not node.stash_on(s):
-            out.append(Candidate(OPTIM_KEY, CandKind.OPTIM, None))
+            out.append(Candidate(k_step, CandKind.OPTIM, None))
         it = node.decode
         if it is not None and it.stage == s and not it.running:
             out.append(Candidate(CandKey(c_inf, it.ready_s, 0, it.bid), CandKind.DECODE, it))
@@ -178,8 +178,11 @@ class Dispatcher:
         candidates = self.candidates(node, s, now, by_stage)
         if dev.wait_key is not None and all(c.key != dev.wait_key for c in candidates):
             dev.wait_key, dev.wait_since_s = None, None  # the waiting op is no longer a candidate
+        chunker = self.chunker
         for c in candidates:
             kind = c.kind
+            if chunker is not None and (kind is CandKind.BWD or (kind is CandKind.FWD and c.obj.train)):
+                c.obj.span = chunker.span(node, s, c.obj)   # adaptive chunks: what its op covers
             if hold < INF and c.training and now + self._predict(node, s, c) > hold:
                 continue  # inference reaches this stage before the training op would end
             if (self.host_gate is not None and c.training and c.kind is not CandKind.OPTIM
@@ -213,7 +216,7 @@ class Dispatcher:
         if c.kind is CandKind.TRAIN_NEW:
             t = node.train_wait[0]
             plan = self.chunker.plan(t.batch_size, t.prompt_tokens) if self.chunker else ()
-            first = (plan[s][0], plan[s][1]) if plan and len(plan[s]) > 2 else ()
+            first = (plan[s][0], plan[s][self.chunker.new_span(node, s, t)]) if plan and len(plan[s]) > 2 else ()
             return self.lat.predict(OpKind.FWD, s, t.batch_size, t.prompt_tokens, layers=first)
         b = c.obj
         return self.lat.predict(OpKind.BWD if c.kind is CandKind.BWD else OpKind.FWD, s, b.size, b.seq_tokens,
@@ -222,9 +225,10 @@ class Dispatcher:
     # ------------------------------------------------------------------ starting ops
     def _start(self, node: NodeState, s: int, kind: OpKind, bid: int, task_ids: tuple, train: bool, *,
                batch: int = 0, seq: int = 0, kv: int = 0, nbytes: int = 0, obj: object = None,
-               held: int = 0, extra: int = 0, sync: SyncSpec | None = None, layers: tuple = ()) -> Op:
+               held: int = 0, extra: int = 0, sync: SyncSpec | None = None, layers: tuple = (),
+               cuts: tuple = ()) -> Op:
         op = Op(self._next_op, kind, node.index, s, bid, task_ids, train, batch, seq, kv, nbytes,
-                self.lat.predict(kind, s, batch, seq, kv, nbytes, layers), sync, layers)
+                self.lat.predict(kind, s, batch, seq, kv, nbytes, layers), sync, layers, cuts)
         self._next_op += 1
         dev = node.devices[s]
         dev.running = op
@@ -261,6 +265,7 @@ class Dispatcher:
                         ready_s=now)
             if self.chunker is not None:   # bounded blocking: its chunk plan, fixed from now on
                 obj.chunks = self.chunker.plan(task.batch_size, task.prompt_tokens)
+                obj.span = self.chunker.span(node, s, obj) if obj.chunks else 1
             self.pipe.admit(node, obj)
             node.batches[obj.bid] = obj
         elif kind is CandKind.DECODE_NEW:
@@ -295,7 +300,8 @@ class Dispatcher:
                 kv_bytes[t.task_id][s] += t.prompt_tokens * st.kv_bytes_per_token
                 held += t.prompt_tokens * st.kv_bytes_per_token
         return self._start(node, s, OpKind.FWD, b.bid, ids, b.train, batch=b.size, seq=b.seq_tokens,
-                           obj=b, held=held, extra=tmp, layers=layers)
+                           obj=b, held=held, extra=tmp, layers=layers,
+                           cuts=chunk_cuts(b, s) if b.train else ())
 
     def _oom(self, node: NodeState, s: int, c: Candidate, need: int) -> None:
         """No memory gate and the op does not fit: it fails as on a real device."""

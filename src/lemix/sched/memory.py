@@ -109,9 +109,10 @@ class MemoryGate:
         if kind is CandKind.TRAIN_NEW:
             t = node.train_wait[0]
             plan = self.chunker.plan(t.batch_size, t.prompt_tokens) if self.chunker else ()
-            if plan:   # bounded blocking: the first chunk stashes its layers' share
+            if plan:   # bounded blocking: the first op stashes its chunks' layers' share
                 tokens = t.batch_size * t.prompt_tokens
-                return tokens * st.tmp_bytes_per_token + (tokens * st.act_bytes_per_token * plan[s][1]
+                upto = plan[s][self.chunker.new_span(node, s, t)]
+                return tokens * st.tmp_bytes_per_token + (tokens * st.act_bytes_per_token * upto
                                                           // plan[s][-1])
             return fwd_need_bytes(st, t.batch_size * t.prompt_tokens, True, 0)
         b: Batch = c.obj

@@ -7,7 +7,10 @@ a device: a pending weight sync; a due optimizer step; then, per the dispatch or
 - `FirstReady` (the baselines, lemix without prioritization): first ready, first served;
 - `InferenceFirst` (lemix): inference (decode, prefill) before training backward before training
   forward before admitting a new training task; with `lookahead`, a device does not start a
-  training op that would still run when inference already on its way reaches it. Training is
+  training op that would still run when inference already on its way reaches it (and with
+  `step_after_inference`, a due optimizer step waits for inference ready on the device; with
+  `lookahead_queued`, inference queued on the stage before behind a training op counts as on
+  its way, due when that op ends). Training is
   not starved: below `min_train_share` of a device's recent busy time (a decayed window) its
   training ops go first. With `backlog_share` (issue 10), while both workloads are backlogged
   (the scheduler's `backlogged`: training waits for placement and more than a full batch of
@@ -82,6 +85,9 @@ class Candidate(NamedTuple):
 SYNC_CLASS, OPTIM_CLASS, INFER_CLASS, BWD_CLASS, FWD_CLASS, NEW_CLASS, STARVED_INFER_CLASS = 0, 1, 2, 3, 4, 5, 6
 SYNC_KEY = CandKey(SYNC_CLASS, 0.0, 0, 0)
 OPTIM_KEY = CandKey(OPTIM_CLASS, 0.0, 0, 0)
+# inference first: a due step waits for the inference waiting on its device (it is training
+# work; a step of ~30 ms on the built-in 3B profile went ahead of requests and missed them)
+OPTIM_AFTER_INFER_KEY = CandKey(INFER_CLASS, INF, 0, 0)
 
 
 class Classes(NamedTuple):
@@ -91,6 +97,7 @@ class Classes(NamedTuple):
     backward: int
     forward: int     # of a training micro-batch already admitted
     admit: int       # a new training task
+    step: CandKey = OPTIM_KEY   # a due optimizer step's key
 
 
 class DispatchOrder(Protocol):
@@ -126,10 +133,14 @@ class InferenceFirst:
     _STARVED = Classes(STARVED_INFER_CLASS, BWD_CLASS, FWD_CLASS, NEW_CLASS)  # training first until its share recovers
 
     def __init__(self, min_train_share: float, *, lookahead: bool = True,
-                 backlog_share: float | None = None, solo_training: bool = False) -> None:
+                 backlog_share: float | None = None, solo_training: bool = False,
+                 step_after_inference: bool = False, lookahead_queued: bool = False) -> None:
         self.min_train_share = min_train_share
         self.lookahead = lookahead
         self.solo_training = solo_training   # issue 10 (overload): see the module's docstring
+        self.queued_before = _queued_before if lookahead_queued else (lambda node, s: False)
+        if step_after_inference:   # (issue 10) see OPTIM_AFTER_INFER_KEY
+            self._NORMAL = self._NORMAL._replace(step=OPTIM_AFTER_INFER_KEY)
         # issue 10 (both backlogged): while both workloads are backlogged, training's floor is
         # the share of devices separation would give it; `backlogged` is set by the Scheduler
         self.backlog_share = backlog_share
@@ -159,14 +170,29 @@ class InferenceFirst:
             return INF
         prev = node.devices[s - 1] if s > 0 else node.devices[-1]
         op = prev.running
-        if op is None or op.train:
+        if op is None:
             return INF
-        if s == 0 and op.kind is not OpKind.DECODE:
+        if op.train:
+            # (issue 10) inference queued on the stage before, behind the training op running
+            # there, comes next: it reaches this stage no earlier than that op's end
+            if s == 0 or not self.queued_before(node, s):
+                return INF
+        elif s == 0 and op.kind is not OpKind.DECODE:
             return INF
         due = prev.running_start_s + op.predicted_s
         if self.training_starved(node.devices[s], now):
             return INF
         return due
+
+
+def _queued_before(node: NodeState, s: int) -> bool:
+    """Inference waits to run on stage s - 1 of the node (not running there yet)."""
+    if s == 1 and node.infer_wait:
+        return True
+    it = node.decode
+    if it is not None and it.stage == s - 1 and not it.running:
+        return True
+    return any(not b.train and not b.running and b.fwd_next == s - 1 for b in node.batches.values())
 
 
 def decay(dev: Device, now: float) -> None:

@@ -58,3 +58,7 @@ class SchedParams:
     shared_host: bool = False            # set by the executor: the devices share one host's CPUs (wall clock, cpu)
     no_host_gate: bool = False           # lemix: training ops not capped to the host's contention-free concurrency
     host_slowdown: float = 1.5           # a learned inference slowdown above this closes a training slot
+    # issue 10, third round (adaptive-chunks)
+    adaptive_chunks: bool = True         # merge chunks into one op while a node serves nothing (chunking.py)
+    step_first: bool = False             # lemix: a due optimizer step goes before inference waiting on its device
+    no_lookahead_queued: bool = False    # lemix: the lookahead ignores inference queued behind training on the stage before

@@ -106,7 +106,8 @@ class Scheduler:
         # hook (issue 10, bounded blocking): the chunk planner, read by dispatch, memory, timelines
         self.chunker = Chunker(params, self.lat, self.times.compute_slo,
                                enabled=getattr(self.policy, "chunk_training", False) and not params.no_chunking,
-                               now=clock.now, inference_present=self._inference_present)
+                               now=clock.now, inference_present=self._inference_present, nodes=self.nodes,
+                               training_waits=lambda: bool(self.placement.deferred))
         if self.chunker.enabled:
             self.dispatcher.chunker = self.memory.chunker = self.timelines.chunker = self.chunker
         # hook (issue 10, late binding and liveness of deferred training): admission.py

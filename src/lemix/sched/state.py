@@ -31,9 +31,11 @@ class Batch:
     offloaded_stages: set[int] = field(default_factory=set)  # ... of which moved to host
     # bounded blocking (chunking.py): per stage, the layer boundaries of its chunks (() = one op
     # per stage), and the chunk due next on the current stage (forward: ascending; backward:
-    # descending from the last)
+    # descending from the last), and how many chunks the op running or due there covers
+    # (adaptive chunks: merged into one op while the node serves nothing)
     chunks: tuple[tuple[int, ...], ...] = ()
     chunk: int = 0
+    span: int = 1
 
     @cached_property
     def size(self) -> int:  # tasks and seq_tokens never change after the batch is formed

@@ -69,7 +69,9 @@ class Lemix(PolicyBase):
             if p.backlog_floor:   # separation's training share of devices (policies/separate.py)
                 share = len(split(p.nodes, p.train_share if p.train_share is not None else 0.5)[1]) / p.nodes
             return InferenceFirst(p.min_train_share, lookahead=True, backlog_share=share,
-                                  solo_training=not p.no_solo_training)
+                                  solo_training=not p.no_solo_training,
+                                  step_after_inference=not p.step_first,
+                                  lookahead_queued=not p.no_lookahead_queued)
         return FirstReady()
 
     prune = True  # bound-and-prune placement (same choice as scoring every node; see place)
