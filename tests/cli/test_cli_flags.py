@@ -183,19 +183,22 @@ def test_deprecated_rate_means_the_total_and_says_what_to_use(capsys, tmp_path):
     assert s["train_completed"] + s["train_failed"] == s["train_tasks_total"] > 0
 
 
-def test_deprecated_rate_with_a_trace_warns_instead_of_crashing(tmp_path):
-    trace = tmp_path / "t.csv"
-    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
-                     "2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:50.9951690,396,109\n")
+@pytest.fixture
+def trace(tmp_path):
+    """A two-request Azure-format trace."""
+    path = tmp_path / "t.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                    "2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:50.9951690,396,109\n")
+    return path
+
+
+def test_deprecated_rate_with_a_trace_warns_instead_of_crashing(trace):
     with pytest.warns(LemixDeprecationWarning, match=r"a trace sets its own request arrivals"):
         cfg = load_config(None, {"workload.trace": str(trace), "workload.rate": 8.0})
     assert cfg.workload.requests_per_s is None
 
 
-def test_request_rate_with_a_trace_warns_that_it_has_no_effect(tmp_path):
-    trace = tmp_path / "t.csv"
-    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
-                     "2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:50.9951690,396,109\n")
+def test_request_rate_with_a_trace_warns_that_it_has_no_effect(trace):
     with pytest.warns(LemixDeprecationWarning, match=r"no effect with a trace.*--trace-speedup"):
         cfg = load_config(None, {"workload.trace": str(trace), "workload.request_rate": 8.0})
     assert cfg.workload.requests_per_s is None
