@@ -36,3 +36,27 @@ def test_merging_every_node_at_once_makes_them_miss():
     # (20 of 25 with the optimizer step ahead of waiting requests, `step_first`; after them,
     # the default, the unstaggered merges overlap less and 4 of 16 miss)
     assert sum(not q.slo_met for q in during) >= 4
+
+
+def test_a_stages_copy_waits_for_the_step_its_backwards_lead_to():
+    # with gradients on a stage and the node's micro-batches still running backward, the copy
+    # would hold the step back for its whole length (and merge the older weights): the step
+    # goes first, so no copy comes between a stage's backward and that stage's next step
+    r, syncs, _ = _run(True)
+    assert syncs and sum(t.samples for t in r.train_steps) == 8
+    by_dev: dict[tuple[int, int], list] = {}
+    for o in sorted(r.ops, key=lambda o: o.start_s):
+        by_dev.setdefault((o.node, o.stage), []).append(o)
+    checked = 0
+    for ops in by_dev.values():
+        since_bwd = None   # the kinds run since the stage's last backward not yet stepped
+        for o in ops:
+            if o.kind is OpKind.BWD:
+                since_bwd = []
+            elif o.kind is OpKind.OPTIM and since_bwd is not None:
+                assert OpKind.SYNC not in since_bwd
+                checked += 1
+                since_bwd = None
+            elif since_bwd is not None:
+                since_bwd.append(o.kind)
+    assert checked >= 6

@@ -68,9 +68,10 @@ class Dispatcher:
         dev = node.devices[s]
         syncing = dev.sync is not None
         if syncing and not node.stash_on(s):
-            if dev.sync.round:   # a staggered merge: requests already on the node pass first
+            if not dev.sync.round:
+                return _SYNC_ONLY  # never under a pending backward
+            if not self._step_coming(node, s):   # a staggered merge: requests on the node pass first
                 return self._passing(node, s, now)
-            return _SYNC_ONLY  # never under a pending backward
         solo = self.order.solo_training and self.quiet()
         c_inf, c_bwd, c_fwd, c_new, k_step = self.order.classes(dev, now, solo)
         pipe = self.pipe
@@ -137,6 +138,14 @@ class Dispatcher:
             out.append(Candidate(OPTIM_KEY, CandKind.OPTIM, None))
         out.sort(key=_by_key)
         return out if (out or waiting) else _SYNC_ONLY
+
+    def _step_coming(self, node: NodeState, s: int) -> bool:
+        """A staggered merge's copy waits while the stage holds gradients whose optimizer step
+        comes once the node's admitted training micro-batches finish (they run on meanwhile, as
+        under a pending backward; no new one is admitted): a copy started before would hold the
+        step back for the copy's whole length and merge the older weights."""
+        return (node.devices[s].grads_pending > 0 and not self.pipe.step_due(node, s)
+                and any(b.train for b in node.batches.values()))
 
     def _batch_ready(self, node: NodeState, now: float) -> bool:
         """T_w: a batch forms when full, or when its oldest request waited max_wait_s."""
