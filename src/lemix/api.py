@@ -119,9 +119,8 @@ def run_engine(cfg: LemixConfig, *, progress: Callable[[str, int], Callable[[int
         texts = TaskTexts(tokenizer, source, seed=cfg.seed)
         backend = make_backend(cfg.cluster.backend, **({"address": cfg.cluster.ray_address}
                                                        if cfg.cluster.backend == "ray" else {}))
-        params = cfg.sched_params(name)
-        if not virtual and cfg.shared_host:   # devices share this host's cores (sched/contention.py)
-            params = replace(params, shared_host=True)
+        # on the wall clock on CPUs the devices share this host's cores (sched/contention.py)
+        params = replace(cfg.sched_params(name), shared_host=cfg.shared_host)
         engine = Engine(params, profile, hf_model, tokenizer, texts, backend,
                         devices=stage_devices(cfg), lr=cfg.model.lr, weight_decay=cfg.model.weight_decay,
                         memory_budget_bytes=int(cfg.cluster.device_memory_gb * 1e9),

@@ -23,6 +23,14 @@ def _chunks(n_layers: int, size: int) -> list[tuple[int, int]]:
     return [(lo, min(n_layers, lo + size)) for lo in range(0, n_layers, size)]
 
 
+def _assert_matches_reference(workers, losses, ref_grads, ref_losses) -> None:
+    """Every stage's accumulated gradients and the losses equal the single-process reference."""
+    assert losses == pytest.approx(ref_losses, abs=1e-5)
+    for w in workers:
+        for key, p in w.stage.named_parameters():
+            torch.testing.assert_close(p.grad, ref_grads[w.stage.hf_names[key]], atol=1e-6, rtol=1e-4)
+
+
 def _chunked_step(workers, batches, size: int, offload_between: bool = False, of_layers: int = 0):
     """GPipe order, every stage op cut into chunks of `size` layers (backward in reverse); with
     `of_layers`, chunks of a stage of that many layers (the worker maps them onto its own)."""
@@ -72,10 +80,7 @@ def test_chunked_grads_match_reference(family, num_stages, layers, size, offload
     workers = make_workers(model, num_stages, lr=LR, weight_decay=WD)
     assert [w.stage.num_layers for w in workers] == [hi - lo for lo, hi in layer_ranges(layers, num_stages)]
     losses = _chunked_step(workers, batches, size, offload)
-    assert losses == pytest.approx(ref_losses, abs=1e-5)
-    for w in workers:
-        for key, p in w.stage.named_parameters():
-            torch.testing.assert_close(p.grad, ref_grads[w.stage.hf_names[key]], atol=1e-6, rtol=1e-4)
+    _assert_matches_reference(workers, losses, ref_grads, ref_losses)
 
 
 @pytest.mark.parametrize("of_layers", [5, 13])
@@ -87,10 +92,7 @@ def test_chunks_planned_on_another_layer_count_map_onto_the_stage(of_layers):
     ref_grads, ref_losses = _reference_step(ref_model, batches)
     workers = make_workers(model, 2, lr=LR, weight_decay=WD)
     losses = _chunked_step(workers, batches, 1, of_layers=of_layers)
-    assert losses == pytest.approx(ref_losses, abs=1e-5)
-    for w in workers:
-        for key, p in w.stage.named_parameters():
-            torch.testing.assert_close(p.grad, ref_grads[w.stage.hf_names[key]], atol=1e-6, rtol=1e-4)
+    _assert_matches_reference(workers, losses, ref_grads, ref_losses)
 
 
 def test_chunk_memory_follows_the_chunks_and_order_is_checked():
@@ -186,10 +188,7 @@ def test_merged_chunk_ops_grads_match_reference(family, layers, of_layers, bound
     ref_grads, ref_losses = _reference_step(ref_model, batches)
     workers = make_workers(model, 2, lr=LR, weight_decay=WD)
     losses = _merged_step(workers, batches, bounds, fwd_sizes, bwd_sizes, of_layers)
-    assert losses == pytest.approx(ref_losses, abs=1e-5)
-    for w in workers:
-        for key, p in w.stage.named_parameters():
-            torch.testing.assert_close(p.grad, ref_grads[w.stage.hf_names[key]], atol=1e-6, rtol=1e-4)
+    _assert_matches_reference(workers, losses, ref_grads, ref_losses)
 
 
 def test_merged_chunk_memory_and_a_backward_must_be_a_run_of_the_forwards_chunks():
