@@ -96,7 +96,8 @@ class SweepConfig(Strict):
                                                "speedup for traces); default [min/4, 2 x max] of the grid")
     capacity_tol: float | None = Field(None, gt=0, description="stop bisecting when the range is this "
                                        "narrow (default: 1% of HI)")
-    jobs: int = Field(1, ge=1, description="worker processes (results are identical for any)")
+    jobs: int | None = Field(None, ge=1, description="worker processes (results are identical for any); "
+                             "default: one per CPU, at most one per run")
 
     _split = field_validator("arrivals", "modes", "nodes", "stages", "train_shares", "train_rates",
                              "burstiness", "request_rates", "rates", "trace_speedups", "seeds",

@@ -30,6 +30,7 @@ import enum
 import itertools
 import math
 import multiprocessing as mp
+import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
@@ -40,7 +41,7 @@ from lemix.metrics import summarize
 
 __all__ = ["AXES", "SweepGrid", "SweepPoint", "Bound", "sweep_points", "point_columns", "sweep",
            "capacity", "capacity_plan", "capacity_range", "load_axis", "series_axis", "bisect_capacity", "bisection_evaluations",
-           "check_jobs", "check_target"]
+           "check_jobs", "check_target", "default_jobs"]
 
 
 @dataclass(frozen=True)
@@ -233,8 +234,32 @@ def _run_job(job: tuple) -> dict:
     return fn(*args)
 
 
-def _map(jobs: list[tuple], n_procs: int, on_done: Callable[[dict], None] | None) -> list[dict]:
-    """Results of `fn(*args)` for each (fn, args) job, in job order, on n_procs processes."""
+def default_jobs(runs: int) -> int:
+    """Worker processes when none are asked for: one per CPU this process may use, at most one
+    per run (results are the same for any number)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:          # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, runs))
+
+
+def _cost(cfg: LemixConfig, policy: str) -> float:
+    """A rough relative cost of simulating one run, only to start long runs first (it orders the
+    work, never changes a result): arrivals x duration, lemix's policies ~4x the others (its
+    forecasts and chunked training ops)."""
+    w = cfg.workload
+    rate = w.requests_per_s or w.trace_speedup or 1.0
+    share = w.arrival_train_share
+    rate += w.train_rate or (rate * share / (1.0 - share) if share is not None and share < 1 else 0.0)
+    return rate * w.duration_s * (4.0 if policy.startswith("lemix") else 1.0)
+
+
+def _map(jobs: list[tuple], n_procs: int, on_done: Callable[[dict], None] | None,
+         costs: Sequence[float] | None = None) -> list[dict]:
+    """Results of `fn(*args)` for each (fn, args) job, in job order, on n_procs processes. With
+    `costs`, the processes take the costliest jobs first (the longest-first rule keeps the last
+    process from running one long job alone at the end)."""
     out: list[Any] = [None] * len(jobs)
     if n_procs <= 1 or len(jobs) <= 1:
         for i, job in enumerate(jobs):
@@ -242,10 +267,11 @@ def _map(jobs: list[tuple], n_procs: int, on_done: Callable[[dict], None] | None
             if on_done:
                 on_done(out[i])
         return out
+    order = range(len(jobs)) if costs is None else sorted(range(len(jobs)), key=lambda i: -costs[i])
     # spawn, not fork: the parent may hold threads (a progress bar's monitor, a server)
     ex = ProcessPoolExecutor(max_workers=min(n_procs, len(jobs)), mp_context=mp.get_context("spawn"))
     try:
-        futures = {ex.submit(_run_job, job): i for i, job in enumerate(jobs)}
+        futures = {ex.submit(_run_job, jobs[i]): i for i in order}
         for fut in as_completed(futures):
             out[futures[fut]] = fut.result()
             if on_done:
@@ -265,7 +291,7 @@ def sweep(cfg: LemixConfig, grid: SweepGrid | Sequence[SweepPoint], *, jobs: int
     points = sweep_points(cfg, grid) if isinstance(grid, SweepGrid) else list(grid)
     check_jobs(jobs)
     work = [(_row, (p.index, p.cfg, name)) for p in points for name in cfg.policy.names]
-    return _map(work, jobs, on_row)
+    return _map(work, jobs, on_row, [_cost(p.cfg, name) for p in points for name in cfg.policy.names])
 
 
 # ---- capacity ---------------------------------------------------------------------------------
@@ -399,4 +425,6 @@ def capacity(cfg: LemixConfig, grid: SweepGrid, *, target: float, lo: float | No
     >= target; one dict per series x policy, in series then policy order. Range and tol default per
     arrival process (see capacity_range; tol = 1% of hi). `on_done` is called per finished search."""
     plan = capacity_plan(cfg, grid, target=target, lo=lo, hi=hi, tol=tol)
-    return _map([(_capacity_job, args) for args in plan], jobs, on_done)
+    return _map([(_capacity_job, args) for args in plan], jobs, on_done,
+                [_cost(series, name) * bisection_evaluations(lo_, hi_, tol_)
+                 for series, name, _, lo_, hi_, tol_ in plan])

@@ -6,7 +6,9 @@ from sweep_factory import HOST_TIMING, TRACE, make_cfg, results_only
 from lemix.config import with_overrides
 from lemix.experiment import build_tasks, simulate
 from lemix.metrics import summarize
-from lemix.sweep import SweepGrid, sweep, sweep_points
+import os
+
+from lemix.sweep import SweepGrid, _cost, _map, default_jobs, sweep, sweep_points
 
 
 def test_one_row_per_point_and_policy_in_order():
@@ -52,6 +54,21 @@ def test_identical_rows_for_one_and_two_processes():
     assert len(one) == len(two) == 8 and len(got) == 8
     assert results_only(one) == results_only(two)
     assert len({r["slo_attainment"] for r in one}) > 1     # not a degenerate grid
+
+
+def test_longest_first_order_keeps_results_in_job_order():
+    # costs only decide which job a process takes first; results come back in job order
+    jobs = [(divmod, (n, 3)) for n in range(7)]
+    assert _map(jobs, 2, None, costs=[0, 5, 1, 9, 2, 2, 8]) == [divmod(n, 3) for n in range(7)]
+    heavy = make_cfg(workload__request_rate=8.0)
+    light = make_cfg(workload__request_rate=2.0)
+    assert _cost(heavy, "luf") > _cost(light, "luf") and _cost(light, "lemix") > _cost(light, "luf")
+
+
+def test_default_jobs_is_one_per_cpu_at_most_one_per_run():
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert default_jobs(1) == 1 and default_jobs(10_000) == cpus
+    assert default_jobs(2) == min(2, cpus)
 
 
 def test_deprecated_total_rates_mean_what_they_did():

@@ -21,7 +21,7 @@ def _bar(enabled: bool, total: int, desc: str):
 
 def cmd_sweep(cfg: LemixConfig) -> int:
     from lemix.metrics import sweep_report as rep
-    from lemix.sweep import SweepGrid, capacity, capacity_plan, sweep, sweep_points
+    from lemix.sweep import SweepGrid, capacity, capacity_plan, default_jobs, sweep, sweep_points
 
     # Phase 1: validate everything (grid, capacity search) before anything runs.
     sw = cfg.sweep
@@ -32,11 +32,12 @@ def cmd_sweep(cfg: LemixConfig) -> int:
             if sw.target is not None else [])
     out = run_dir(cfg, "sweep")
     total = len(points) * len(cfg.policy.names)
+    jobs = sw.jobs or default_jobs(total)
     print(f"lemix sweep: {len(points)} points x {len(cfg.policy.names)} policies = {total} runs "
-          f"({cfg.workload.duration_s:g} s each), policies: {', '.join(cfg.policy.names)}, jobs {sw.jobs}")
+          f"({cfg.workload.duration_s:g} s each), policies: {', '.join(cfg.policy.names)}, jobs {jobs}")
     bar, tick = _bar(cfg.progress, total, "sweep")
     try:
-        rows = sweep(cfg, points, jobs=sw.jobs, on_row=tick)
+        rows = sweep(cfg, points, jobs=jobs, on_row=tick)
     finally:
         if bar is not None:
             bar.close()
@@ -52,7 +53,8 @@ def cmd_sweep(cfg: LemixConfig) -> int:
     if plan:
         bar, tick = _bar(cfg.progress, len(plan), "capacity")
         try:
-            caps = capacity(cfg, grid, target=sw.target, lo=lo, hi=hi, tol=sw.capacity_tol, jobs=sw.jobs,
+            caps = capacity(cfg, grid, target=sw.target, lo=lo, hi=hi, tol=sw.capacity_tol,
+                            jobs=sw.jobs or default_jobs(len(plan)),
                             on_done=tick)
         finally:
             if bar is not None:
