@@ -230,20 +230,22 @@ class Chunker:
         anything (the bound); else the most that the tight request arriving now would still
         meet its SLO behind (`merge_budget_s`), provided another node keeps to one chunk per op
         (`_fast_lane`: at any time one node of a cluster does, for the tightest requests)."""
-        if not self.adaptive or not b.chunks or len(b.chunks[s]) <= 2 or not node.has_no_inference():
+        # (called for every training candidate a device looks at: the conditions are pure,
+        # so the cheap ones go first and the budget is computed only when a merge is possible)
+        if not self.adaptive or not b.chunks or len(b.chunks[s]) <= 2:
             return 1
         left = left_on_stage(b, s)
         if left <= 1:
             return 1
-        budget = self.merge_budget_s(s)
-        bounds, j = b.chunks[s], b.chunk
-        kind = OpKind.BWD if b.fwd_done else OpKind.FWD
         if not (node.train_wait or (self._training_waits is not None and self._training_waits())):
             return 1   # no training waits for the device time a merge saves: nothing to gain
-        if not self._fast_lane(node):
+        if not node.has_no_inference() or not self._fast_lane(node):
             return 1
+        budget = self.merge_budget_s(s)
+        bounds, j, fwd_done = b.chunks[s], b.chunk, b.fwd_done
+        kind = OpKind.BWD if fwd_done else OpKind.FWD
         for m in range(left, 1, -1):   # the largest that fits
-            rng = (bounds[j - m + 1], bounds[j + 1]) if b.fwd_done else (bounds[j], bounds[j + m])
+            rng = (bounds[j - m + 1], bounds[j + 1]) if fwd_done else (bounds[j], bounds[j + m])
             if self.lat.predict(kind, s, b.size, b.seq_tokens, layers=rng) <= budget:
                 return m
         return 1

@@ -159,8 +159,12 @@ class InferenceFirst:
 
     def training_starved(self, dev: Device, now: float) -> bool:
         """Below the floor of the device's recent busy time, training goes first."""
-        decay(dev, now)
-        return dev.busy_ewma_s > 0 and dev.train_ewma_s < self.floor() * dev.busy_ewma_s
+        if now > dev.ewma_at_s:   # (decay's own test: asked per candidate list, mostly at an aged time)
+            decay(dev, now)
+        busy = dev.busy_ewma_s
+        if not busy > 0:
+            return False
+        return dev.train_ewma_s < (self.min_train_share if self.backlog_share is None else self.floor()) * busy
 
     def hold_until(self, node: NodeState, s: int, now: float) -> float:
         """Lookahead: when running inference work reaches stage s (its op on the stage before

@@ -174,9 +174,16 @@ class NodeState:
 
     def has_no_inference(self) -> bool:
         """No inference running, queued or in flight: its inference-only timeline is empty."""
-        return (not self.infer_wait and not self.seqs and self.decode is None
-                and all(b.train for b in self.batches.values())
-                and all(d.running is None or d.running.train for d in self.devices))
+        if self.infer_wait or self.seqs or self.decode is not None:
+            return False
+        for b in self.batches.values():   # (plain loops: this is asked per dispatch)
+            if not b.train:
+                return False
+        for d in self.devices:
+            op = d.running
+            if op is not None and not op.train:
+                return False
+        return True
 
     def holds_nothing(self) -> bool:
         """Nothing queued, in flight or pending on any stage (no gradients, no weight copy)."""
@@ -208,8 +215,12 @@ class NodeState:
         looks only at its own)."""
         due: dict[int, list[Batch]] = {}
         for b in self.batches.values():
-            s = b.bwd_next if b.train and b.fwd_done else b.fwd_next
-            due.setdefault(s, []).append(b)
+            s = b.bwd_next if b.train and b.fwd_next >= b.num_stages else b.fwd_next   # (fwd_done)
+            at = due.get(s)
+            if at is None:
+                due[s] = [b]
+            else:
+                at.append(b)
         return due
 
     def running_end(self, stage: int, ready: float) -> float:
