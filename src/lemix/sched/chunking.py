@@ -67,6 +67,7 @@ _TIGHT_Q = 0.1       # the quantile of recent per-unit SLOs taken as the tightes
 _WINDOW = 512        # recent requests it is taken over
 _REFRESH = 16        # recomputed every this many requests
 _REPLAN_OPS = 256    # a shape's plan is made again after this many calibration updates
+_NEVER = float("-inf")   # no request seen yet
 
 
 def n_chunks(b: Batch, s: int) -> int:
@@ -221,8 +222,8 @@ class Chunker:
         q = self.params.chunk_quiet_s
         if q is None or self._now is None or self._inference_present is None:
             return False
-        return (self._last_request_s > float("-inf") and self._now() >= self._last_request_s + q
-                and not self._inference_present())
+        last = self._last_request_s
+        return last > _NEVER and self._now() >= last + q and not self._inference_present()
 
     # ------------------------------------------------------------------ adaptive chunks
     def span(self, node: NodeState, s: int, b: Batch) -> int:

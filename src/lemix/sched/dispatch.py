@@ -274,9 +274,11 @@ class Dispatcher:
     def _start_work(self, node: NodeState, s: int, c: Candidate, now: float) -> Op:
         st = self.profile.stages[s]
         kind, obj = c.kind, c.obj
-        if kind is CandKind.INFER_NEW:
+        if kind is _FWD or kind is _BWD:
+            pass
+        elif kind is _INFER_NEW:
             obj = self.form_infer_batch(node, now)
-        elif kind is CandKind.TRAIN_NEW:
+        elif kind is _TRAIN_NEW:
             task = node.train_wait.pop(0)
             obj = Batch(self._new_bid(), node.index, True, [task], task.prompt_tokens, node.num_stages,
                         ready_s=now)
@@ -285,11 +287,11 @@ class Dispatcher:
                 obj.span = self.chunker.span(node, s, obj) if obj.chunks else 1
             self.pipe.admit(node, obj)
             node.batches[obj.bid] = obj
-        elif kind is CandKind.DECODE_NEW:
+        elif kind is _DECODE_NEW:
             ids = tuple(node.decode_set(self.params.max_batch))
             kv = sum(node.seqs[t].kv_tokens for t in ids)
             obj = node.decode = DecodeIter(self._new_bid(), ids, kv, 0, now)
-        if kind is CandKind.DECODE or kind is CandKind.DECODE_NEW:
+        if kind is _DECODE or kind is _DECODE_NEW:
             it: DecodeIter = obj
             it.running = True
             kv_bytes = self.memory.kv
@@ -301,10 +303,10 @@ class Dispatcher:
                                extra=len(it.seq_ids) * st.tmp_bytes_per_token)
         b: Batch = obj
         b.running = True
-        ids = tuple(t.task_id for t in b.tasks)
+        ids = b.task_ids
         tmp = b.tokens * st.tmp_bytes_per_token
         layers = chunk_layers(b, s) if b.train else ()
-        if kind is CandKind.BWD:
+        if kind is _BWD:
             return self._start(node, s, OpKind.BWD, b.bid, ids, True, batch=b.size, seq=b.seq_tokens,
                                obj=b, extra=tmp, layers=layers)
         held = 0

@@ -210,7 +210,8 @@ def decay(dev: Device, now: float) -> None:
 
 def account_busy(dev: Device, train: bool, start_s: float, end_s: float) -> None:
     """An op ended on the device: add its time (within the window) to the busy share."""
-    decay(dev, end_s)
+    if end_s > dev.ewma_at_s:   # (decay's own test)
+        decay(dev, end_s)
     busy = max(0.0, end_s - max(start_s, end_s - SHARE_WINDOW_S))
     dev.busy_ewma_s += busy
     if train:

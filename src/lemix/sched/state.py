@@ -45,6 +45,10 @@ class Batch:
     def tokens(self) -> int:
         return self.size * self.seq_tokens
 
+    @cached_property
+    def task_ids(self) -> tuple[int, ...]:   # (every op of the batch carries them)
+        return tuple([t.task_id for t in self.tasks])
+
     @property
     def fwd_done(self) -> bool:
         return self.fwd_next >= self.num_stages
