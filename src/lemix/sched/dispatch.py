@@ -173,12 +173,26 @@ class Dispatcher:
             if dev.running is not None:
                 continue
             if (s not in by_stage and s != decode_at and not (s == 0 and stage0_work)
-                    and dev.sync is None and not dev.grads_pending and dev.wait_key is None):
-                continue  # nothing could be a candidate here (candidates() would return [])
+                    and dev.sync is None and dev.wait_key is None):
+                if not dev.grads_pending:
+                    continue  # nothing could be a candidate here (candidates() would return [])
+                if not self.pipe.step_due(node, s):
+                    # the only candidate would be the stage's optimizer step, not due yet (most
+                    # looks at a training node's idle stages): nothing starts
+                    self._look_only(node, s, now)
+                    continue
             op = self._dispatch_device(node, s, now, by_stage)
             if op is not None:
                 ops.append(op)
         return ops
+
+    def _look_only(self, node: NodeState, s: int, now: float) -> None:
+        """What a look at a device that finds no candidate still does: the dispatch order's
+        calls of _dispatch_device and candidates() (they age the device's busy-share window to
+        `now`, which later shares depend on to the last bit)."""
+        order = self.order
+        order.hold_until(node, s, now)
+        order.classes(node.devices[s], now, order.solo_training and self.quiet())
 
     def _dispatch_device(self, node: NodeState, s: int, now: float,
                          by_stage: dict[int, list[Batch]] | None = None) -> Op | None:
