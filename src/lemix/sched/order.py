@@ -196,7 +196,10 @@ def _queued_before(node: NodeState, s: int) -> bool:
     it = node.decode
     if it is not None and it.stage == s - 1 and not it.running:
         return True
-    return any(not b.train and not b.running and b.fwd_next == s - 1 for b in node.batches.values())
+    for b in node.batches.values():   # (a plain loop: asked per look at a stage behind training)
+        if not b.train and not b.running and b.fwd_next == s - 1:
+            return True
+    return False
 
 
 def decay(dev: Device, now: float) -> None:
