@@ -188,11 +188,14 @@ class Dispatcher:
 
     def _look_only(self, node: NodeState, s: int, now: float) -> None:
         """What a look at a device that finds no candidate still does: the dispatch order's
-        calls of _dispatch_device and candidates() (they age the device's busy-share window to
-        `now`, which later shares depend on to the last bit)."""
-        order = self.order
-        order.hold_until(node, s, now)
-        order.classes(node.devices[s], now, order.solo_training and self.quiet())
+        calls of _dispatch_device and candidates(). They change nothing but the device's
+        busy-share window, which they may age to `now` (later shares depend on when it was
+        aged, to the last bit): a window already at `now` needs no look."""
+        dev = node.devices[s]
+        if now > dev.ewma_at_s:
+            order = self.order
+            order.hold_until(node, s, now)
+            order.classes(dev, now, order.solo_training and self.quiet())
 
     def _dispatch_device(self, node: NodeState, s: int, now: float,
                          by_stage: dict[int, list[Batch]] | None = None) -> Op | None:
