@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import cached_property
 
 from lemix.types import Op, SyncSpec, Task
 
@@ -37,17 +36,12 @@ class Batch:
     chunk: int = 0
     span: int = 1
 
-    @cached_property
-    def size(self) -> int:  # tasks and seq_tokens never change after the batch is formed
-        return sum(t.batch_size for t in self.tasks)
-
-    @cached_property
-    def tokens(self) -> int:
-        return self.size * self.seq_tokens
-
-    @cached_property
-    def task_ids(self) -> tuple[int, ...]:   # (every op of the batch carries them)
-        return tuple([t.task_id for t in self.tasks])
+    def __post_init__(self) -> None:
+        # tasks and seq_tokens never change after the batch is formed: what every op of the
+        # batch reads is computed once here (plain attributes, not dataclass fields)
+        self.size: int = sum(t.batch_size for t in self.tasks)
+        self.tokens: int = self.size * self.seq_tokens
+        self.task_ids: tuple[int, ...] = tuple([t.task_id for t in self.tasks])
 
     @property
     def fwd_done(self) -> bool:
