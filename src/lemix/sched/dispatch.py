@@ -292,7 +292,7 @@ class Dispatcher:
         st = self.profile.stages[s]
         kind, obj = c.kind, c.obj
         if kind is _FWD or kind is _BWD:
-            pass
+            pass   # (most ops) the batch is formed already
         elif kind is _INFER_NEW:
             obj = self.form_infer_batch(node, now)
         elif kind is _TRAIN_NEW:

@@ -102,7 +102,8 @@ class Simulator:
         on_op_finished, on_arrival, plan_now = sched.on_op_finished, sched.on_arrival, sched.plan
         wakeups = self._wakeups
         horizon = self.horizon_s
-        events = ops_executed = 0   # (counted in locals, stored on self after each time step)
+        # (counted in locals, stored on self after each time step)
+        events, ops_executed = self.events_processed, self.ops_executed
         while heap:
             t = heap[0][0]
             if t > horizon:
