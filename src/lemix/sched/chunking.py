@@ -67,6 +67,7 @@ _TIGHT_Q = 0.1       # the quantile of recent per-unit SLOs taken as the tightes
 _WINDOW = 512        # recent requests it is taken over
 _REFRESH = 16        # recomputed every this many requests
 _REPLAN_OPS = 256    # a shape's plan is made again after this many calibration updates
+_NEVER = float("-inf")   # no request seen yet
 
 
 def n_chunks(b: Batch, s: int) -> int:
@@ -221,8 +222,8 @@ class Chunker:
         q = self.params.chunk_quiet_s
         if q is None or self._now is None or self._inference_present is None:
             return False
-        return (self._last_request_s > float("-inf") and self._now() >= self._last_request_s + q
-                and not self._inference_present())
+        last = self._last_request_s
+        return last > _NEVER and self._now() >= last + q and not self._inference_present()
 
     # ------------------------------------------------------------------ adaptive chunks
     def span(self, node: NodeState, s: int, b: Batch) -> int:
@@ -230,20 +231,22 @@ class Chunker:
         anything (the bound); else the most that the tight request arriving now would still
         meet its SLO behind (`merge_budget_s`), provided another node keeps to one chunk per op
         (`_fast_lane`: at any time one node of a cluster does, for the tightest requests)."""
-        if not self.adaptive or not b.chunks or len(b.chunks[s]) <= 2 or not node.has_no_inference():
+        # (called for every training candidate a device looks at: the conditions are pure,
+        # so the cheap ones go first and the budget is computed only when a merge is possible)
+        if not self.adaptive or not b.chunks or len(b.chunks[s]) <= 2:
             return 1
         left = left_on_stage(b, s)
         if left <= 1:
             return 1
-        budget = self.merge_budget_s(s)
-        bounds, j = b.chunks[s], b.chunk
-        kind = OpKind.BWD if b.fwd_done else OpKind.FWD
         if not (node.train_wait or (self._training_waits is not None and self._training_waits())):
             return 1   # no training waits for the device time a merge saves: nothing to gain
-        if not self._fast_lane(node):
+        if not node.has_no_inference() or not self._fast_lane(node):
             return 1
+        budget = self.merge_budget_s(s)
+        bounds, j, fwd_done = b.chunks[s], b.chunk, b.fwd_done
+        kind = OpKind.BWD if fwd_done else OpKind.FWD
         for m in range(left, 1, -1):   # the largest that fits
-            rng = (bounds[j - m + 1], bounds[j + 1]) if b.fwd_done else (bounds[j], bounds[j + m])
+            rng = (bounds[j - m + 1], bounds[j + 1]) if fwd_done else (bounds[j], bounds[j + m])
             if self.lat.predict(kind, s, b.size, b.seq_tokens, layers=rng) <= budget:
                 return m
         return 1

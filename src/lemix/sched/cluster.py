@@ -36,7 +36,9 @@ class Cluster:
         self._waiting.add(node.index)
 
     def begin_plan(self, now: float) -> None:
-        self.wakeups = {w for w in self.wakeups if w > now}
+        w = self.wakeups
+        if w and min(w) <= now:   # (most plans find none passed: the set is kept)
+            self.wakeups = {t for t in w if t > now}
 
     def take_touched(self) -> list[NodeState]:
         """The nodes to dispatch on now (touched or waiting), in index order."""

@@ -61,20 +61,21 @@ class Completion:
                 return
             raise ValueError(f"op {result.op_id} is not running")
         op = entry.op
+        start_s, end_s = result.start_s, result.end_s
         node = self.cluster.nodes[op.node]
         dev = node.devices[op.stage]
         dev.running = None
         dev.running_extra_bytes = 0
-        account_busy(dev, op.train, result.start_s, result.end_s)
+        account_busy(dev, op.train, start_s, end_s)
         self.cluster.touch(node)
-        self.rec.op(OpRecord(op.node, op.stage, op.kind, result.start_s, result.end_s, op.batch_id,
+        self.rec.op(OpRecord(op.node, op.stage, op.kind, start_s, end_s, op.batch_id,
                              op.task_ids, op.train, op.predicted_s, op.batch_size,
                              op.seq_tokens, op.kv_tokens, op.bytes, op.layers, op.cuts))
         self.placement.op_ended(op)
         if result.error:
             self._failed(node, entry, result.error)
             return
-        self.lat.observe(op, result.end_s - result.start_s)
+        self.lat.observe(op, end_s - start_s)
         self._handlers[op.kind](node, entry, result)
 
     # ------------------------------------------------------------------ handlers

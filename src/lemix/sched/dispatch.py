@@ -25,6 +25,9 @@ from lemix.sched.weights import Weights
 from lemix.types import Op, OpKind, SyncSpec
 
 _SYNC_ONLY = [Candidate(SYNC_KEY, CandKind.SYNC, None)]
+# hot-path aliases (an Enum member read through its class costs a metaclass lookup, per use)
+_SYNC, _OPTIM, _DECODE, _DECODE_NEW = CandKind.SYNC, CandKind.OPTIM, CandKind.DECODE, CandKind.DECODE_NEW
+_FWD, _BWD, _INFER_NEW, _TRAIN_NEW = CandKind.FWD, CandKind.BWD, CandKind.INFER_NEW, CandKind.TRAIN_NEW
 
 
 def _by_key(c: Candidate) -> CandKey:
@@ -72,38 +75,39 @@ class Dispatcher:
                 return _SYNC_ONLY  # never under a pending backward
             if not self._step_coming(node, s):   # a staggered merge: requests on the node pass first
                 return self._passing(node, s, now)
-        solo = self.order.solo_training and self.quiet()
-        c_inf, c_bwd, c_fwd, c_new, k_step = self.order.classes(dev, now, solo)
+        order = self.order
+        solo = order.solo_training and self.quiet()
+        c_inf, c_bwd, c_fwd, c_new, k_step = order.classes(dev, now, solo)
         pipe = self.pipe
         out = []
         if dev.grads_pending and pipe.step_due(node, s) and not node.stash_on(s):
-            out.append(Candidate(k_step, CandKind.OPTIM, None))
+            out.append(Candidate(k_step, _OPTIM, None))
         it = node.decode
         if it is not None and it.stage == s and not it.running:
-            out.append(Candidate(CandKey(c_inf, it.ready_s, 0, it.bid), CandKind.DECODE, it))
+            out.append(Candidate(CandKey(c_inf, it.ready_s, 0, it.bid), _DECODE, it))
         elif s == 0 and it is None and node.seqs:
-            out.append(Candidate(CandKey(c_inf, node.last_decode_end_s, 0, -1), CandKind.DECODE_NEW, None))
+            out.append(Candidate(CandKey(c_inf, node.last_decode_end_s, 0, -1), _DECODE_NEW, None))
+        S = len(node.devices)
         for b in (node.batches.values() if due is None else due.get(s, ())):
             if b.running:
                 continue
             if not b.train:
                 if b.fwd_next == s:
-                    out.append(Candidate(CandKey(c_inf, b.ready_s, 1, b.bid), CandKind.FWD, b))
-            elif b.fwd_done:   # (a stage part-way through its chunks is not gated again)
+                    out.append(Candidate(CandKey(c_inf, b.ready_s, 1, b.bid), _FWD, b))
+            elif b.fwd_next >= S:   # forward done (a stage part-way through its chunks is not gated again)
                 if b.bwd_next == s and (mid_stage(b) or pipe.can_bwd(node, b, s)):
-                    out.append(Candidate(CandKey(c_bwd, b.ready_s, 0, b.bid), CandKind.BWD, b))
+                    out.append(Candidate(CandKey(c_bwd, b.ready_s, 0, b.bid), _BWD, b))
             elif b.fwd_next == s and (mid_stage(b) or pipe.can_fwd(node, b, s)):
                 # admitted micro-batches keep flowing under a pending sync (it waits for their
                 # backwards anyway); only new admissions wait for it
-                out.append(Candidate(CandKey(c_fwd, b.ready_s, 2, b.bid), CandKind.FWD, b))
-        if s == 0 and node.infer_wait and self._batch_ready(node, now):
-            out.append(Candidate(CandKey(c_inf, node.infer_wait[0].arrival_s, 1, -1), CandKind.INFER_NEW, None))
-        if s == 0 and node.train_wait and not syncing:
-            probe = Batch(-1, node.index, True, [node.train_wait[0]], 0, node.num_stages,
-                          round=node.train_round)
-            if pipe.can_fwd(node, probe, 0):
-                out.append(Candidate(CandKey(c_new, node.train_wait[0].arrival_s, 3, -1),
-                                     CandKind.TRAIN_NEW, None))
+                out.append(Candidate(CandKey(c_fwd, b.ready_s, 2, b.bid), _FWD, b))
+        if s == 0:
+            if node.infer_wait and self._batch_ready(node, now):
+                out.append(Candidate(CandKey(c_inf, node.infer_wait[0].arrival_s, 1, -1), _INFER_NEW, None))
+            if node.train_wait and not syncing:
+                probe = Batch(-1, node.index, True, [node.train_wait[0]], 0, S, round=node.train_round)
+                if pipe.can_fwd(node, probe, 0):
+                    out.append(Candidate(CandKey(c_new, node.train_wait[0].arrival_s, 3, -1), _TRAIN_NEW, None))
         if len(out) > 1:
             out.sort(key=_by_key)
         return out
@@ -169,12 +173,29 @@ class Dispatcher:
             if dev.running is not None:
                 continue
             if (s not in by_stage and s != decode_at and not (s == 0 and stage0_work)
-                    and dev.sync is None and not dev.grads_pending and dev.wait_key is None):
-                continue  # nothing could be a candidate here (candidates() would return [])
+                    and dev.sync is None and dev.wait_key is None):
+                if not dev.grads_pending:
+                    continue  # nothing could be a candidate here (candidates() would return [])
+                if not self.pipe.step_due(node, s):
+                    # the only candidate would be the stage's optimizer step, not due yet (most
+                    # looks at a training node's idle stages): nothing starts
+                    self._look_only(node, s, now)
+                    continue
             op = self._dispatch_device(node, s, now, by_stage)
             if op is not None:
                 ops.append(op)
         return ops
+
+    def _look_only(self, node: NodeState, s: int, now: float) -> None:
+        """What a look at a device that finds no candidate still does: the dispatch order's
+        calls of _dispatch_device and candidates(). They change nothing but the device's
+        busy-share window, which they may age to `now` (later shares depend on when it was
+        aged, to the last bit): a window already at `now` needs no look."""
+        dev = node.devices[s]
+        if now > dev.ewma_at_s:
+            order = self.order
+            order.hold_until(node, s, now)
+            order.classes(dev, now, order.solo_training and self.quiet())
 
     def _dispatch_device(self, node: NodeState, s: int, now: float,
                          by_stage: dict[int, list[Batch]] | None = None) -> Op | None:
@@ -187,26 +208,30 @@ class Dispatcher:
         candidates = self.candidates(node, s, now, by_stage)
         if dev.wait_key is not None and all(c.key != dev.wait_key for c in candidates):
             dev.wait_key, dev.wait_since_s = None, None  # the waiting op is no longer a candidate
-        chunker = self.chunker
+        chunker, host_gate, memory = self.chunker, self.host_gate, self.memory
         for c in candidates:
             kind = c.kind
-            if chunker is not None and (kind is CandKind.BWD or (kind is CandKind.FWD and c.obj.train)):
-                c.obj.span = chunker.span(node, s, c.obj)   # adaptive chunks: what its op covers
-            if hold < INF and c.training and now + self._predict(node, s, c) > hold:
-                continue  # inference reaches this stage before the training op would end
-            if (self.host_gate is not None and c.training and c.kind is not CandKind.OPTIM
-                    and not self.host_gate()):
-                self.cluster.wait(node)   # the host's training slots are taken: look again later
-                continue
-            if kind is CandKind.SYNC:
+            if kind is _BWD or (kind is _FWD and c.obj.train):
+                if chunker is not None:
+                    c.obj.span = chunker.span(node, s, c.obj)   # adaptive chunks: what its op covers
+                training = True
+            else:
+                training = kind is _OPTIM or kind is _TRAIN_NEW   # (Candidate.training)
+            if training:
+                if hold < INF and now + self._predict(node, s, c) > hold:
+                    continue  # inference reaches this stage before the training op would end
+                if host_gate is not None and kind is not _OPTIM and not host_gate():
+                    self.cluster.wait(node)   # the host's training slots are taken: look again later
+                    continue
+            if kind is _SYNC:
                 spec = dev.sync
                 return self._start(node, s, OpKind.SYNC, -1, (), False,
                                    nbytes=self.weights.sync_bytes(node, s, spec), sync=spec)
-            if kind is CandKind.OPTIM:
+            if kind is _OPTIM:
                 return self._start(node, s, OpKind.OPTIM, -1, (), True)
-            reload = self.memory.reload_needed(node, s, c)
-            need = reload.nbytes if reload is not None else self.memory.need_bytes(node, s, c)
-            verdict, victim = self.memory.check(node, s, now, c.key, need)
+            reload = memory.reload_needed(node, s, c)
+            need = reload.nbytes if reload is not None else memory.need_bytes(node, s, c)
+            verdict, victim = memory.check(node, s, now, c.key, need)
             if verdict is Verdict.RUN:
                 if reload is not None:
                     return self._start_reload(node, s, reload)
@@ -266,9 +291,11 @@ class Dispatcher:
     def _start_work(self, node: NodeState, s: int, c: Candidate, now: float) -> Op:
         st = self.profile.stages[s]
         kind, obj = c.kind, c.obj
-        if kind is CandKind.INFER_NEW:
+        if kind is _FWD or kind is _BWD:
+            pass   # (most ops) the batch is formed already
+        elif kind is _INFER_NEW:
             obj = self.form_infer_batch(node, now)
-        elif kind is CandKind.TRAIN_NEW:
+        elif kind is _TRAIN_NEW:
             task = node.train_wait.pop(0)
             obj = Batch(self._new_bid(), node.index, True, [task], task.prompt_tokens, node.num_stages,
                         ready_s=now)
@@ -277,11 +304,11 @@ class Dispatcher:
                 obj.span = self.chunker.span(node, s, obj) if obj.chunks else 1
             self.pipe.admit(node, obj)
             node.batches[obj.bid] = obj
-        elif kind is CandKind.DECODE_NEW:
+        elif kind is _DECODE_NEW:
             ids = tuple(node.decode_set(self.params.max_batch))
             kv = sum(node.seqs[t].kv_tokens for t in ids)
             obj = node.decode = DecodeIter(self._new_bid(), ids, kv, 0, now)
-        if kind is CandKind.DECODE or kind is CandKind.DECODE_NEW:
+        if kind is _DECODE or kind is _DECODE_NEW:
             it: DecodeIter = obj
             it.running = True
             kv_bytes = self.memory.kv
@@ -293,10 +320,10 @@ class Dispatcher:
                                extra=len(it.seq_ids) * st.tmp_bytes_per_token)
         b: Batch = obj
         b.running = True
-        ids = tuple(t.task_id for t in b.tasks)
+        ids = b.task_ids
         tmp = b.tokens * st.tmp_bytes_per_token
         layers = chunk_layers(b, s) if b.train else ()
-        if kind is CandKind.BWD:
+        if kind is _BWD:
             return self._start(node, s, OpKind.BWD, b.bid, ids, True, batch=b.size, seq=b.seq_tokens,
                                obj=b, extra=tmp, layers=layers)
         held = 0

@@ -65,6 +65,7 @@ class Reload(NamedTuple):
 
 
 _RUN, _WAIT, _OOM = GateResult(Verdict.RUN), GateResult(Verdict.WAIT), GateResult(Verdict.OOM)
+_FWD, _BWD = CandKind.FWD, CandKind.BWD   # (hot-path aliases: an Enum member lookup per use costs)
 
 
 class MemoryGate:
@@ -98,6 +99,14 @@ class MemoryGate:
     def need_bytes(self, node: NodeState, s: int, c: Candidate) -> int:
         st = self.profile.stages[s]
         kind, generate = c.kind, self.params.generate
+        if kind is _FWD or kind is _BWD:   # (most ops: asked first)
+            b: Batch = c.obj
+            if kind is _BWD:
+                return b.tokens * st.tmp_bytes_per_token
+            if b.train and b.chunks:
+                return b.tokens * st.tmp_bytes_per_token + chunk_stash_bytes(b, s, st.act_bytes_per_token)
+            kv = sum(t.prompt_tokens for t in b.tasks) if generate and not b.train else 0
+            return fwd_need_bytes(st, b.tokens, b.train, kv)
         if kind is CandKind.DECODE:
             return decode_need_bytes(st, len(c.obj.seq_ids))
         if kind is CandKind.DECODE_NEW:
@@ -115,13 +124,7 @@ class MemoryGate:
                 return tokens * st.tmp_bytes_per_token + (tokens * st.act_bytes_per_token * upto
                                                           // plan[s][-1])
             return fwd_need_bytes(st, t.batch_size * t.prompt_tokens, True, 0)
-        b: Batch = c.obj
-        if kind is CandKind.BWD:
-            return b.tokens * st.tmp_bytes_per_token
-        if b.train and b.chunks:
-            return b.tokens * st.tmp_bytes_per_token + chunk_stash_bytes(b, s, st.act_bytes_per_token)
-        kv = sum(t.prompt_tokens for t in b.tasks) if generate and not b.train else 0
-        return fwd_need_bytes(st, b.tokens, b.train, kv)
+        raise ValueError(f"no memory need for a {kind.value} candidate")
 
     # ------------------------------------------------------------------ the gate
     def check(self, node: NodeState, s: int, now: float, key: CandKey, need: int) -> GateResult:
@@ -201,7 +204,9 @@ class MemoryGate:
     def reload_needed(self, node: NodeState, s: int, c: Candidate) -> Reload | None:
         """What to bring back to stage s before this candidate can run, or None."""
         kind = c.kind
-        if kind is CandKind.BWD and s in c.obj.offloaded_stages:
+        if kind is _FWD:
+            return None   # (a forward brings nothing back; the common case, asked first)
+        if kind is _BWD and s in c.obj.offloaded_stages:
             return Reload(stash_bytes(c.obj, s, self.profile.stages[s].act_bytes_per_token), (c.obj,))
         if kind is CandKind.DECODE or kind is CandKind.DECODE_NEW:
             ids = c.obj.seq_ids if kind is CandKind.DECODE else node.decode_set(self.params.max_batch)

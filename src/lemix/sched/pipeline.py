@@ -28,7 +28,12 @@ class PipelineMode(Protocol):
 
 
 def _training_in_flight(node: NodeState) -> bool:
-    return bool(node.train_wait) or any(b.train for b in node.batches.values())
+    if node.train_wait:
+        return True
+    for b in node.batches.values():   # (a plain loop: asked per dispatch of a stage with gradients)
+        if b.train:
+            return True
+    return False
 
 
 class AsyncPipeline:

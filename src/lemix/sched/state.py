@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import cached_property
 
 from lemix.types import Op, SyncSpec, Task
 
@@ -37,13 +36,12 @@ class Batch:
     chunk: int = 0
     span: int = 1
 
-    @cached_property
-    def size(self) -> int:  # tasks and seq_tokens never change after the batch is formed
-        return sum(t.batch_size for t in self.tasks)
-
-    @cached_property
-    def tokens(self) -> int:
-        return self.size * self.seq_tokens
+    def __post_init__(self) -> None:
+        # tasks and seq_tokens never change after the batch is formed: what every op of the
+        # batch reads is computed once here (plain attributes, not dataclass fields)
+        self.size: int = sum(t.batch_size for t in self.tasks)
+        self.tokens: int = self.size * self.seq_tokens
+        self.task_ids: tuple[int, ...] = tuple([t.task_id for t in self.tasks])
 
     @property
     def fwd_done(self) -> bool:
@@ -174,9 +172,16 @@ class NodeState:
 
     def has_no_inference(self) -> bool:
         """No inference running, queued or in flight: its inference-only timeline is empty."""
-        return (not self.infer_wait and not self.seqs and self.decode is None
-                and all(b.train for b in self.batches.values())
-                and all(d.running is None or d.running.train for d in self.devices))
+        if self.infer_wait or self.seqs or self.decode is not None:
+            return False
+        for b in self.batches.values():   # (plain loops: this is asked per dispatch)
+            if not b.train:
+                return False
+        for d in self.devices:
+            op = d.running
+            if op is not None and not op.train:
+                return False
+        return True
 
     def holds_nothing(self) -> bool:
         """Nothing queued, in flight or pending on any stage (no gradients, no weight copy)."""
@@ -208,8 +213,12 @@ class NodeState:
         looks only at its own)."""
         due: dict[int, list[Batch]] = {}
         for b in self.batches.values():
-            s = b.bwd_next if b.train and b.fwd_done else b.fwd_next
-            due.setdefault(s, []).append(b)
+            s = b.bwd_next if b.train and b.fwd_next >= b.num_stages else b.fwd_next   # (fwd_done)
+            at = due.get(s)
+            if at is None:
+                due[s] = [b]
+            else:
+                at.append(b)
         return due
 
     def running_end(self, stage: int, ready: float) -> float:
