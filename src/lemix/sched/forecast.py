@@ -14,10 +14,13 @@ idle is sunk and does not count.
 from __future__ import annotations
 
 import bisect
-from typing import NamedTuple
+from itertools import accumulate, repeat
+from typing import NamedTuple, Sequence
 
 # An interval: (start_s, end_s, train)
 Interval = tuple[float, float, bool]
+# A chain as runs: (stage, durations of consecutive ops on that stage), in dependency order
+Runs = list[tuple[int, Sequence[float]]]
 
 
 class Forecast(NamedTuple):   # a NamedTuple: made once per node per decision, so cheap to build
@@ -136,62 +139,95 @@ class NodeTimeline:
         return t, prev_end
 
     def chain(self, stage_ops: list[tuple[int, float]], ready: float, train: bool) -> float:
-        """Commit a dependent chain of (stage, duration) ops; return the end of the last.
+        """Commit a dependent chain of (stage, duration) ops; return the end of the last. Each op
+        goes where earliest(stage, ready, dur, False) puts it, as add() would."""
+        return self.chain_runs(runs_of(stage_ops), ready, train)
 
-        Each op goes where earliest(stage, ready, dur, False) puts it, as add() would (the walk
-        is inlined: timeline rebuilds are most of a decision's cost)."""
+    def chain_runs(self, runs: Runs, ready: float, train: bool) -> float:
+        """chain() of the ops the runs list in order: (stage, durations of consecutive ops there).
+
+        The walk is inlined (timeline rebuilds are most of a decision's cost), and a run whose
+        stage has nothing ending after `ready` is appended in one go: its ops go back to back,
+        each starting at the previous one's end (`accumulate` makes the same additions)."""
         first = True
         bisect_right = bisect.bisect_right
         ivs, ends_of, infs, inf_ends = self.iv, self._ends, self._inf, self._inf_ends
-        for stage, dur in stage_ops:
+        for stage, durs in runs:
             ends = ends_of[stage]
-            if not self._disjoint:
-                start, _ = self._earliest_scan(stage, ready, dur, False)
-                ready = start + dur
-                self.add(stage, start, ready, train)
-            elif not ends or ends[-1] <= ready:
-                # the usual case: nothing on the stage ends after `ready`, so the op starts then
-                iv = ivs[stage]
-                start, end = ready, ready + dur
-                item = (start, end, train)
-                if not iv or iv[-1] <= item:
-                    iv.append(item)          # and it goes last
-                    ends.append(end)
-                    if not train:
-                        infs[stage].append((start, end))
-                        inf_ends[stage].append(end)
+            iv = ivs[stage]
+            j, k = 0, len(durs)
+            while j < k:
+                dur = durs[j]
+                if not self._disjoint:
+                    start, _ = self._earliest_scan(stage, ready, dur, False)
+                    ready = start + dur
+                    self.add(stage, start, ready, train)
+                    j += 1
+                elif not ends or ends[-1] <= ready:
+                    # the usual case: nothing on the stage ends after `ready`, so the op starts then
+                    start, end = ready, ready + dur
+                    if iv and not iv[-1] <= (start, end, train):
+                        self.add(stage, start, end, train)   # (zero-length ops at `ready`)
+                        ready = end
+                        j += 1
+                    elif j == k - 1:  # the run's last op goes last
+                        iv.append((start, end, train))
+                        ends.append(end)
+                        if not train:
+                            infs[stage].append((start, end))
+                            inf_ends[stage].append(end)
+                        ready = end
+                        j = k
+                    else:   # and so does the rest of the run, back to back
+                        acc = list(accumulate(durs if j == 0 else durs[j:], initial=ready))
+                        new_ends = acc[1:]
+                        iv.extend(zip(acc, new_ends, repeat(train)))
+                        ends.extend(new_ends)
+                        if not train:
+                            infs[stage].extend(zip(acc, new_ends))
+                            inf_ends[stage].extend(new_ends)
+                        ready = acc[-1]
+                        j = k
                 else:
-                    self.add(stage, start, end, train)
-                ready = end
-            else:
-                # earliest(): skip what ends by `ready`, then move past every op in the way
-                iv = ivs[stage]
-                t = ready
-                i = bisect_right(ends, t)
-                n = len(iv)
-                while i < n:
-                    s0, e0, _ = iv[i]
-                    if e0 > t:
-                        if s0 >= t + dur:
-                            break
-                        t = e0
-                    i += 1
-                start, end = t, t + dur
-                item = (start, end, train)
-                if i == n and (not iv or iv[-1] <= item):
-                    iv.append(item)
-                    ends.append(end)
-                    if not train:
-                        infs[stage].append((start, end))
-                        inf_ends[stage].append(end)
-                else:
-                    self.add(stage, start, end, train)
-                ready = end
-            if first:  # the chain's first op starts before its others
-                first = False
-                if start < self.horizon_s:
-                    self.horizon_s = start
+                    # earliest(): skip what ends by `ready`, then move past every op in the way
+                    t = ready
+                    i = bisect_right(ends, t)
+                    n = len(iv)
+                    while i < n:
+                        s0, e0, _ = iv[i]
+                        if e0 > t:
+                            if s0 >= t + dur:
+                                break
+                            t = e0
+                        i += 1
+                    start, end = t, t + dur
+                    item = (start, end, train)
+                    if i == n and (not iv or iv[-1] <= item):
+                        iv.append(item)
+                        ends.append(end)
+                        if not train:
+                            infs[stage].append((start, end))
+                            inf_ends[stage].append(end)
+                    else:
+                        self.add(stage, start, end, train)
+                    ready = end
+                    j += 1
+                if first:  # the chain's first op starts before its others
+                    first = False
+                    if start < self.horizon_s:
+                        self.horizon_s = start
         return ready
+
+
+def runs_of(stage_ops: list[tuple[int, float]]) -> Runs:
+    """(stage, duration) ops as runs: consecutive ops on one stage grouped."""
+    runs: list[tuple[int, list[float]]] = []
+    for stage, dur in stage_ops:
+        if runs and runs[-1][0] == stage:
+            runs[-1][1].append(dur)
+        else:
+            runs.append((stage, [dur]))
+    return runs
 
 
 def forecast_chain(
@@ -260,12 +296,21 @@ def build_timeline(
 ) -> NodeTimeline:
     """Timeline from running ops (stage, start, predicted end, train) and queued chains
     (ready_s, [(stage, dur), ...], train) in dispatch order."""
+    return build_from_runs(num_stages, now, running, [(r, runs_of(ops), t) for r, ops, t in chains])
+
+
+def build_from_runs(
+    num_stages: int,
+    now: float,
+    running: list[tuple[int, float, float, bool]],
+    chains: list[tuple[float, Runs, bool]],
+) -> NodeTimeline:
+    """build_timeline() with each chain given as runs (ready_s, [(stage, durs), ...], train)."""
     tl = NodeTimeline(num_stages, now)
     for stage, start, end, train in running:
         tl.add(stage, start, end if end > now else now, train)   # max(now, end)
         if end < tl.horizon_s:
             tl.horizon_s = end
-    for ready, ops, train in chains:
-        tl.chain(ops, max(now, ready), train)
+    for ready, runs, train in chains:
+        tl.chain_runs(runs, ready if ready > now else now, train)   # max(now, ready)
     return tl
-

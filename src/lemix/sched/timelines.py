@@ -11,7 +11,7 @@ import numpy as np
 
 from lemix.clock import Clock
 from lemix.sched.cluster import Cluster
-from lemix.sched.forecast import Forecast, NodeTimeline, build_timeline, forecast_alone, forecast_chain
+from lemix.sched.forecast import Forecast, NodeTimeline, Runs, build_from_runs, forecast_alone, forecast_chain
 from lemix.sched.order import DispatchOrder
 from lemix.sched.params import SchedParams
 from lemix.sched.placement import Placement
@@ -156,10 +156,10 @@ class Timelines:
             first = it.stage + (1 if it.running else 0)
             dur = times.decode_iter_s(len(it.seq_ids), it.kv_tokens) / S
             ready = node.running_end(it.stage, it.ready_s) if it.running else it.ready_s
-            infer.append((ready, [(s, dur) for s in range(first, S)], False))
+            infer.append((ready, [(s, (dur,)) for s in range(first, S)], False))
         elif node.seqs:
             dur = times.decode_iter_s(len(node.seqs), sum(q.kv_tokens for q in node.seqs.values())) / S
-            infer.append((node.last_decode_end_s, [(s, dur) for s in range(S)], False))
+            infer.append((node.last_decode_end_s, [(s, (dur,)) for s in range(S)], False))
         shape_chain = times.chain
         for b in node.batches.values():
             if b.train and not include_train:
@@ -188,13 +188,14 @@ class Timelines:
             for t in node.infer_wait[CHAIN_CAP:]:
                 for s, d in enumerate(times.of(t)[0]):
                     per_stage[s] += d
-            infer.append((node.infer_wait[CHAIN_CAP].arrival_s, list(enumerate(per_stage)), False))
+            infer.append((node.infer_wait[CHAIN_CAP].arrival_s, [(s, (d,)) for s, d in enumerate(per_stage)],
+                          False))
         if include_train:
             train.extend(self._train_wait_chains(node))
         chains = infer + train if self.jump else sorted(infer + train, key=lambda c: c[0])
-        return build_timeline(S, now, running, chains)
+        return build_from_runs(S, now, running, chains)
 
-    def _train_wait_chains(self, node: NodeState) -> list[tuple[float, list[tuple[int, float]], bool]]:
+    def _train_wait_chains(self, node: NodeState) -> list[tuple[float, Runs, bool]]:
         """Queued training tasks as chains; beyond CHAIN_CAP, one block per stage of their
         estimated total (count x mean of the modeled ones), so long queues stay cheap."""
         S = node.num_stages
@@ -210,7 +211,7 @@ class Timelines:
                 fwd, bwd = self._stage_times(t)
                 for s in range(S):
                     per_stage[s] += fwd[s] + bwd[s]
-            out.append((0.0, [(s, per_stage[s] / CHAIN_CAP * extra) for s in range(S)], True))
+            out.append((0.0, [(s, (per_stage[s] / CHAIN_CAP * extra,)) for s in range(S)], True))
         return out
 
 
