@@ -14,7 +14,6 @@ idle is sunk and does not count.
 from __future__ import annotations
 
 import bisect
-from itertools import accumulate, repeat
 from typing import NamedTuple, Sequence
 
 # An interval: (start_s, end_s, train)
@@ -146,48 +145,30 @@ class NodeTimeline:
     def chain_runs(self, runs: Runs, ready: float, train: bool) -> float:
         """chain() of the ops the runs list in order: (stage, durations of consecutive ops there).
 
-        The walk is inlined (timeline rebuilds are most of a decision's cost), and a run whose
-        stage has nothing ending after `ready` is appended in one go: its ops go back to back,
-        each starting at the previous one's end (`accumulate` makes the same additions)."""
+        The walk is inlined (timeline rebuilds are most of a decision's cost). `tail`: nothing on
+        the stage ends after `ready` and an op starting then sorts last, so it is appended with
+        no search; after one op of the run goes last, so do the rest (back to back, at or after
+        its end)."""
         first = True
         bisect_right = bisect.bisect_right
         ivs, ends_of, infs, inf_ends = self.iv, self._ends, self._inf, self._inf_ends
         for stage, durs in runs:
             ends = ends_of[stage]
             iv = ivs[stage]
-            j, k = 0, len(durs)
-            while j < k:
-                dur = durs[j]
-                if not self._disjoint:
+            tail = self._disjoint and (not ends or ends[-1] < ready or (ends[-1] == ready and iv[-1][0] < ready))
+            for dur in durs:
+                if tail:
+                    start = ready
+                    ready = ready + dur
+                    iv.append((start, ready, train))
+                    ends.append(ready)
+                    if not train:
+                        infs[stage].append((start, ready))
+                        inf_ends[stage].append(ready)
+                elif not self._disjoint:
                     start, _ = self._earliest_scan(stage, ready, dur, False)
                     ready = start + dur
                     self.add(stage, start, ready, train)
-                    j += 1
-                elif not ends or ends[-1] <= ready:
-                    # the usual case: nothing on the stage ends after `ready`, so the op starts then
-                    start, end = ready, ready + dur
-                    if iv and not iv[-1] <= (start, end, train):
-                        self.add(stage, start, end, train)   # (zero-length ops at `ready`)
-                        ready = end
-                        j += 1
-                    elif j == k - 1:  # the run's last op goes last
-                        iv.append((start, end, train))
-                        ends.append(end)
-                        if not train:
-                            infs[stage].append((start, end))
-                            inf_ends[stage].append(end)
-                        ready = end
-                        j = k
-                    else:   # and so does the rest of the run, back to back
-                        acc = list(accumulate(durs if j == 0 else durs[j:], initial=ready))
-                        new_ends = acc[1:]
-                        iv.extend(zip(acc, new_ends, repeat(train)))
-                        ends.extend(new_ends)
-                        if not train:
-                            infs[stage].extend(zip(acc, new_ends))
-                            inf_ends[stage].extend(new_ends)
-                        ready = acc[-1]
-                        j = k
                 else:
                     # earliest(): skip what ends by `ready`, then move past every op in the way
                     t = ready
@@ -200,18 +181,27 @@ class NodeTimeline:
                                 break
                             t = e0
                         i += 1
-                    start, end = t, t + dur
-                    item = (start, end, train)
+                    start, ready = t, t + dur
+                    item = (start, ready, train)
                     if i == n and (not iv or iv[-1] <= item):
                         iv.append(item)
-                        ends.append(end)
+                        ends.append(ready)
                         if not train:
-                            infs[stage].append((start, end))
-                            inf_ends[stage].append(end)
+                            infs[stage].append((start, ready))
+                            inf_ends[stage].append(ready)
+                        tail = True   # the next op of the run starts at its end: it goes last too
+                    elif i < n and ready > start:
+                        # into the gap before iv[i]: everything before ends by `start`, iv[i]
+                        # starts at `ready` or later, so i is where add() would bisect to
+                        iv.insert(i, item)
+                        ends.insert(i, ready)
+                        if not train:
+                            inf = infs[stage]
+                            k = bisect_right(inf, (start, ready))
+                            inf.insert(k, (start, ready))
+                            inf_ends[stage].insert(k, ready)
                     else:
-                        self.add(stage, start, end, train)
-                    ready = end
-                    j += 1
+                        self.add(stage, start, ready, train)
                 if first:  # the chain's first op starts before its others
                     first = False
                     if start < self.horizon_s:
@@ -308,7 +298,15 @@ def build_from_runs(
     """build_timeline() with each chain given as runs (ready_s, [(stage, durs), ...], train)."""
     tl = NodeTimeline(num_stages, now)
     for stage, start, end, train in running:
-        tl.add(stage, start, end if end > now else now, train)   # max(now, end)
+        busy = end if end > now else now   # max(now, end)
+        if tl.iv[stage] or busy < start:
+            tl.add(stage, start, busy, train)
+        else:   # (as add() on an empty stage: one running op per stage is the usual case)
+            tl.iv[stage].append((start, busy, train))
+            tl._ends[stage].append(busy)
+            if not train:
+                tl._inf[stage].append((start, busy))
+                tl._inf_ends[stage].append(busy)
         if end < tl.horizon_s:
             tl.horizon_s = end
     for ready, runs, train in chains:

@@ -34,7 +34,9 @@ class Timelines:
         self._nodes = cluster.nodes             # (hot paths: one attribute each)
         self._lat = times.lat
         self._stage_times = times.of
-        self._timelines: dict[tuple[int, str], NodeTimeline] = {}
+        # per view, each node's cached timeline (None: to build when asked for)
+        self._timelines: dict[str, list[NodeTimeline | None]] = {
+            _ALL: [None] * len(cluster.nodes), _INFER: [None] * len(cluster.nodes)}
         self._idle_fc: tuple[tuple, Forecast | None] = ((), None)   # see idle_forecast
         self._probe: tuple = ((),)                                   # see inference_congested
         self._infer_len = LengthStats()   # the typical request (Eq. 4's probe)
@@ -131,14 +133,13 @@ class Timelines:
     # ------------------------------------------------------------------ timelines
     def _timeline(self, node_idx: int, view: str) -> NodeTimeline:
         node = self._nodes[node_idx]
+        cached = self._timelines
         if node.dirty:
-            self._timelines.pop((node_idx, _ALL), None)
-            self._timelines.pop((node_idx, _INFER), None)
+            cached[_ALL][node_idx] = cached[_INFER][node_idx] = None
             node.dirty = False
-        tl = self._timelines.get((node_idx, view))
+        tl = cached[view][node_idx]
         if tl is None or self.clock.now() > tl.horizon_s:  # a predicted event did not happen
-            tl = self._build(node, include_train=view == _ALL)
-            self._timelines[(node_idx, view)] = tl
+            tl = cached[view][node_idx] = self._build(node, include_train=view == _ALL)
         return tl
 
     def _build(self, node: NodeState, include_train: bool) -> NodeTimeline:
@@ -161,21 +162,24 @@ class Timelines:
             dur = times.decode_iter_s(len(node.seqs), sum(q.kv_tokens for q in node.seqs.values())) / S
             infer.append((node.last_decode_end_s, [(s, (dur,)) for s in range(S)], False))
         shape_chain = times.chain
+        devices = node.devices
         for b in node.batches.values():
             if b.train and not include_train:
                 continue
             ready = b.ready_s
             done = b.fwd_next >= S
-            if b.running:  # the rest of its chain waits for its running op
-                ready = node.running_end(b.bwd_next if done else b.fwd_next, ready)
-            # what is left of its chain (forwards 0..S-1, then backwards S-1..0) is a suffix
-            if done:   # next: the backward of stage bwd_next, or the one below a running one
-                left = S + (S - 1 - b.bwd_next) + (1 if b.running else 0)
-            else:
-                left = b.fwd_next + (1 if b.running else 0)
+            if b.running:  # the rest of its chain waits for its running op (node.running_end)
+                d = devices[b.bwd_next if done else b.fwd_next]
+                if d.running is not None:
+                    end = d.running_start_s + d.running.predicted_s
+                    if end > ready:
+                        ready = end
             if b.chunks:   # bounded blocking: what is left of its chunks
                 ops = self.chunker.remaining_chain(b)
             else:
+                # what is left of its chain (forwards 0..S-1, then backwards S-1..0) is a suffix;
+                # next: the backward of stage bwd_next, or the one below a running one
+                left = (S + (S - 1 - b.bwd_next) if done else b.fwd_next) + (1 if b.running else 0)
                 ops = shape_chain(b.size, b.seq_tokens, b.train)[left:]
             (train if b.train else infer).append((ready, ops, b.train))
         for t in node.infer_wait[:CHAIN_CAP]:
