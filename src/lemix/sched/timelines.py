@@ -82,17 +82,26 @@ class Timelines:
         """A lower bound on forecast(node, task).r_s from the node's running ops alone (O(S), no
         timeline): each stage starts no earlier than its input is ready and its running op ends
         (a running training op that a jumping inference query would pass is left out)."""
+        return self.response_floors_s([node], task)[0]
+
+    def response_floors_s(self, nodes: list[int], task: Task) -> list[float]:
+        """response_floor_s of each node (the task's stage times looked up once)."""
         fwd, _ = self._stage_times(task)
         jump = self.jump and not task.is_train
-        t = max(self.clock.now(), task.arrival_s)
-        for d, f in zip(self._nodes[node].devices, fwd):
-            op = d.running
-            if op is not None and not (jump and op.train and d.running_start_s >= t):
-                end = d.running_start_s + op.predicted_s
-                if end > t:
-                    t = end
-            t = t + f
-        return t - task.arrival_s
+        arrival = task.arrival_s
+        t0 = max(self.clock.now(), arrival)
+        out = []
+        for node in nodes:
+            t = t0
+            for d, f in zip(self._nodes[node].devices, fwd):
+                op = d.running
+                if op is not None and not (jump and op.train and d.running_start_s >= t):
+                    end = d.running_start_s + op.predicted_s
+                    if end > t:
+                        t = end
+                t = t + f
+            out.append(t - arrival)
+        return out
 
     def inference_congested(self, node: int) -> bool:
         """Eq. 4: would a typical request queued on this node now miss tau_R x SLO, counting
@@ -233,6 +242,7 @@ class View:
         self.forecast = timelines.forecast
         self.idle_forecast = timelines.idle_forecast
         self.response_floor_s = timelines.response_floor_s
+        self.response_floors_s = timelines.response_floors_s
         self.inference_congested = timelines.inference_congested
         self.idle_nodes = cluster.idle_nodes
         self.candidate_nodes = placement.candidate_nodes
