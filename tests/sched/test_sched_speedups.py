@@ -4,8 +4,10 @@
   equals the uncached formula (raw time x the stage's correction);
 - a chunked batch's remaining chain (a slice of its shape's whole chain) equals the walk over its
   chunks from where it stands, at every step of its life, running or not;
-- NodeTimeline.chain (an append without a bisect when nothing on the stage ends later) places
-  every op where the plain scan + add() does.
+- NodeTimeline.chain / chain_runs (runs of ops per stage: appended without a search when nothing
+  on the stage ends later, inserted without one after the previous op of the run took a gap)
+  place every op where the plain scan + add() does, running ops first, ties and zero-length
+  ops included.
 """
 from __future__ import annotations
 

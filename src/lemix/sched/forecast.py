@@ -145,10 +145,12 @@ class NodeTimeline:
     def chain_runs(self, runs: Runs, ready: float, train: bool) -> float:
         """chain() of the ops the runs list in order: (stage, durations of consecutive ops there).
 
-        The walk is inlined (timeline rebuilds are most of a decision's cost). `tail`: nothing on
-        the stage ends after `ready` and an op starting then sorts last, so it is appended with
-        no search; after one op of the run goes last, so do the rest (back to back, at or after
-        its end)."""
+        The walk is inlined (timeline rebuilds are most of a decision's cost), with two short cuts
+        that place each op where it would put it. `tail`: nothing on the stage ends after `ready`
+        and an op starting then sorts last, so it is appended with no search; after one op of the
+        run goes last, so do the rest. `gap`: the previous op of the run went into a gap, before
+        the interval now at iv[gap] (starting at `limit`); the next one, starting at its end, goes
+        there too if it ends by `limit`."""
         first = True
         bisect_right = bisect.bisect_right
         ivs, ends_of, infs, inf_ends = self.iv, self._ends, self._inf, self._inf_ends
@@ -156,6 +158,7 @@ class NodeTimeline:
             ends = ends_of[stage]
             iv = ivs[stage]
             tail = self._disjoint and (not ends or ends[-1] < ready or (ends[-1] == ready and iv[-1][0] < ready))
+            gap, limit = -1, 0.0
             for dur in durs:
                 if tail:
                     start = ready
@@ -165,48 +168,66 @@ class NodeTimeline:
                     if not train:
                         infs[stage].append((start, ready))
                         inf_ends[stage].append(ready)
-                elif not self._disjoint:
-                    start, _ = self._earliest_scan(stage, ready, dur, False)
-                    ready = start + dur
-                    self.add(stage, start, ready, train)
                 else:
-                    # earliest(): skip what ends by `ready`, then move past every op in the way
-                    t = ready
-                    i = bisect_right(ends, t)
-                    n = len(iv)
-                    while i < n:
-                        s0, e0, _ = iv[i]
-                        if e0 > t:
-                            if s0 >= t + dur:
-                                break
-                            t = e0
-                        i += 1
-                    start, ready = t, t + dur
-                    item = (start, ready, train)
-                    if i == n and (not iv or iv[-1] <= item):
-                        iv.append(item)
-                        ends.append(ready)
-                        if not train:
-                            infs[stage].append((start, ready))
-                            inf_ends[stage].append(ready)
-                        tail = True   # the next op of the run starts at its end: it goes last too
-                    elif i < n and ready > start:
-                        # into the gap before iv[i]: everything before ends by `start`, iv[i]
-                        # starts at `ready` or later, so i is where add() would bisect to
-                        iv.insert(i, item)
-                        ends.insert(i, ready)
-                        if not train:
-                            inf = infs[stage]
-                            k = bisect_right(inf, (start, ready))
-                            inf.insert(k, (start, ready))
-                            inf_ends[stage].insert(k, ready)
-                    else:
+                    if gap >= 0:
+                        end = ready + dur
+                        if ready < end <= limit:   # (a zero-length op takes the walk below)
+                            start, ready = ready, end
+                            iv.insert(gap, (start, ready, train))
+                            ends.insert(gap, ready)
+                            if not train:
+                                self._insert_inf(stage, start, ready)
+                            gap += 1
+                            continue   # (not the chain's first op: the horizon is set)
+                        gap = -1
+                    if not self._disjoint:
+                        start, _ = self._earliest_scan(stage, ready, dur, False)
+                        ready = start + dur
                         self.add(stage, start, ready, train)
+                    else:
+                        # earliest(): skip what ends by `ready`, then move past every op in the way
+                        t = ready
+                        i = bisect_right(ends, t)
+                        n = len(iv)
+                        while i < n:
+                            s0, e0, _ = iv[i]
+                            if e0 > t:
+                                if s0 >= t + dur:
+                                    break
+                                t = e0
+                            i += 1
+                        start, ready = t, t + dur
+                        item = (start, ready, train)
+                        if i == n and (not iv or iv[-1] <= item):
+                            iv.append(item)
+                            ends.append(ready)
+                            if not train:
+                                infs[stage].append((start, ready))
+                                inf_ends[stage].append(ready)
+                            tail = True   # the next op of the run starts at its end: it goes last too
+                        elif i < n and ready > start:
+                            # into the gap before iv[i]: everything before ends by `start`, iv[i]
+                            # starts at `ready` or later, so i is where add() would bisect to
+                            limit = iv[i][0]
+                            iv.insert(i, item)
+                            ends.insert(i, ready)
+                            if not train:
+                                self._insert_inf(stage, start, ready)
+                            gap = i + 1
+                        else:
+                            self.add(stage, start, ready, train)
                 if first:  # the chain's first op starts before its others
                     first = False
                     if start < self.horizon_s:
                         self.horizon_s = start
         return ready
+
+    def _insert_inf(self, stage: int, start: float, end: float) -> None:
+        """An inference op placed into a gap: into the inference-only lists, as add() does."""
+        inf = self._inf[stage]
+        k = bisect.bisect_right(inf, (start, end))
+        inf.insert(k, (start, end))
+        self._inf_ends[stage].insert(k, end)
 
 
 def runs_of(stage_ops: list[tuple[int, float]]) -> Runs:
