@@ -4,8 +4,10 @@
   equals the uncached formula (raw time x the stage's correction);
 - a chunked batch's remaining chain (a slice of its shape's whole chain) equals the walk over its
   chunks from where it stands, at every step of its life, running or not;
-- NodeTimeline.chain (an append without a bisect when nothing on the stage ends later) places
-  every op where the plain scan + add() does.
+- NodeTimeline.chain / chain_runs (runs of ops per stage: appended without a search when nothing
+  on the stage ends later, inserted without one after the previous op of the run took a gap)
+  place every op where the plain scan + add() does, running ops first, ties and zero-length
+  ops included.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import pytest
 from sched_factory import make_params
 
 from lemix.sched.chunking import Chunker, advance_bwd, advance_fwd, start_bwd
-from lemix.sched.forecast import NodeTimeline
+from lemix.sched.forecast import NodeTimeline, build_from_runs
 from lemix.sched.latency import LatencyModel, _raw, default_profile
 from lemix.sched.state import Batch
 from lemix.types import Op, OpKind, Task, TaskKind
@@ -34,6 +36,11 @@ def test_cached_predictions_equal_the_formula_under_calibration():
         assert got == want
         op = Op(i, k, 0, s, 0, (), k is OpKind.BWD, b, q, kv, nb, got, None, ly)
         lat.observe(op, got * rng.uniform(0.5, 1.5))   # the correction moves after every op
+
+
+def flat(runs):
+    """Runs (stage, durations) as (stage, duration) ops."""
+    return [(s, d) for s, ds in runs for d in ds]
 
 
 def walk_remaining(fwd, bwd, b: Batch):
@@ -67,7 +74,7 @@ def test_remaining_chain_is_the_walk_over_the_chunks_left(stages):
     while True:
         for running in (False, True):
             b.running = running
-            assert ch.remaining_chain(b) == walk_remaining(fwd, bwd, b)
+            assert flat(ch.remaining_chain(b)) == walk_remaining(fwd, bwd, b)
         b.running = False
         steps += 1
         if not b.fwd_done:   # what completion.py does as each chunk ends
@@ -105,3 +112,28 @@ def test_chain_places_ops_where_the_plain_scan_does(seed):
         train = rng.random() < 0.5
         assert fast.chain(ops, ready, train) == reference_chain(slow, ops, ready, train)
     assert fast.iv == slow.iv and fast._ends == slow._ends and fast._inf == slow._inf
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_chained_runs_place_ops_where_the_plain_scan_does(seed):
+    """Runs of chunks (several ops on one stage, back to back), on a coarse grid (ties and
+    zero-length ops), with durations too small to move a large start (start + dur == start),
+    and running ops first: chain_runs (tail appends, inserts into gaps) agrees with the scan."""
+    rng = random.Random(100 + seed)
+    S = rng.randint(1, 4)
+    now = rng.choice([0.0, 3.0, 1e6])
+    durs = [0.0, 0.5, 1.0, 2.0, 1e-12, 0.25]
+    running = [(s, now - rng.choice([0.0, 1.0]), now + rng.choice([0.0, 1.0, 4.0]), rng.random() < 0.5)
+               for s in range(S) if rng.random() < 0.6]
+    chains = []
+    for _ in range(rng.randint(1, 12)):
+        runs = [(rng.randrange(S), [rng.choice(durs) for _ in range(rng.randint(1, 7))])
+                for _ in range(rng.randint(1, 2 * S))]
+        chains.append((now + rng.choice([0.0, 0.5, 2.0, 10.0]), runs, rng.random() < 0.7))
+    fast = build_from_runs(S, now, running, chains)
+    slow = NodeTimeline(S, now)
+    for stage, start, end, train in running:
+        slow.add(stage, start, max(now, end), train)
+    for ready, runs, train in chains:
+        reference_chain(slow, [(s, d) for s, ds in runs for d in ds], max(now, ready), train)
+    assert (fast.iv, fast._ends, fast._inf, fast._inf_ends) == (slow.iv, slow._ends, slow._inf, slow._inf_ends)

@@ -373,51 +373,54 @@ class Chunker:
                     raw[1].append([st.bwd.pass_s(b_size, tokens, layer_fraction(st, r)) for r in rngs])
                 self._raw_durs[key[:3]] = raw
             corr = self.lat.correction
-            fwd = [[d * corr(s, OpKind.FWD) for d in ds] for s, ds in enumerate(raw[0])]
-            bwd = [[d * corr(s, OpKind.BWD) for d in ds] for s, ds in enumerate(raw[1])]
+            fwd, bwd = [], []
+            for s, ds in enumerate(raw[0]):   # (each stage's correction looked up once)
+                c = corr(s, OpKind.FWD)
+                fwd.append([d * c for d in ds])
+            for s, ds in enumerate(raw[1]):
+                c = corr(s, OpKind.BWD)
+                bwd.append([d * c for d in ds])
             hit = self._durs[key] = (fwd, bwd)
         return hit
 
-    def remaining_chain(self, b: Batch) -> list[tuple[int, float]]:
-        """The (stage, duration) ops left of a chunked training micro-batch after what ran or
-        runs: forward chunks ascending, stage by stage, then backward chunks descending (a
-        suffix of the whole chunked chain of its shape, cached per calibration)."""
-        ops, fwd_at, bwd_at = self._full_chain(b.size, b.seq_tokens, b.chunks)
+    def remaining_chain(self, b: Batch) -> list[tuple[int, list[float]]]:
+        """The ops left of a chunked training micro-batch after what ran or runs, as runs
+        (forecast.py): forward chunks ascending, stage by stage, then backward chunks descending
+        (a suffix of the whole chunked chain of its shape, cached per calibration)."""
+        runs = self._full_chain(b.size, b.seq_tokens, b.chunks)
         run = b.span if b.running else 0
         if not b.fwd_done:
             s = b.fwd_next
-            return ops[fwd_at[s] + min(b.chunk + run, fwd_at[s + 1] - fwd_at[s]):]
-        s = b.bwd_next
-        if s < 0:
-            return []
-        k = fwd_at[s + 1] - fwd_at[s]   # its backward has as many chunks, run from chunk - run down
-        return ops[bwd_at[s] + min(k, max(0, k - 1 - (b.chunk - run))):]
+            skip = b.chunk + run           # forward chunks of stage s started
+        else:
+            s = b.bwd_next
+            if s < 0:
+                return []
+            k = len(runs[s][1])            # its backward has as many chunks, run from chunk - run down
+            skip = min(k, max(0, k - 1 - (b.chunk - run)))
+            s = 2 * len(b.chunks) - 1 - s  # the run of stage s's backward
+        if skip == 0:
+            return runs[s:]
+        durs = runs[s][1]
+        if skip >= len(durs):
+            return runs[s + 1:]
+        return [(runs[s][0], durs[skip:])] + runs[s + 1:]
 
-    def _full_chain(self, b_size: int, tokens: int, plan: Plan) -> tuple[list[tuple[int, float]], list[int],
-                                                                        list[int]]:
-        """The whole chunked chain of a shape, and where in it each stage's forward chunks
-        (fwd_at[s]; fwd_at[S]: the end of the forwards) and backward chunks (bwd_at[s]) begin."""
+    def _full_chain(self, b_size: int, tokens: int, plan: Plan) -> list[tuple[int, list[float]]]:
+        """The whole chunked chain of a shape as runs: run s holds stage s's forward chunks
+        (ascending), run 2S-1-s its backward chunks (descending)."""
         key = (b_size, tokens, plan, self.lat.version, "full")
         hit = self._durs.get(key)
         if hit is None:
             fwd, bwd = self._chunk_durs(b_size, tokens, plan)
             S = len(fwd)
-            ops: list[tuple[int, float]] = []
-            fwd_at = []
-            for s in range(S):
-                fwd_at.append(len(ops))
-                ops.extend((s, d) for d in fwd[s])
-            fwd_at.append(len(ops))
-            bwd_at = [0] * S
-            for s in range(S - 1, -1, -1):
-                bwd_at[s] = len(ops)
-                ops.extend((s, d) for d in reversed(bwd[s]))
-            hit = self._durs[key] = (ops, fwd_at, bwd_at)
+            hit = self._durs[key] = ([(s, fwd[s]) for s in range(S)]
+                                     + [(s, bwd[s][::-1]) for s in range(S - 1, -1, -1)])
         return hit
 
-    def task_chain(self, task: Task) -> list[tuple[int, float]] | None:
-        """The chain of a queued training task that would be chunked: one op per stage and
-        direction lasting its chunks' total (a queued task's chunks are not modeled one by one:
+    def task_chain(self, task: Task) -> list[tuple[int, tuple[float]]] | None:
+        """The chain (as runs of one op) of a queued training task that would be chunked: one op
+        per stage and direction lasting its chunks' total (a queued task's chunks are not modeled one by one:
         that made timeline rebuilds most of a run's cost); None when it would not be chunked."""
         plan = self.plan(task.batch_size, task.prompt_tokens)
         if not plan:
@@ -426,7 +429,7 @@ class Chunker:
         hit = self._durs.get(key)
         if hit is None:
             fwd, bwd = self._chunk_durs(task.batch_size, task.prompt_tokens, plan)
-            ops = [(s, sum(fwd[s])) for s in range(len(fwd))]
-            ops += [(s, sum(bwd[s])) for s in range(len(bwd) - 1, -1, -1)]
+            ops = [(s, (sum(fwd[s]),)) for s in range(len(fwd))]
+            ops += [(s, (sum(bwd[s]),)) for s in range(len(bwd) - 1, -1, -1)]
             hit = self._durs[key] = ops
         return hit

@@ -14,10 +14,12 @@ idle is sunk and does not count.
 from __future__ import annotations
 
 import bisect
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 # An interval: (start_s, end_s, train)
 Interval = tuple[float, float, bool]
+# A chain as runs: (stage, durations of consecutive ops on that stage), in dependency order
+Runs = list[tuple[int, Sequence[float]]]
 
 
 class Forecast(NamedTuple):   # a NamedTuple: made once per node per decision, so cheap to build
@@ -136,62 +138,107 @@ class NodeTimeline:
         return t, prev_end
 
     def chain(self, stage_ops: list[tuple[int, float]], ready: float, train: bool) -> float:
-        """Commit a dependent chain of (stage, duration) ops; return the end of the last.
+        """Commit a dependent chain of (stage, duration) ops; return the end of the last. Each op
+        goes where earliest(stage, ready, dur, False) puts it, as add() would."""
+        return self.chain_runs(runs_of(stage_ops), ready, train)
 
-        Each op goes where earliest(stage, ready, dur, False) puts it, as add() would (the walk
-        is inlined: timeline rebuilds are most of a decision's cost)."""
+    def chain_runs(self, runs: Runs, ready: float, train: bool) -> float:
+        """chain() of the ops the runs list in order: (stage, durations of consecutive ops there).
+
+        The walk is inlined (timeline rebuilds are most of a decision's cost), with two short cuts
+        that place each op where it would put it. `tail`: nothing on the stage ends after `ready`
+        and an op starting then sorts last, so it is appended with no search; after one op of the
+        run goes last, so do the rest. `gap`: the previous op of the run went into a gap, before
+        the interval now at iv[gap] (starting at `limit`); the next one, starting at its end, goes
+        there too if it ends by `limit`."""
         first = True
         bisect_right = bisect.bisect_right
         ivs, ends_of, infs, inf_ends = self.iv, self._ends, self._inf, self._inf_ends
-        for stage, dur in stage_ops:
+        for stage, durs in runs:
             ends = ends_of[stage]
-            if not self._disjoint:
-                start, _ = self._earliest_scan(stage, ready, dur, False)
-                ready = start + dur
-                self.add(stage, start, ready, train)
-            elif not ends or ends[-1] <= ready:
-                # the usual case: nothing on the stage ends after `ready`, so the op starts then
-                iv = ivs[stage]
-                start, end = ready, ready + dur
-                item = (start, end, train)
-                if not iv or iv[-1] <= item:
-                    iv.append(item)          # and it goes last
-                    ends.append(end)
+            iv = ivs[stage]
+            tail = self._disjoint and (not ends or ends[-1] < ready or (ends[-1] == ready and iv[-1][0] < ready))
+            gap, limit = -1, 0.0
+            for dur in durs:
+                if tail:
+                    start = ready
+                    ready = ready + dur
+                    iv.append((start, ready, train))
+                    ends.append(ready)
                     if not train:
-                        infs[stage].append((start, end))
-                        inf_ends[stage].append(end)
+                        infs[stage].append((start, ready))
+                        inf_ends[stage].append(ready)
                 else:
-                    self.add(stage, start, end, train)
-                ready = end
-            else:
-                # earliest(): skip what ends by `ready`, then move past every op in the way
-                iv = ivs[stage]
-                t = ready
-                i = bisect_right(ends, t)
-                n = len(iv)
-                while i < n:
-                    s0, e0, _ = iv[i]
-                    if e0 > t:
-                        if s0 >= t + dur:
-                            break
-                        t = e0
-                    i += 1
-                start, end = t, t + dur
-                item = (start, end, train)
-                if i == n and (not iv or iv[-1] <= item):
-                    iv.append(item)
-                    ends.append(end)
-                    if not train:
-                        infs[stage].append((start, end))
-                        inf_ends[stage].append(end)
-                else:
-                    self.add(stage, start, end, train)
-                ready = end
-            if first:  # the chain's first op starts before its others
-                first = False
-                if start < self.horizon_s:
-                    self.horizon_s = start
+                    if gap >= 0:
+                        end = ready + dur
+                        if ready < end <= limit:   # (a zero-length op takes the walk below)
+                            start, ready = ready, end
+                            iv.insert(gap, (start, ready, train))
+                            ends.insert(gap, ready)
+                            if not train:
+                                self._insert_inf(stage, start, ready)
+                            gap += 1
+                            continue   # (not the chain's first op: the horizon is set)
+                        gap = -1
+                    if not self._disjoint:
+                        start, _ = self._earliest_scan(stage, ready, dur, False)
+                        ready = start + dur
+                        self.add(stage, start, ready, train)
+                    else:
+                        # earliest(): skip what ends by `ready`, then move past every op in the way
+                        t = ready
+                        i = bisect_right(ends, t)
+                        n = len(iv)
+                        while i < n:
+                            s0, e0, _ = iv[i]
+                            if e0 > t:
+                                if s0 >= t + dur:
+                                    break
+                                t = e0
+                            i += 1
+                        start, ready = t, t + dur
+                        item = (start, ready, train)
+                        if i == n and (not iv or iv[-1] <= item):
+                            iv.append(item)
+                            ends.append(ready)
+                            if not train:
+                                infs[stage].append((start, ready))
+                                inf_ends[stage].append(ready)
+                            tail = True   # the next op of the run starts at its end: it goes last too
+                        elif i < n and ready > start:
+                            # into the gap before iv[i]: everything before ends by `start`, iv[i]
+                            # starts at `ready` or later, so i is where add() would bisect to
+                            limit = iv[i][0]
+                            iv.insert(i, item)
+                            ends.insert(i, ready)
+                            if not train:
+                                self._insert_inf(stage, start, ready)
+                            gap = i + 1
+                        else:
+                            self.add(stage, start, ready, train)
+                if first:  # the chain's first op starts before its others
+                    first = False
+                    if start < self.horizon_s:
+                        self.horizon_s = start
         return ready
+
+    def _insert_inf(self, stage: int, start: float, end: float) -> None:
+        """An inference op placed into a gap: into the inference-only lists, as add() does."""
+        inf = self._inf[stage]
+        k = bisect.bisect_right(inf, (start, end))
+        inf.insert(k, (start, end))
+        self._inf_ends[stage].insert(k, end)
+
+
+def runs_of(stage_ops: list[tuple[int, float]]) -> Runs:
+    """(stage, duration) ops as runs: consecutive ops on one stage grouped."""
+    runs: list[tuple[int, list[float]]] = []
+    for stage, dur in stage_ops:
+        if runs and runs[-1][0] == stage:
+            runs[-1][1].append(dur)
+        else:
+            runs.append((stage, [dur]))
+    return runs
 
 
 def forecast_chain(
@@ -260,12 +307,29 @@ def build_timeline(
 ) -> NodeTimeline:
     """Timeline from running ops (stage, start, predicted end, train) and queued chains
     (ready_s, [(stage, dur), ...], train) in dispatch order."""
+    return build_from_runs(num_stages, now, running, [(r, runs_of(ops), t) for r, ops, t in chains])
+
+
+def build_from_runs(
+    num_stages: int,
+    now: float,
+    running: list[tuple[int, float, float, bool]],
+    chains: list[tuple[float, Runs, bool]],
+) -> NodeTimeline:
+    """build_timeline() with each chain given as runs (ready_s, [(stage, durs), ...], train)."""
     tl = NodeTimeline(num_stages, now)
     for stage, start, end, train in running:
-        tl.add(stage, start, end if end > now else now, train)   # max(now, end)
+        busy = end if end > now else now   # max(now, end)
+        if tl.iv[stage] or busy < start:
+            tl.add(stage, start, busy, train)
+        else:   # (as add() on an empty stage: one running op per stage is the usual case)
+            tl.iv[stage].append((start, busy, train))
+            tl._ends[stage].append(busy)
+            if not train:
+                tl._inf[stage].append((start, busy))
+                tl._inf_ends[stage].append(busy)
         if end < tl.horizon_s:
             tl.horizon_s = end
-    for ready, ops, train in chains:
-        tl.chain(ops, max(now, ready), train)
+    for ready, runs, train in chains:
+        tl.chain_runs(runs, ready if ready > now else now, train)   # max(now, ready)
     return tl
-

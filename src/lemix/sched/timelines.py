@@ -11,7 +11,7 @@ import numpy as np
 
 from lemix.clock import Clock
 from lemix.sched.cluster import Cluster
-from lemix.sched.forecast import Forecast, NodeTimeline, build_timeline, forecast_alone, forecast_chain
+from lemix.sched.forecast import Forecast, NodeTimeline, Runs, build_from_runs, forecast_alone, forecast_chain
 from lemix.sched.order import DispatchOrder
 from lemix.sched.params import SchedParams
 from lemix.sched.placement import Placement
@@ -34,7 +34,9 @@ class Timelines:
         self._nodes = cluster.nodes             # (hot paths: one attribute each)
         self._lat = times.lat
         self._stage_times = times.of
-        self._timelines: dict[tuple[int, str], NodeTimeline] = {}
+        # per view, each node's cached timeline (None: to build when asked for)
+        self._timelines: dict[str, list[NodeTimeline | None]] = {
+            _ALL: [None] * len(cluster.nodes), _INFER: [None] * len(cluster.nodes)}
         self._idle_fc: tuple[tuple, Forecast | None] = ((), None)   # see idle_forecast
         self._probe: tuple = ((),)                                   # see inference_congested
         self._infer_len = LengthStats()   # the typical request (Eq. 4's probe)
@@ -80,17 +82,26 @@ class Timelines:
         """A lower bound on forecast(node, task).r_s from the node's running ops alone (O(S), no
         timeline): each stage starts no earlier than its input is ready and its running op ends
         (a running training op that a jumping inference query would pass is left out)."""
+        return self.response_floors_s([node], task)[0]
+
+    def response_floors_s(self, nodes: list[int], task: Task) -> list[float]:
+        """response_floor_s of each node (the task's stage times looked up once)."""
         fwd, _ = self._stage_times(task)
         jump = self.jump and not task.is_train
-        t = max(self.clock.now(), task.arrival_s)
-        for d, f in zip(self._nodes[node].devices, fwd):
-            op = d.running
-            if op is not None and not (jump and op.train and d.running_start_s >= t):
-                end = d.running_start_s + op.predicted_s
-                if end > t:
-                    t = end
-            t = t + f
-        return t - task.arrival_s
+        arrival = task.arrival_s
+        t0 = max(self.clock.now(), arrival)
+        out = []
+        for node in nodes:
+            t = t0
+            for d, f in zip(self._nodes[node].devices, fwd):
+                op = d.running
+                if op is not None and not (jump and op.train and d.running_start_s >= t):
+                    end = d.running_start_s + op.predicted_s
+                    if end > t:
+                        t = end
+                t = t + f
+            out.append(t - arrival)
+        return out
 
     def inference_congested(self, node: int) -> bool:
         """Eq. 4: would a typical request queued on this node now miss tau_R x SLO, counting
@@ -131,14 +142,13 @@ class Timelines:
     # ------------------------------------------------------------------ timelines
     def _timeline(self, node_idx: int, view: str) -> NodeTimeline:
         node = self._nodes[node_idx]
+        cached = self._timelines
         if node.dirty:
-            self._timelines.pop((node_idx, _ALL), None)
-            self._timelines.pop((node_idx, _INFER), None)
+            cached[_ALL][node_idx] = cached[_INFER][node_idx] = None
             node.dirty = False
-        tl = self._timelines.get((node_idx, view))
+        tl = cached[view][node_idx]
         if tl is None or self.clock.now() > tl.horizon_s:  # a predicted event did not happen
-            tl = self._build(node, include_train=view == _ALL)
-            self._timelines[(node_idx, view)] = tl
+            tl = cached[view][node_idx] = self._build(node, include_train=view == _ALL)
         return tl
 
     def _build(self, node: NodeState, include_train: bool) -> NodeTimeline:
@@ -156,26 +166,29 @@ class Timelines:
             first = it.stage + (1 if it.running else 0)
             dur = times.decode_iter_s(len(it.seq_ids), it.kv_tokens) / S
             ready = node.running_end(it.stage, it.ready_s) if it.running else it.ready_s
-            infer.append((ready, [(s, dur) for s in range(first, S)], False))
+            infer.append((ready, [(s, (dur,)) for s in range(first, S)], False))
         elif node.seqs:
             dur = times.decode_iter_s(len(node.seqs), sum(q.kv_tokens for q in node.seqs.values())) / S
-            infer.append((node.last_decode_end_s, [(s, dur) for s in range(S)], False))
+            infer.append((node.last_decode_end_s, [(s, (dur,)) for s in range(S)], False))
         shape_chain = times.chain
+        devices = node.devices
         for b in node.batches.values():
             if b.train and not include_train:
                 continue
             ready = b.ready_s
             done = b.fwd_next >= S
-            if b.running:  # the rest of its chain waits for its running op
-                ready = node.running_end(b.bwd_next if done else b.fwd_next, ready)
-            # what is left of its chain (forwards 0..S-1, then backwards S-1..0) is a suffix
-            if done:   # next: the backward of stage bwd_next, or the one below a running one
-                left = S + (S - 1 - b.bwd_next) + (1 if b.running else 0)
-            else:
-                left = b.fwd_next + (1 if b.running else 0)
+            if b.running:  # the rest of its chain waits for its running op (node.running_end)
+                d = devices[b.bwd_next if done else b.fwd_next]
+                if d.running is not None:
+                    end = d.running_start_s + d.running.predicted_s
+                    if end > ready:
+                        ready = end
             if b.chunks:   # bounded blocking: what is left of its chunks
                 ops = self.chunker.remaining_chain(b)
             else:
+                # what is left of its chain (forwards 0..S-1, then backwards S-1..0) is a suffix;
+                # next: the backward of stage bwd_next, or the one below a running one
+                left = (S + (S - 1 - b.bwd_next) if done else b.fwd_next) + (1 if b.running else 0)
                 ops = shape_chain(b.size, b.seq_tokens, b.train)[left:]
             (train if b.train else infer).append((ready, ops, b.train))
         for t in node.infer_wait[:CHAIN_CAP]:
@@ -188,13 +201,14 @@ class Timelines:
             for t in node.infer_wait[CHAIN_CAP:]:
                 for s, d in enumerate(times.of(t)[0]):
                     per_stage[s] += d
-            infer.append((node.infer_wait[CHAIN_CAP].arrival_s, list(enumerate(per_stage)), False))
+            infer.append((node.infer_wait[CHAIN_CAP].arrival_s, [(s, (d,)) for s, d in enumerate(per_stage)],
+                          False))
         if include_train:
             train.extend(self._train_wait_chains(node))
         chains = infer + train if self.jump else sorted(infer + train, key=lambda c: c[0])
-        return build_timeline(S, now, running, chains)
+        return build_from_runs(S, now, running, chains)
 
-    def _train_wait_chains(self, node: NodeState) -> list[tuple[float, list[tuple[int, float]], bool]]:
+    def _train_wait_chains(self, node: NodeState) -> list[tuple[float, Runs, bool]]:
         """Queued training tasks as chains; beyond CHAIN_CAP, one block per stage of their
         estimated total (count x mean of the modeled ones), so long queues stay cheap."""
         S = node.num_stages
@@ -210,7 +224,7 @@ class Timelines:
                 fwd, bwd = self._stage_times(t)
                 for s in range(S):
                     per_stage[s] += fwd[s] + bwd[s]
-            out.append((0.0, [(s, per_stage[s] / CHAIN_CAP * extra) for s in range(S)], True))
+            out.append((0.0, [(s, (per_stage[s] / CHAIN_CAP * extra,)) for s in range(S)], True))
         return out
 
 
@@ -228,6 +242,7 @@ class View:
         self.forecast = timelines.forecast
         self.idle_forecast = timelines.idle_forecast
         self.response_floor_s = timelines.response_floor_s
+        self.response_floors_s = timelines.response_floors_s
         self.inference_congested = timelines.inference_congested
         self.idle_nodes = cluster.idle_nodes
         self.candidate_nodes = placement.candidate_nodes

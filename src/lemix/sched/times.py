@@ -10,7 +10,7 @@ from lemix.sched.latency import LatencyModel, Profile
 from lemix.sched.params import SchedParams
 from lemix.types import OpKind, Task
 
-Chain = list[tuple[int, float]]   # a task's ops as (stage, duration), in dependency order
+Chain = list[tuple[int, tuple[float]]]   # a task's ops as runs (forecast.py) of one op each
 
 
 class StageTimes:
@@ -51,8 +51,8 @@ class StageTimes:
         return fwd, bwd
 
     def chain(self, batch: int, tokens: int, train: bool) -> Chain:
-        """The whole chain of a fresh task of that shape: forwards 0..S-1, then (training)
-        backwards S-1..0. Cached like shape(); read only."""
+        """The whole chain of a fresh task of that shape, one op per run: forwards 0..S-1, then
+        (training) backwards S-1..0. Cached like shape(); read only."""
         key = (batch, tokens, train)
         hit = self._times.get(key)
         if hit is None or hit[0] != self.lat.version:
@@ -60,7 +60,8 @@ class StageTimes:
             hit = self._times[key]
         if hit[3] is None:
             fwd, bwd = hit[1], hit[2]
-            hit[3] = list(enumerate(fwd)) + [(s, bwd[s]) for s in range(len(bwd) - 1, -1, -1)]
+            hit[3] = ([(s, (d,)) for s, d in enumerate(fwd)]
+                      + [(s, (bwd[s],)) for s in range(len(bwd) - 1, -1, -1)])
         return hit[3]
 
     def _corrections(self) -> tuple[list[float], list[float]]:

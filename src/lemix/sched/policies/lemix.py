@@ -108,34 +108,41 @@ class Lemix(PolicyBase):
         if not self.prune:
             return self._place_scan(task, view, nodes, screen)
         p = self.params
+        tau, l1, l2 = p.tau, p.lambda1, p.lambda2   # (_score's arithmetic, inlined below)
         slo = view.slo_s(task)
         bubble = self._bubble_s(task, view)
         x = task.prompt_tokens
         idle = view.idle_nodes()
+        stats = view.length_stats
         best_i, best_score = -1, float("-inf")
         idle_f: Forecast | None = None
         idle_ok = True
-        busy = []
+        head = tail = 0.0   # the idle forecast's terms of the score
+        busy_i, busy_lc = [], []
         for i, n in enumerate(nodes):
-            lc = view.length_stats(n).consistency(x)
+            lc = stats(n).consistency(x)
             if n in idle:
                 if idle_f is None:
                     idle_f = view.forecast(n, task)
                     idle_ok = not (screen and view.inference_congested(n))
+                    head, tail = -max(idle_f.ii_s / bubble, tau), l1 * idle_f.r_s / slo
                 if idle_ok:
-                    sc = self._score(idle_f, lc, slo, bubble)
+                    sc = head + l2 * lc - tail
                     if sc > best_score:
                         best_i, best_score = i, sc
             else:
-                bound = -p.tau + p.lambda2 * lc - p.lambda1 * view.response_floor_s(n, task) / slo
-                busy.append((-bound, i, lc))
+                busy_i.append(i)
+                busy_lc.append(lc)
+        floors = view.response_floors_s([nodes[i] for i in busy_i], task)
+        busy = [(-(-tau + l2 * lc - l1 * fl / slo), i, lc) for i, lc, fl in zip(busy_i, busy_lc, floors)]
         busy.sort()
         for neg_bound, i, lc in busy:
             bound = -neg_bound
             if bound < best_score or (bound == best_score and i > best_i):
                 break  # neither this node nor any after it can win
             n = nodes[i]
-            sc = self._score(view.forecast(n, task), lc, slo, bubble)
+            f = view.forecast(n, task)
+            sc = -max(f.ii_s / bubble, tau) + l2 * lc - l1 * f.r_s / slo
             if best_i < 0 or sc > best_score or (sc == best_score and i < best_i):
                 if screen and view.inference_congested(n):
                     continue   # screened only when it would win: a loser's verdict changes nothing
