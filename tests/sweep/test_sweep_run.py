@@ -1,13 +1,13 @@
 """Running a sweep: one row per point x policy, the same numbers as `simulate`, any --jobs."""
 from __future__ import annotations
 
+import os
+
 from sweep_factory import HOST_TIMING, TRACE, make_cfg, results_only
 
 from lemix.config import with_overrides
 from lemix.experiment import build_tasks, simulate
 from lemix.metrics import summarize
-import os
-
 from lemix.sweep import SweepGrid, _cost, _map, default_jobs, sweep, sweep_points
 
 

@@ -187,11 +187,8 @@ class LatencyModel:
         return raw * self._ratio.get((stage, kind), 1.0)
 
     def predict_op(self, op: Op) -> float:
-        key = (op.kind, op.stage, op.batch_size, op.seq_tokens, op.kv_tokens, op.bytes, op.layers)
-        raw = self._raw_cache.get(key)   # (predict's body: asked once per simulated op)
-        if raw is None:
-            return self.predict(*key)
-        return raw * self._ratio.get((op.stage, op.kind), 1.0)
+        return self.predict(op.kind, op.stage, op.batch_size, op.seq_tokens, op.kv_tokens, op.bytes,
+                            op.layers)
 
     def observe(self, op: Op, measured_s: float) -> None:
         """Calibration: fold measured/predicted of a finished op into the stage's correction."""

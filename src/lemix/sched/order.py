@@ -159,12 +159,8 @@ class InferenceFirst:
 
     def training_starved(self, dev: Device, now: float) -> bool:
         """Below the floor of the device's recent busy time, training goes first."""
-        if now > dev.ewma_at_s:   # (decay's own test: asked per candidate list, mostly at an aged time)
-            decay(dev, now)
-        busy = dev.busy_ewma_s
-        if not busy > 0:
-            return False
-        return dev.train_ewma_s < (self.min_train_share if self.backlog_share is None else self.floor()) * busy
+        decay(dev, now)
+        return dev.busy_ewma_s > 0 and dev.train_ewma_s < self.floor() * dev.busy_ewma_s
 
     def hold_until(self, node: NodeState, s: int, now: float) -> float:
         """Lookahead: when running inference work reaches stage s (its op on the stage before
@@ -213,8 +209,7 @@ def decay(dev: Device, now: float) -> None:
 
 def account_busy(dev: Device, train: bool, start_s: float, end_s: float) -> None:
     """An op ended on the device: add its time (within the window) to the busy share."""
-    if end_s > dev.ewma_at_s:   # (decay's own test)
-        decay(dev, end_s)
+    decay(dev, end_s)
     busy = max(0.0, end_s - max(start_s, end_s - SHARE_WINDOW_S))
     dev.busy_ewma_s += busy
     if train:

@@ -26,50 +26,40 @@ class Recorder:
         self._events: list[Event] = []
         self._ops: list[OpRecord] = []
         self._requeued: list[int] = []
-        self._any = False   # something was recorded since the last take (take is called per call)
 
     def request(self, rec: RequestRecord) -> None:
         self._requests.append(rec)
-        self._any = True
         if self.keep:
             self.result.requests.append(rec)
 
     def train_task(self, rec: TrainTaskRecord) -> None:
         self._train_tasks.append(rec)
-        self._any = True
         if self.keep:
             self.result.train_tasks.append(rec)
 
     def train_step(self, rec: TrainStepRecord) -> None:
         self._train_steps.append(rec)
-        self._any = True
         if self.keep:
             self.result.train_steps.append(rec)
 
     def op(self, rec: OpRecord) -> None:
         self._ops.append(rec)
-        self._any = True
         if self.keep:
             self.result.ops.append(rec)
 
     def event(self, ev: Event) -> None:
         self._events.append(ev)
-        self._any = True
         self.result.events.append(ev)   # rare: kept even when records are not
 
     def applied(self, applied: Applied) -> None:
         self._applied.append(applied)
-        self._any = True
 
     def release(self, node: int, seq_ids: tuple[int, ...] = (), batch_ids: tuple[int, ...] = ()) -> None:
         if seq_ids or batch_ids:
             self._releases.append(Release(node, tuple(seq_ids), tuple(batch_ids)))
-            self._any = True
 
     def requeued(self, task_ids: list[int] | tuple[int, ...]) -> None:
-        if task_ids:
-            self._requeued.extend(task_ids)
-            self._any = True
+        self._requeued.extend(task_ids)
 
     def forget_train_tasks(self, task_ids: set[int]) -> None:
         """Finished training tasks whose gradients died with their node: they train again."""
@@ -78,7 +68,8 @@ class Recorder:
 
     def take(self) -> Outputs:
         """The Outputs gathered since the last take (and start a new one)."""
-        if not self._any:
+        if not (self._requests or self._train_tasks or self._train_steps or self._applied
+                or self._releases or self._events or self._ops or self._requeued):
             return _EMPTY
         out = Outputs(tuple(self._requests), tuple(self._train_tasks), tuple(self._train_steps),
                       tuple(self._applied), tuple(self._releases), tuple(self._events),

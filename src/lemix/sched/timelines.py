@@ -171,18 +171,13 @@ class Timelines:
             dur = times.decode_iter_s(len(node.seqs), sum(q.kv_tokens for q in node.seqs.values())) / S
             infer.append((node.last_decode_end_s, [(s, (dur,)) for s in range(S)], False))
         shape_chain = times.chain
-        devices = node.devices
         for b in node.batches.values():
             if b.train and not include_train:
                 continue
             ready = b.ready_s
             done = b.fwd_next >= S
-            if b.running:  # the rest of its chain waits for its running op (node.running_end)
-                d = devices[b.bwd_next if done else b.fwd_next]
-                if d.running is not None:
-                    end = d.running_start_s + d.running.predicted_s
-                    if end > ready:
-                        ready = end
+            if b.running:  # the rest of its chain waits for its running op
+                ready = node.running_end(b.bwd_next if done else b.fwd_next, ready)
             if b.chunks:   # bounded blocking: what is left of its chunks
                 ops = self.chunker.remaining_chain(b)
             else:

@@ -108,7 +108,7 @@ class Lemix(PolicyBase):
         if not self.prune:
             return self._place_scan(task, view, nodes, screen)
         p = self.params
-        tau, l1, l2 = p.tau, p.lambda1, p.lambda2   # (_score's arithmetic, inlined below)
+        tau, l1, l2 = p.tau, p.lambda1, p.lambda2
         slo = view.slo_s(task)
         bubble = self._bubble_s(task, view)
         x = task.prompt_tokens
@@ -117,7 +117,6 @@ class Lemix(PolicyBase):
         best_i, best_score = -1, float("-inf")
         idle_f: Forecast | None = None
         idle_ok = True
-        head = tail = 0.0   # the idle forecast's terms of the score
         busy_i, busy_lc = [], []
         for i, n in enumerate(nodes):
             lc = stats(n).consistency(x)
@@ -125,9 +124,8 @@ class Lemix(PolicyBase):
                 if idle_f is None:
                     idle_f = view.forecast(n, task)
                     idle_ok = not (screen and view.inference_congested(n))
-                    head, tail = -max(idle_f.ii_s / bubble, tau), l1 * idle_f.r_s / slo
                 if idle_ok:
-                    sc = head + l2 * lc - tail
+                    sc = self._score(idle_f, lc, slo, bubble)
                     if sc > best_score:
                         best_i, best_score = i, sc
             else:
@@ -141,8 +139,7 @@ class Lemix(PolicyBase):
             if bound < best_score or (bound == best_score and i > best_i):
                 break  # neither this node nor any after it can win
             n = nodes[i]
-            f = view.forecast(n, task)
-            sc = -max(f.ii_s / bubble, tau) + l2 * lc - l1 * f.r_s / slo
+            sc = self._score(view.forecast(n, task), lc, slo, bubble)
             if best_i < 0 or sc > best_score or (sc == best_score and i < best_i):
                 if screen and view.inference_congested(n):
                     continue   # screened only when it would win: a loser's verdict changes nothing
