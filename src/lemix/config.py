@@ -150,6 +150,13 @@ class PolicyConfig(_Strict):
                                 "delta to its current weights (false: every node at once)")
     no_profile: bool = Field(_SP.no_profile, description="start from a generic latency model and "
                              "calibrate online")
+    calibration_period_s: float = Field(_SP.calibration_period_s, ge=0, description="online calibration "
+                                        "epochs: measured/predicted factors are published to the "
+                                        "scheduler's predictions at most this often, in the scheduler's "
+                                        "clock (0 = after every op)")
+    calibration_tolerance: float = Field(_SP.calibration_tolerance, gt=0, description="... or at once "
+                                         "when a factor moved more than this fraction from its "
+                                         "published value")
     no_prioritization: bool = Field(_SP.no_prioritization, description="lemix without SLO-aware "
                                     "deprioritization")
     no_memory_check: bool = Field(_SP.no_memory_check, description="lemix without the wait-or-offload "
@@ -249,7 +256,8 @@ class LemixConfig(_Strict):
             merge_stagger=p.merge_stagger,
             generate=self.workload.mode == "generate",
             train_share=self.workload.effective_train_share,
-            no_profile=p.no_profile, no_prioritization=p.no_prioritization,
+            no_profile=p.no_profile, calibration_period_s=p.calibration_period_s,
+            calibration_tolerance=p.calibration_tolerance, no_prioritization=p.no_prioritization,
             no_memory_check=p.no_memory_check, no_chunking=p.no_chunking, train_chunk_ms=p.train_chunk_ms,
             chunk_frac=p.chunk_frac, no_late_binding=p.no_late_binding, eq4_inference_only=p.eq4_inference_only, no_lookahead_slack=p.no_lookahead_slack, train_queue_depth=p.train_queue_depth,
             no_slo_batching=p.no_slo_batching, backlog_floor=p.backlog_floor, chunk_quiet_s=p.chunk_quiet_s,

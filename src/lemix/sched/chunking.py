@@ -66,7 +66,6 @@ Plan = tuple[tuple[int, ...], ...]   # per stage, layer boundaries (0, ..., L); 
 _TIGHT_Q = 0.1       # the quantile of recent per-unit SLOs taken as the tightest in force
 _WINDOW = 512        # recent requests it is taken over
 _REFRESH = 16        # recomputed every this many requests
-_REPLAN_OPS = 256    # a shape's plan is made again after this many calibration updates
 _NEVER = float("-inf")   # no request seen yet
 
 
@@ -313,7 +312,7 @@ class Chunker:
         target = self.target_s()
         key = (batch, tokens, target)
         hit = self._plans.get(key)
-        if hit is not None and self.lat.version - hit[0] < _REPLAN_OPS:
+        if hit is not None and hit[0] == self.lat.version:   # made again at a new calibration epoch
             return hit[1]
         if len(self._plans) > 256:
             self._plans.clear()

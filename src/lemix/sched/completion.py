@@ -75,7 +75,7 @@ class Completion:
         if result.error:
             self._failed(node, entry, result.error)
             return
-        self.lat.observe(op, end_s - start_s)
+        self.lat.observe(op, end_s - start_s, end_s)
         self._handlers[op.kind](node, entry, result)
 
     # ------------------------------------------------------------------ handlers

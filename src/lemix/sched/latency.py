@@ -4,7 +4,15 @@
     t_decode(C, K) = a + b*C + c*K              (K = summed KV length of the batch)
     t_optim        = a
 
-plus online calibration: a per-(stage, op) EWMA of measured / predicted.
+plus online calibration: a per-(stage, op) EWMA of measured / predicted, published in epochs.
+
+Calibration epochs: every measured op updates the EWMA at once, but predictions use the factors
+as last published, and a publish (one `version` bump) happens only when `period_s` of the
+caller's time has passed since the last one, or when some factor's EWMA moved more than
+`tolerance` (relative) from its published value (a first measurement always does). So between
+epochs every prediction, forecast and chunk plan is a function of state and time alone: caches
+keyed on `version` hit, and a forecast timeline built once is the one any later build would give
+(sched/timelines.py). period_s = 0 publishes every measurement (the calibration before epochs).
 """
 from __future__ import annotations
 
@@ -168,13 +176,18 @@ def _raw(profile: Profile, kind: OpKind, stage: int, batch: int, seq: int, kv: i
 class LatencyModel:
     """Predicts op durations from a profile, corrected online by measured durations."""
 
-    def __init__(self, profile: Profile, *, calibrate: bool = True, alpha: float = 0.2) -> None:
+    def __init__(self, profile: Profile, *, calibrate: bool = True, alpha: float = 0.2,
+                 period_s: float = 0.0, tolerance: float = 0.1) -> None:
         self.profile = profile
         self.calibrate = calibrate
         self.alpha = alpha
-        self._ratio: dict[tuple[int, OpKind], float] = {}
+        self.period_s = period_s        # calibration epochs (module docstring)
+        self.tolerance = tolerance
+        self._ratio: dict[tuple[int, OpKind], float] = {}   # published: what predictions use
+        self._est: dict[tuple[int, OpKind], float] = {}     # the EWMAs, updated by every measurement
+        self._published_s = float("-inf")
         self._raw_cache: dict[tuple, float] = {}
-        self.version = 0  # bumped whenever a correction changes (callers cache on it)
+        self.version = 0  # bumped whenever the published corrections change (callers cache on it)
 
     def predict(self, kind: OpKind, stage: int, batch: int = 1, seq: int = 0, kv: int = 0,
                 nbytes: int = 0, layers: tuple = ()) -> float:
@@ -190,8 +203,10 @@ class LatencyModel:
         return self.predict(op.kind, op.stage, op.batch_size, op.seq_tokens, op.kv_tokens, op.bytes,
                             op.layers)
 
-    def observe(self, op: Op, measured_s: float) -> None:
-        """Calibration: fold measured/predicted of a finished op into the stage's correction."""
+    def observe(self, op: Op, measured_s: float, at_s: float | None = None) -> None:
+        """Calibration: fold measured/predicted of an op that finished at `at_s` (the caller's
+        clock) into the stage's EWMA, and publish the EWMAs if an epoch is due (always when no
+        time is given)."""
         if not self.calibrate or measured_s <= 0:
             return
         key = (op.kind, op.stage, op.batch_size, op.seq_tokens, op.kv_tokens, op.bytes, op.layers)
@@ -203,9 +218,15 @@ class LatencyModel:
             return
         key = (op.stage, op.kind)
         obs = measured_s / raw
-        old = self._ratio.get(key)
-        self._ratio[key] = obs if old is None else (1 - self.alpha) * old + self.alpha * obs
-        self.version += 1
+        old = self._est.get(key)
+        est = self._est[key] = obs if old is None else (1 - self.alpha) * old + self.alpha * obs
+        pub = self._ratio.get(key)
+        if (at_s is None or at_s - self._published_s >= self.period_s or pub is None
+                or abs(est - pub) > self.tolerance * pub):
+            self._ratio.update(self._est)
+            if at_s is not None:
+                self._published_s = at_s
+            self.version += 1
 
     def correction(self, stage: int, kind: OpKind) -> float:
         return self._ratio.get((stage, kind), 1.0)

@@ -30,6 +30,8 @@ class SchedParams:
     generate: bool = False
     train_share: float | None = 0.5
     no_profile: bool = False
+    calibration_period_s: float = 0.5    # calibration epochs (latency.py): publish at most this often...
+    calibration_tolerance: float = 0.1   # ... or when a factor moved more than this (relative)
     no_prioritization: bool = False
     no_memory_check: bool = False
     slo_scale: float = 5.0

@@ -78,7 +78,8 @@ class Scheduler:
         self.params = params
         self.clock = clock
         self.policy = make_policy(params.policy, params)
-        self.lat = LatencyModel(profile if self.policy.use_profile else generic_profile(profile))
+        self.lat = LatencyModel(profile if self.policy.use_profile else generic_profile(profile),
+                                period_s=params.calibration_period_s, tolerance=params.calibration_tolerance)
         self.pipe = make_pipeline(params.pipeline, params.microbatches)
         self.result = RunResult(policy=params.policy, nodes=params.nodes, stages=params.stages)
         self.rec = Recorder(self.result, keep=keep_records)

@@ -2,7 +2,9 @@
 
 A node's timeline (forecast.py) holds its running ops and the chains of everything queued or
 in flight on it, in dispatch order. Timelines are cached per node and view ("all" work, or
-"infer"ence only, for Eq. 4) until the node changes or a predicted event fails to happen.
+"infer"ence only, for Eq. 4) until the node changes, a predicted event fails to happen, or a new
+calibration epoch (latency.py) or chunk plan (chunking.py) begins: so a cached timeline is the
+one a build now would give, and which nodes a placement forecasts changes no later result.
 Idle nodes share one forecast per task. `View` is the ClusterView a policy reads.
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Timelines:
         # per view, each node's cached timeline (None: to build when asked for)
         self._timelines: dict[str, list[NodeTimeline | None]] = {
             _ALL: [None] * len(cluster.nodes), _INFER: [None] * len(cluster.nodes)}
+        self._epoch: object = None   # calibration (and chunk plans) the cached timelines were built with
         self._idle_fc: tuple[tuple, Forecast | None] = ((), None)   # see idle_forecast
         self._probe: tuple = ((),)                                   # see inference_congested
         self._infer_len = LengthStats()   # the typical request (Eq. 4's probe)
@@ -143,6 +146,12 @@ class Timelines:
     def _timeline(self, node_idx: int, view: str) -> NodeTimeline:
         node = self._nodes[node_idx]
         cached = self._timelines
+        chunker = self.chunker
+        epoch = (self._lat.version, chunker.target_s(), chunker.quiet()) if chunker else self._lat.version
+        if self._epoch != epoch:   # every duration (or queued training's chunk plan) moved
+            self._epoch = epoch
+            for tls in cached.values():
+                tls[:] = [None] * len(tls)
         if node.dirty:
             cached[_ALL][node_idx] = cached[_INFER][node_idx] = None
             node.dirty = False
