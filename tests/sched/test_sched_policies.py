@@ -249,8 +249,11 @@ def test_lemix_starvation_bound_forces_training_through():
                                   eq4_inference_only=True), tasks)
     # 0/12 and 1/13 placed tasks were training (< 10 %): tasks 12 and 13 are forced at once;
     # the device-level training share then lets their ops through between requests, which is
-    # why 14 and 15 wait a little longer for the congestion to clear
-    assert [round(t.deferred_s / MS, 6) for t in result.train_tasks] == [0.0, 0.0, 187.0, 186.0]
+    # why 14 and 15 wait a little longer for the congestion to clear. (When it clears depends on
+    # the last bits of the calibration: measured end - start in absolute times is not the exact
+    # duration, so the ratios are 1 +- a few ulps, and this profile's round times make ties; with
+    # a publish after every op it was 187 and 186 ms.)
+    assert [round(t.deferred_s / MS, 6) for t in result.train_tasks] == [0.0, 0.0, 177.0, 176.0]
 
 
 def test_inference_first_dispatch_keeps_a_minimum_training_share_of_device_time():

@@ -273,7 +273,7 @@ class Chunker:
         In generate mode its decode iterations come after, each behind at most one chunk (the
         node is then not quiet: bounded chunks); with a TTFT limit the prefill must meet it."""
         slo, prompt, out = probe
-        key = (prompt, out, slo, self.lat.version)
+        key = (prompt, out, slo, self.lat.version, self.target_s())   # (the slack is a chunk bound)
         hit = self._limits.get(key)
         if hit is None:
             if len(self._limits) > 64:
