@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 from itertools import accumulate, islice, repeat
 from math import ulp as _ulp
-from typing import NamedTuple, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 # An interval: (start_s, end_s, train)
 Interval = tuple[float, float, bool]
@@ -191,11 +191,32 @@ class NodeTimeline:
         starting at `limit`; the next one, starting at its end, goes there too if it ends by
         `limit`."""
         bisect_right = bisect.bisect_right
+        bss, ens, trs = self._b, self._en, self._tr
         horizon = None   # the start of the chain's first op
         for stage, durs in runs:
-            bs, en, tr = self._b[stage], self._en[stage], self._tr[stage]
+            en = ens[stage]
+            if not en or en[-1] < ready or (en[-1] == ready and bss[stage][-1][-2] < ready):
+                if self._ops is None and ready >= 0.0:   # tail, the whole run: _append_tail, inlined
+                    if horizon is None:
+                        horizon = ready
+                    if en and en[-1] == ready and trs[stage][-1] == train:   # onto the last run
+                        b = bss[stage][-1]
+                        ends = accumulate(durs, initial=ready)
+                        next(ends)   # `ready`: the run's end already
+                        b.extend(ends)
+                        ready = en[-1] = b[-1]
+                    else:
+                        b = list(accumulate(durs, initial=ready))
+                        bss[stage].append(b)
+                        ready = b[-1]
+                        en.append(ready)
+                        trs[stage].append(train)
+                    continue
+                tail = self._ops is None
+            else:
+                tail = False
+            bs, tr = bss[stage], trs[stage]
             j, m = 0, len(durs)
-            tail = self._ops is None and (not en or en[-1] < ready or (en[-1] == ready and bs[-1][-2] < ready))
             g, limit = -1, 0.0
             while j < m and not tail:
                 dur = durs[j]
@@ -254,27 +275,36 @@ class NodeTimeline:
             if j < m:   # tail: the rest of the run goes last, back to back
                 if horizon is None:
                     horizon = ready
-                if ready < 0.0:   # (runs grow at boundaries >= 0 only)
-                    for dur in islice(durs, j, None):
-                        start, ready = ready, ready + dur
-                        bs.append([start, ready])
-                        en.append(ready)
-                        tr.append(train)
-                elif en and en[-1] == ready and tr[-1] == train:   # onto the last run
-                    b = bs[-1]
-                    ends = accumulate(islice(durs, j, None) if j else durs, initial=ready)
-                    next(ends)   # `ready`: the run's end already
-                    b.extend(ends)
-                    ready = en[-1] = b[-1]
-                else:
-                    b = list(accumulate(islice(durs, j, None) if j else durs, initial=ready))
-                    bs.append(b)
-                    ready = b[-1]
-                    en.append(ready)
-                    tr.append(train)
+                ready = self._append_tail(stage, islice(durs, j, None), ready, train)
         if horizon is not None and horizon < self.horizon_s:
             self.horizon_s = horizon
         return ready
+
+    def _append_tail(self, stage: int, durs: Iterable[float], ready: float, train: bool) -> float:
+        """Ops back to back from `ready`, last on the stage (nothing there ends later): onto the
+        last run if it ends at `ready` and is of their kind, else as a new run, their boundaries
+        summed in order (the floats a walk op by op gives); one run per op below 0 (runs grow at
+        boundaries >= 0 only). Returns the end of the last."""
+        bs, en, tr = self._b[stage], self._en[stage], self._tr[stage]
+        if ready < 0.0:
+            for dur in durs:
+                start, ready = ready, ready + dur
+                bs.append([start, ready])
+                en.append(ready)
+                tr.append(train)
+            return ready
+        if en and en[-1] == ready and tr[-1] == train:
+            b = bs[-1]
+            ends = accumulate(durs, initial=ready)
+            next(ends)   # `ready`: the run's end already
+            b.extend(ends)
+            en[-1] = b[-1]
+        else:
+            b = list(accumulate(durs, initial=ready))
+            bs.append(b)
+            en.append(b[-1])
+            tr.append(train)
+        return en[-1]
 
 
 def runs_of(stage_ops: list[tuple[int, float]]) -> Runs:
