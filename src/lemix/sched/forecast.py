@@ -76,7 +76,9 @@ class NodeTimeline:
     def _repack(self, stage: int, ops: list[Interval]) -> None:
         """A stage's runs, in place, from its sorted disjoint per-op intervals."""
         bs, en, tr = self._b[stage], self._en[stage], self._tr[stage]
-        bs.clear(), en.clear(), tr.clear()
+        bs.clear()
+        en.clear()
+        tr.clear()
         for start, end, train in ops:
             if en and en[-1] == start and tr[-1] == train and start >= 0.0:
                 bs[-1].append(end)
@@ -87,6 +89,9 @@ class NodeTimeline:
                 tr.append(train)
 
     def add(self, stage: int, start: float, end: float, train: bool) -> None:
+        """Insert one op's interval where bisect puts it among the stage's ops (running ops, and
+        ops the short cuts of chain_runs do not place): the stage's ops are listed, the op goes
+        in, and the stage is packed into runs again."""
         item = (start, end, train)
         if self._ops is None:
             ops = self._expand(stage)
@@ -116,7 +121,7 @@ class NodeTimeline:
             return self._earliest_scan(stage, ready, dur, jump_training)
         bs = self._b[stage]
         b = bs[i]
-        if b[1] <= ready:   # `ready` is past run i's first op: prev_end is the last op end by then
+        if b[1] <= ready:   # run i's first op ends by `ready`: prev_end is its last op end by then
             k = bisect.bisect_right(b, ready)
             prev_end = b[k - 1]
         else:
@@ -128,8 +133,8 @@ class NodeTimeline:
         if jump_training:
             tr = self._tr[stage]
             if tr[i]:
-                # only the training op covering `ready` blocks (until its own end); every later
-                # op starts at or after t and is jumped
+                # only the training op covering `ready` (started before it) blocks, until its own
+                # end; every later op starts at or after t and is jumped
                 if b[k - 1] < t:
                     t = b[k]
                     if t > prev_end:
