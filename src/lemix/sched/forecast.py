@@ -14,7 +14,9 @@ idle is sunk and does not count.
 from __future__ import annotations
 
 import bisect
-from typing import NamedTuple, Sequence
+from itertools import accumulate, islice, repeat
+from math import ulp as _ulp
+from typing import Iterable, NamedTuple, Sequence
 
 # An interval: (start_s, end_s, train)
 Interval = tuple[float, float, bool]
@@ -33,40 +35,74 @@ class Forecast(NamedTuple):   # a NamedTuple: made once per node per decision, s
 class NodeTimeline:
     """Predicted busy intervals per stage of one node, built at `built_s`.
 
-    `iv[stage]` holds (start, end, train) sorted. Intervals committed by `chain` never overlap,
-    so their ends are sorted too: `earliest` bisects to the first interval ending after `ready`
-    instead of scanning from the start, and a query that jumps queued training walks only the
-    inference intervals. An `add` that overlaps what is there (possible only through a direct
-    call) switches the timeline to the plain scan, which gives the same answers for any input.
+    A stage keeps its ops as runs: ops of one kind (training or not) back to back, each starting
+    where the one before it ends (the chunks of a micro-batch, queued ops that follow each
+    other), stored as one item with its boundaries [start, end of op 1, ..., end of the last].
+    `iv` lists the per-op intervals (start, end, train), sorted; every answer is the one the
+    per-op intervals give. Committed ops never overlap, so run ends are sorted too: `earliest`
+    bisects to the first run ending after `ready`. Walking past a run is walking past each of its
+    ops when `b + dur > b` in floats at each inner boundary b, which `dur >= ulp(the stage's last
+    end)` guarantees (a run grows only at a boundary >= 0, and durations are >= 0); a
+    zero-length or negligible `dur` walks the ops instead. An `add` that overlaps what is there
+    (possible only through a direct call) switches the timeline to plain per-op lists and the
+    plain scan, which gives the same answers for any input.
     """
 
-    __slots__ = ("built_s", "horizon_s", "iv", "_ends", "_inf", "_inf_ends", "_disjoint")
+    __slots__ = ("built_s", "horizon_s", "_b", "_en", "_tr", "_ops")
 
     def __init__(self, num_stages: int, built_s: float) -> None:
         self.built_s = built_s
         # the first predicted event: the earliest predicted end of a running op or start of a
         # committed chain. Until then a rebuild of the unchanged node would give this timeline.
         self.horizon_s = float("inf")
-        self.iv: list[list[Interval]] = [[] for _ in range(num_stages)]
-        self._ends: list[list[float]] = [[] for _ in range(num_stages)]        # ends of iv[stage]
-        self._inf: list[list[tuple[float, float]]] = [[] for _ in range(num_stages)]  # non-training
-        self._inf_ends: list[list[float]] = [[] for _ in range(num_stages)]
-        self._disjoint = True
+        self._b: list[list[list[float]]] = [[] for _ in range(num_stages)]   # each run's boundaries
+        self._en: list[list[float]] = [[] for _ in range(num_stages)]        # each run's end
+        self._tr: list[list[bool]] = [[] for _ in range(num_stages)]         # each run's kind
+        self._ops: list[list[Interval]] | None = None   # per-op lists, once an add() overlapped
+
+    @property
+    def iv(self) -> list[list[Interval]]:
+        """Per stage, the (start, end, train) interval of every op, sorted."""
+        if self._ops is not None:
+            return self._ops
+        return [self._expand(s) for s in range(len(self._b))]
+
+    def _expand(self, stage: int) -> list[Interval]:
+        out: list[Interval] = []
+        for b, train in zip(self._b[stage], self._tr[stage]):
+            out.extend(zip(b, islice(b, 1, None), repeat(train)))
+        return out
+
+    def _repack(self, stage: int, ops: list[Interval]) -> None:
+        """A stage's runs, in place, from its sorted disjoint per-op intervals."""
+        bs, en, tr = self._b[stage], self._en[stage], self._tr[stage]
+        bs.clear()
+        en.clear()
+        tr.clear()
+        for start, end, train in ops:
+            if en and en[-1] == start and tr[-1] == train and start >= 0.0:
+                bs[-1].append(end)
+                en[-1] = end
+            else:
+                bs.append([start, end])
+                en.append(end)
+                tr.append(train)
 
     def add(self, stage: int, start: float, end: float, train: bool) -> None:
-        iv = self.iv[stage]
+        """Insert one op's interval where bisect puts it among the stage's ops (running ops, and
+        ops the short cuts of chain_runs do not place): the stage's ops are listed, the op goes
+        in, and the stage is packed into runs again."""
         item = (start, end, train)
-        i = bisect.bisect_right(iv, item)
-        if self._disjoint and (end < start or (i > 0 and iv[i - 1][1] > start)
-                               or (i < len(iv) and end > iv[i][0])):
-            self._disjoint = False
-        iv.insert(i, item)
-        self._ends[stage].insert(i, end)
-        if not train:
-            inf = self._inf[stage]
-            j = bisect.bisect_right(inf, (start, end))
-            inf.insert(j, (start, end))
-            self._inf_ends[stage].insert(j, end)
+        if self._ops is None:
+            ops = self._expand(stage)
+            i = bisect.bisect_right(ops, item)
+            if not (end < start or (i > 0 and ops[i - 1][1] > start) or (i < len(ops) and end > ops[i][0])):
+                ops.insert(i, item)
+                self._repack(stage, ops)
+                return
+            self._ops = [self._expand(s) for s in range(len(self._b))]   # overlapping: plain lists
+        ops = self._ops[stage]
+        ops.insert(bisect.bisect_right(ops, item), item)
 
     def earliest(self, stage: int, ready: float, dur: float, jump_training: bool) -> tuple[float, float]:
         """Earliest start >= ready with `dur` free on `stage`, and the end of the op before it.
@@ -74,57 +110,63 @@ class NodeTimeline:
         With jump_training (inference under inference-first dispatch), queued training ops that
         would not have started by then do not block: the inference op is dispatched first.
         """
-        if not self._disjoint:
+        if self._ops is not None:
             return self._earliest_scan(stage, ready, dur, jump_training)
-        # Intervals ending by `ready` only raise prev_end; ends are sorted, so that is the last.
-        ends = self._ends[stage]
-        i = bisect.bisect_right(ends, ready)
-        prev_end = ends[i - 1] if i and ends[i - 1] > -1.0 else -1.0
+        en = self._en[stage]
+        n = len(en)
+        i = bisect.bisect_right(en, ready)   # runs before i end by `ready`: they only raise prev_end
+        if i == n:
+            return ready, (en[-1] if n and en[-1] > -1.0 else -1.0)
+        if not dur >= _ulp(en[-1]):
+            return self._earliest_scan(stage, ready, dur, jump_training)
+        bs = self._b[stage]
+        b = bs[i]
+        if b[1] <= ready:   # run i's first op ends by `ready`: prev_end is its last op end by then
+            k = bisect.bisect_right(b, ready)
+            prev_end = b[k - 1]
+        else:
+            k = 1
+            prev_end = en[i - 1] if i else -1.0
+        if not prev_end > -1.0:
+            prev_end = -1.0
         t = ready
-        iv = self.iv[stage]
-        n = len(iv)
         if jump_training:
-            # Only the first interval ending after `ready` can be training that blocks (one that
-            # already covers `ready`); every later one starts after t and is jumped.
-            if i < n:
-                start, end, train = iv[i]
-                if not (train and start >= t):
-                    if start >= t + dur:
-                        return t, prev_end
-                    if end > prev_end:
-                        prev_end = end
-                    t = end
-            inf = self._inf[stage]
-            j = bisect.bisect_right(self._inf_ends[stage], t)
-            for k in range(j, len(inf)):
-                start, end = inf[k]
-                if end <= t:
-                    continue  # a zero-length op at t: prev_end is t already
-                if start >= t + dur:
+            tr = self._tr[stage]
+            if tr[i]:
+                # only the training op covering `ready` (started before it) blocks, until its own
+                # end; every later op starts at or after t and is jumped
+                if b[k - 1] < t:
+                    t = b[k]
+                    if t > prev_end:
+                        prev_end = t
+                i += 1
+            while i < n:   # the inference runs in the way
+                if not tr[i]:
+                    end = en[i]
+                    if end > t:
+                        if bs[i][0] >= t + dur:
+                            break
+                        if end > prev_end:
+                            prev_end = end
+                        t = end
+                i += 1
+            return t, prev_end
+        while i < n:
+            end = en[i]
+            if end > t:
+                if bs[i][0] >= t + dur:
                     break
                 if end > prev_end:
                     prev_end = end
                 t = end
-            return t, prev_end
-        while i < n:
-            start, end, _ = iv[i]
             i += 1
-            if end <= t:
-                if end > prev_end:
-                    prev_end = end
-                continue
-            if start >= t + dur:
-                break
-            if end > prev_end:
-                prev_end = end
-            t = end
         return t, prev_end
 
     def _earliest_scan(self, stage: int, ready: float, dur: float, jump_training: bool) -> tuple[float, float]:
-        """The reference walk over every interval (any input, overlapping or not)."""
+        """The reference walk over every op's interval (any input, overlapping or not)."""
         t = ready
         prev_end = -1.0
-        for start, end, train in self.iv[stage]:
+        for start, end, train in (self._ops[stage] if self._ops is not None else self._expand(stage)):
             if end <= t:
                 prev_end = max(prev_end, end)
                 continue
@@ -145,89 +187,129 @@ class NodeTimeline:
     def chain_runs(self, runs: Runs, ready: float, train: bool) -> float:
         """chain() of the ops the runs list in order: (stage, durations of consecutive ops there).
 
-        The walk is inlined (timeline rebuilds are most of a decision's cost), with two short cuts
-        that place each op where it would put it. `tail`: nothing on the stage ends after `ready`
-        and an op starting then sorts last, so it is appended with no search; after one op of the
-        run goes last, so do the rest. `gap`: the previous op of the run went into a gap, before
-        the interval now at iv[gap] (starting at `limit`); the next one, starting at its end, goes
-        there too if it ends by `limit`."""
-        first = True
+        Timeline rebuilds are most of a decision's cost; three short cuts place each op where
+        chain() would. `tail`: nothing on the stage ends after `ready` and an op starting then
+        sorts last, so the rest of the run is appended with no search, as one run (its
+        boundaries summed in order, the floats the walk gives) or onto the last run if that ends
+        at `ready`. Otherwise the op walks the runs; if it goes last, so do the rest of the run.
+        `gap`: the previous op of the run went into a gap, onto the end of run g, before a run
+        starting at `limit`; the next one, starting at its end, goes there too if it ends by
+        `limit`."""
         bisect_right = bisect.bisect_right
-        ivs, ends_of, infs, inf_ends = self.iv, self._ends, self._inf, self._inf_ends
+        bss, ens, trs = self._b, self._en, self._tr
+        horizon = None   # the start of the chain's first op
         for stage, durs in runs:
-            ends = ends_of[stage]
-            iv = ivs[stage]
-            tail = self._disjoint and (not ends or ends[-1] < ready or (ends[-1] == ready and iv[-1][0] < ready))
-            gap, limit = -1, 0.0
-            for dur in durs:
-                if tail:
-                    start = ready
-                    ready = ready + dur
-                    iv.append((start, ready, train))
-                    ends.append(ready)
-                    if not train:
-                        infs[stage].append((start, ready))
-                        inf_ends[stage].append(ready)
-                else:
-                    if gap >= 0:
-                        end = ready + dur
-                        if ready < end <= limit:   # (a zero-length op takes the walk below)
-                            start, ready = ready, end
-                            iv.insert(gap, (start, ready, train))
-                            ends.insert(gap, ready)
-                            if not train:
-                                self._insert_inf(stage, start, ready)
-                            gap += 1
-                            continue   # (not the chain's first op: the horizon is set)
-                        gap = -1
-                    if not self._disjoint:
-                        start, _ = self._earliest_scan(stage, ready, dur, False)
-                        ready = start + dur
-                        self.add(stage, start, ready, train)
+            en = ens[stage]
+            if not en or en[-1] < ready or (en[-1] == ready and bss[stage][-1][-2] < ready):
+                if self._ops is None and ready >= 0.0:   # tail, the whole run: _append_tail, inlined
+                    if horizon is None:
+                        horizon = ready
+                    if en and en[-1] == ready and trs[stage][-1] == train:   # onto the last run
+                        b = bss[stage][-1]
+                        ends = accumulate(durs, initial=ready)
+                        next(ends)   # `ready`: the run's end already
+                        b.extend(ends)
+                        ready = en[-1] = b[-1]
                     else:
-                        # earliest(): skip what ends by `ready`, then move past every op in the way
-                        t = ready
-                        i = bisect_right(ends, t)
-                        n = len(iv)
-                        while i < n:
-                            s0, e0, _ = iv[i]
-                            if e0 > t:
-                                if s0 >= t + dur:
-                                    break
-                                t = e0
-                            i += 1
-                        start, ready = t, t + dur
-                        item = (start, ready, train)
-                        if i == n and (not iv or iv[-1] <= item):
-                            iv.append(item)
-                            ends.append(ready)
-                            if not train:
-                                infs[stage].append((start, ready))
-                                inf_ends[stage].append(ready)
-                            tail = True   # the next op of the run starts at its end: it goes last too
-                        elif i < n and ready > start:
-                            # into the gap before iv[i]: everything before ends by `start`, iv[i]
-                            # starts at `ready` or later, so i is where add() would bisect to
-                            limit = iv[i][0]
-                            iv.insert(i, item)
-                            ends.insert(i, ready)
-                            if not train:
-                                self._insert_inf(stage, start, ready)
-                            gap = i + 1
+                        b = list(accumulate(durs, initial=ready))
+                        bss[stage].append(b)
+                        ready = b[-1]
+                        en.append(ready)
+                        trs[stage].append(train)
+                    continue
+                tail = self._ops is None
+            else:
+                tail = False
+            bs, tr = bss[stage], trs[stage]
+            j, m = 0, len(durs)
+            g, limit = -1, 0.0
+            while j < m and not tail:
+                dur = durs[j]
+                j += 1
+                if g >= 0:
+                    end = ready + dur
+                    if ready < end <= limit:   # (a zero-length op takes the walk below)
+                        bs[g].append(end)
+                        en[g] = end
+                        ready = end
+                        continue   # (not the chain's first op: the horizon is set)
+                    g = -1
+                if self._ops is not None or not dur >= _ulp(en[-1]):
+                    start, _ = self._earliest_scan(stage, ready, dur, False)   # the ops' own walk
+                    ready = start + dur
+                    self.add(stage, start, ready, train)
+                else:
+                    # earliest(): skip what ends by `ready`, then move past every run in the way
+                    t = ready
+                    i = bisect_right(en, t)
+                    n = len(en)
+                    while i < n:
+                        e0 = en[i]
+                        if e0 > t:
+                            if bs[i][0] >= t + dur:
+                                break
+                            t = e0
+                        i += 1
+                    start, ready = t, t + dur
+                    if i == n and (bs[-1][-2], en[-1], tr[-1]) <= (start, ready, train):
+                        if en[-1] == start and tr[-1] == train and start >= 0.0:
+                            bs[-1].append(ready)
+                            en[-1] = ready
                         else:
-                            self.add(stage, start, ready, train)
-                if first:  # the chain's first op starts before its others
-                    first = False
-                    if start < self.horizon_s:
-                        self.horizon_s = start
+                            bs.append([start, ready])
+                            en.append(ready)
+                            tr.append(train)
+                        tail = True   # the next op of the run starts at its end: it goes last too
+                    elif i < n and ready > start:
+                        # into the gap before run i: everything before ends by `start`, run i
+                        # starts at `ready` or later, so that is where add() would put it
+                        if i and en[i - 1] == start and tr[i - 1] == train and start >= 0.0:
+                            g = i - 1   # onto the end of the run before
+                            bs[g].append(ready)
+                            en[g] = ready
+                        else:
+                            bs.insert(i, [start, ready])
+                            en.insert(i, ready)
+                            tr.insert(i, train)
+                            g = i if start >= 0.0 else -1
+                        limit = bs[g + 1][0]
+                    else:
+                        self.add(stage, start, ready, train)
+                if horizon is None:
+                    horizon = start
+            if j < m:   # tail: the rest of the run goes last, back to back
+                if horizon is None:
+                    horizon = ready
+                ready = self._append_tail(stage, islice(durs, j, None), ready, train)
+        if horizon is not None and horizon < self.horizon_s:
+            self.horizon_s = horizon
         return ready
 
-    def _insert_inf(self, stage: int, start: float, end: float) -> None:
-        """An inference op placed into a gap: into the inference-only lists, as add() does."""
-        inf = self._inf[stage]
-        k = bisect.bisect_right(inf, (start, end))
-        inf.insert(k, (start, end))
-        self._inf_ends[stage].insert(k, end)
+    def _append_tail(self, stage: int, durs: Iterable[float], ready: float, train: bool) -> float:
+        """Ops back to back from `ready`, last on the stage (nothing there ends later): onto the
+        last run if it ends at `ready` and is of their kind, else as a new run, their boundaries
+        summed in order (the floats a walk op by op gives); one run per op below 0 (runs grow at
+        boundaries >= 0 only). Returns the end of the last."""
+        bs, en, tr = self._b[stage], self._en[stage], self._tr[stage]
+        if ready < 0.0:
+            for dur in durs:
+                start, ready = ready, ready + dur
+                bs.append([start, ready])
+                en.append(ready)
+                tr.append(train)
+            return ready
+        if en and en[-1] == ready and tr[-1] == train:
+            b = bs[-1]
+            ends = accumulate(durs, initial=ready)
+            next(ends)   # `ready`: the run's end already
+            b.extend(ends)
+            en[-1] = b[-1]
+        else:
+            b = list(accumulate(durs, initial=ready))
+            bs.append(b)
+            en.append(b[-1])
+            tr.append(train)
+        return en[-1]
 
 
 def runs_of(stage_ops: list[tuple[int, float]]) -> Runs:
@@ -320,14 +402,12 @@ def build_from_runs(
     tl = NodeTimeline(num_stages, now)
     for stage, start, end, train in running:
         busy = end if end > now else now   # max(now, end)
-        if tl.iv[stage] or busy < start:
+        if tl._en[stage] or busy < start or tl._ops is not None:
             tl.add(stage, start, busy, train)
         else:   # (as add() on an empty stage: one running op per stage is the usual case)
-            tl.iv[stage].append((start, busy, train))
-            tl._ends[stage].append(busy)
-            if not train:
-                tl._inf[stage].append((start, busy))
-                tl._inf_ends[stage].append(busy)
+            tl._b[stage].append([start, busy])
+            tl._en[stage].append(busy)
+            tl._tr[stage].append(train)
         if end < tl.horizon_s:
             tl.horizon_s = end
     for ready, runs, train in chains:
