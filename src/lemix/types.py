@@ -23,6 +23,9 @@ class TaskKind(str, enum.Enum):
     TRAIN = "train"
 
 
+_TRAIN = TaskKind.TRAIN   # (an Enum member read through its class costs a metaclass lookup, per use)
+
+
 class OpKind(str, enum.Enum):
     FWD = "fwd"          # forward of a micro-batch on one stage (inference prefill or training)
     BWD = "bwd"          # backward of a training micro-batch on one stage
@@ -52,7 +55,7 @@ class Task:
 
     @property
     def is_train(self) -> bool:
-        return self.kind is TaskKind.TRAIN
+        return self.kind is _TRAIN
 
 
 @dataclass(frozen=True)

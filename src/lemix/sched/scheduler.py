@@ -160,8 +160,9 @@ class Scheduler:
         self.backlog.draw(now)
         self.placement.place(now, self.view)
         ops: list[Op] = []
+        dispatch = self.dispatcher.dispatch_node
         for node in self.cluster.take_touched():
-            ops.extend(self.dispatcher.dispatch_node(node, now))
+            dispatch(node, now, ops)
         self.cluster.end_plan()
         return Plan(tuple(ops), self.cluster.next_wakeup(), self._take())
 
