@@ -6,9 +6,10 @@ Ray actor calls and the HTTP boundary. This module imports nothing from the rest
 The types built once per op or more (Op, OpResult, OpRecord, Outputs) write their own
 `__init__` (`init=False`): the one a frozen dataclass generates sets each field through
 object.__setattr__, theirs sets the instance's `__dict__` at once (Op, 15 fields: 1.1 us
-against 5.2, timeit on a loaded machine). The result is the same object: frozen (assignment still raises),
-equal, hashable, `replace`-able and picklable as before. A test pins each `__init__` to the
-dataclass fields, names, order and defaults (tests/sched/test_sched_seam_types.py).
+against 5.2, timeit on a loaded machine). The result is the same value: frozen (assignment
+still raises), equal, hashable, `replace`-able and picklable as before. A test pins each
+`__init__` to the dataclass's fields, names, order and defaults
+(tests/sched/test_sched_seam_types.py).
 """
 from __future__ import annotations
 
@@ -294,7 +295,8 @@ class Outputs:
     requeued: tuple[int, ...] = ()                 # tasks offered again (node failure, failed op)
     ops: tuple[OpRecord, ...] = ()                 # ops that ended (measured times)
 
-    def __init__(self, requests: tuple[RequestRecord, ...] = (), train_tasks: tuple[TrainTaskRecord, ...] = (),
+    def __init__(self, requests: tuple[RequestRecord, ...] = (),
+                 train_tasks: tuple[TrainTaskRecord, ...] = (),
                  train_steps: tuple[TrainStepRecord, ...] = (), applied: tuple[Applied, ...] = (),
                  releases: tuple[Release, ...] = (), events: tuple[Event, ...] = (),
                  requeued: tuple[int, ...] = (), ops: tuple[OpRecord, ...] = ()) -> None:
