@@ -28,6 +28,8 @@ _SYNC_ONLY = [Candidate(SYNC_KEY, CandKind.SYNC, None)]
 # hot-path aliases (an Enum member read through its class costs a metaclass lookup, per use)
 _SYNC, _OPTIM, _DECODE, _DECODE_NEW = CandKind.SYNC, CandKind.OPTIM, CandKind.DECODE, CandKind.DECODE_NEW
 _FWD, _BWD, _INFER_NEW, _TRAIN_NEW = CandKind.FWD, CandKind.BWD, CandKind.INFER_NEW, CandKind.TRAIN_NEW
+_OP_FWD, _OP_BWD, _OP_DECODE = OpKind.FWD, OpKind.BWD, OpKind.DECODE
+_RUN, _OOM, _OFFLOAD = Verdict.RUN, Verdict.OOM, Verdict.OFFLOAD
 
 
 def _by_key(c: Candidate) -> CandKey:
@@ -163,9 +165,9 @@ class Dispatcher:
         return False
 
     # ------------------------------------------------------------------ dispatch
-    def dispatch_node(self, node: NodeState, now: float) -> list[Op]:
+    def dispatch_node(self, node: NodeState, now: float, ops: list[Op]) -> None:
+        """Start what the node's idle devices run next (appended to `ops`)."""
         self.cluster.dispatched(node)
-        ops = []
         by_stage = node.due_stages()
         stage0_work = bool(node.infer_wait or node.train_wait or node.seqs)
         decode_at = node.decode.stage if node.decode is not None else -1
@@ -184,18 +186,14 @@ class Dispatcher:
             op = self._dispatch_device(node, s, now, by_stage)
             if op is not None:
                 ops.append(op)
-        return ops
 
     def _look_only(self, node: NodeState, s: int, now: float) -> None:
-        """What a look at a device that finds no candidate still does: the dispatch order's
-        calls of _dispatch_device and candidates(). They change nothing but the device's
-        busy-share window, which they may age to `now` (later shares depend on when it was
-        aged, to the last bit): a window already at `now` needs no look."""
-        dev = node.devices[s]
-        if now > dev.ewma_at_s:
+        """What a look at a device that finds no candidate still does: what the dispatch
+        order's calls of _dispatch_device and candidates() change (DispatchOrder.look: the
+        device's busy-share window, aged to `now`; a window already at `now` needs no look)."""
+        if now > node.devices[s].ewma_at_s:
             order = self.order
-            order.hold_until(node, s, now)
-            order.classes(dev, now, order.solo_training and self.quiet())
+            order.look(node, s, now, order.solo_training and self.quiet())
 
     def _dispatch_device(self, node: NodeState, s: int, now: float,
                          by_stage: dict[int, list[Batch]] | None = None) -> Op | None:
@@ -232,14 +230,14 @@ class Dispatcher:
             reload = memory.reload_needed(node, s, c)
             need = reload.nbytes if reload is not None else memory.need_bytes(node, s, c)
             verdict, victim = memory.check(node, s, now, c.key, need)
-            if verdict is Verdict.RUN:
+            if verdict is _RUN:
                 if reload is not None:
                     return self._start_reload(node, s, reload)
                 return self._start_work(node, s, c, now)
-            if verdict is Verdict.OOM:
+            if verdict is _OOM:
                 self._oom(node, s, c, need)
                 return self._dispatch_device(node, s, now)  # tasks were failed: look afresh
-            if verdict is Verdict.OFFLOAD:
+            if verdict is _OFFLOAD:
                 return self._start_offload(node, s, victim)  # an offload takes the device
             # waiting on memory: an op that fits (a backward that frees memory) may go first
         return None
@@ -314,7 +312,7 @@ class Dispatcher:
             kv_bytes = self.memory.kv
             for tid in it.seq_ids:
                 kv_bytes[tid][s] += st.kv_bytes_per_token
-            return self._start(node, s, OpKind.DECODE, it.bid, it.seq_ids, False, batch=len(it.seq_ids),
+            return self._start(node, s, _OP_DECODE, it.bid, it.seq_ids, False, batch=len(it.seq_ids),
                                seq=1, kv=it.kv_tokens, obj=it,
                                held=len(it.seq_ids) * st.kv_bytes_per_token,
                                extra=len(it.seq_ids) * st.tmp_bytes_per_token)
@@ -324,7 +322,7 @@ class Dispatcher:
         tmp = b.tokens * st.tmp_bytes_per_token
         layers = chunk_layers(b, s) if b.train else ()
         if kind is _BWD:
-            return self._start(node, s, OpKind.BWD, b.bid, ids, True, batch=b.size, seq=b.seq_tokens,
+            return self._start(node, s, _OP_BWD, b.bid, ids, True, batch=b.size, seq=b.seq_tokens,
                                obj=b, extra=tmp, layers=layers)
         held = 0
         if b.train:
@@ -335,7 +333,7 @@ class Dispatcher:
             for t in b.tasks:
                 kv_bytes[t.task_id][s] += t.prompt_tokens * st.kv_bytes_per_token
                 held += t.prompt_tokens * st.kv_bytes_per_token
-        return self._start(node, s, OpKind.FWD, b.bid, ids, b.train, batch=b.size, seq=b.seq_tokens,
+        return self._start(node, s, _OP_FWD, b.bid, ids, b.train, batch=b.size, seq=b.seq_tokens,
                            obj=b, held=held, extra=tmp, layers=layers,
                            cuts=chunk_cuts(b, s) if b.train else ())
 

@@ -65,7 +65,8 @@ class Reload(NamedTuple):
 
 
 _RUN, _WAIT, _OOM = GateResult(Verdict.RUN), GateResult(Verdict.WAIT), GateResult(Verdict.OOM)
-_FWD, _BWD = CandKind.FWD, CandKind.BWD   # (hot-path aliases: an Enum member lookup per use costs)
+# (hot-path aliases: an Enum member lookup per use costs)
+_FWD, _BWD, _DECODE, _DECODE_NEW = CandKind.FWD, CandKind.BWD, CandKind.DECODE, CandKind.DECODE_NEW
 
 
 class MemoryGate:
@@ -107,9 +108,9 @@ class MemoryGate:
                 return b.tokens * st.tmp_bytes_per_token + chunk_stash_bytes(b, s, st.act_bytes_per_token)
             kv = sum(t.prompt_tokens for t in b.tasks) if generate and not b.train else 0
             return fwd_need_bytes(st, b.tokens, b.train, kv)
-        if kind is CandKind.DECODE:
+        if kind is _DECODE:
             return decode_need_bytes(st, len(c.obj.seq_ids))
-        if kind is CandKind.DECODE_NEW:
+        if kind is _DECODE_NEW:
             return decode_need_bytes(st, len(node.decode_set(self.params.max_batch)))
         if kind is CandKind.INFER_NEW:
             tasks = node.infer_wait[: self.params.max_batch]
@@ -208,8 +209,8 @@ class MemoryGate:
             return None   # (a forward brings nothing back; the common case, asked first)
         if kind is _BWD and s in c.obj.offloaded_stages:
             return Reload(stash_bytes(c.obj, s, self.profile.stages[s].act_bytes_per_token), (c.obj,))
-        if kind is CandKind.DECODE or kind is CandKind.DECODE_NEW:
-            ids = c.obj.seq_ids if kind is CandKind.DECODE else node.decode_set(self.params.max_batch)
+        if kind is _DECODE or kind is _DECODE_NEW:
+            ids = c.obj.seq_ids if kind is _DECODE else node.decode_set(self.params.max_batch)
             seqs = tuple(node.seqs[t] for t in ids if s in node.seqs[t].offloaded_stages)
             if seqs:
                 return Reload(sum(self.kv[q.task.task_id][s] for q in seqs), seqs)

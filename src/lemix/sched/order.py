@@ -49,6 +49,7 @@ from lemix.types import OpKind
 
 INF = float("inf")
 SHARE_WINDOW_S = 10.0   # time constant of the training-share window
+_DECODE = OpKind.DECODE   # (an Enum member read through its class costs a metaclass lookup, per use)
 
 
 class CandKind(enum.Enum):
@@ -114,6 +115,11 @@ class DispatchOrder(Protocol):
         no such bound)."""
         ...
 
+    def look(self, node: NodeState, s: int, now: float, solo: bool = False) -> None:
+        """A look at stage s that finds no candidate: change what hold_until() and classes()
+        would have changed there (the dispatcher skips building candidates it knows are none)."""
+        ...
+
 
 class FirstReady:
     overtakes_training = False
@@ -125,6 +131,9 @@ class FirstReady:
 
     def hold_until(self, node: NodeState, s: int, now: float) -> float:
         return INF
+
+    def look(self, node: NodeState, s: int, now: float, solo: bool = False) -> None:
+        pass   # (it keeps no state)
 
 
 class InferenceFirst:
@@ -150,6 +159,15 @@ class InferenceFirst:
         if solo and self.solo_training:
             return FirstReady._ALL   # nothing to protect: training first ready (solo training)
         return self._STARVED if self.training_starved(dev, now) else self._NORMAL
+
+    def look(self, node: NodeState, s: int, now: float, solo: bool = False) -> None:
+        """hold_until() and classes() change nothing but the device's busy-share window, which
+        they may age to `now` (later shares depend on when it was aged, to the last bit):
+        classes() does unless `solo` orders training first ready; hold_until() may."""
+        if solo and self.solo_training:
+            self.hold_until(node, s, now)
+        else:
+            decay(node.devices[s], now)
 
     def floor(self) -> float:
         """Training's share of a device's busy time below which it goes first."""
@@ -177,7 +195,7 @@ class InferenceFirst:
             # there, comes next: it reaches this stage no earlier than that op's end
             if s == 0 or not self.queued_before(node, s):
                 return INF
-        elif s == 0 and op.kind is not OpKind.DECODE:
+        elif s == 0 and op.kind is not _DECODE:
             return INF
         due = prev.running_start_s + op.predicted_s
         if self.training_starved(node.devices[s], now):

@@ -69,8 +69,12 @@ class Recorder:
     def take(self) -> Outputs:
         """The Outputs gathered since the last take (and start a new one)."""
         if not (self._requests or self._train_tasks or self._train_steps or self._applied
-                or self._releases or self._events or self._ops or self._requeued):
-            return _EMPTY
+                or self._releases or self._events or self._requeued):
+            ops = self._ops   # (most calls: an op ended and nothing else happened, or nothing)
+            if not ops:
+                return _EMPTY
+            self._ops = []
+            return Outputs(ops=tuple(ops))
         out = Outputs(tuple(self._requests), tuple(self._train_tasks), tuple(self._train_steps),
                       tuple(self._applied), tuple(self._releases), tuple(self._events),
                       tuple(self._requeued), tuple(self._ops))

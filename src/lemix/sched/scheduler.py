@@ -62,12 +62,19 @@ from lemix.sched.weights import Weights
 from lemix.types import (ClusterSnapshot, Event, EventKind, NodeSnapshot, Op, OpKind, OpResult, Outputs,
                          RunResult, Task)
 
+_NO_OUTPUTS = Outputs()
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, init=False)
 class Plan:
     ops: tuple[Op, ...] = ()
     wakeup_s: float | None = None   # call plan() again at this time even if nothing happens
-    outputs: Outputs = Outputs()    # what planning resolved (e.g. failed at admission) or released
+    outputs: Outputs = _NO_OUTPUTS  # what planning resolved (e.g. failed at admission) or released
+
+    def __init__(self, ops: tuple[Op, ...] = (), wakeup_s: float | None = None,
+                 outputs: Outputs = _NO_OUTPUTS) -> None:
+        # one per plan(): built as the seam types are (lemix.types' docstring)
+        object.__setattr__(self, "__dict__", {"ops": ops, "wakeup_s": wakeup_s, "outputs": outputs})
 
 
 class Scheduler:
@@ -154,8 +161,9 @@ class Scheduler:
         self.backlog.draw(now)
         self.placement.place(now, self.view)
         ops: list[Op] = []
+        dispatch = self.dispatcher.dispatch_node
         for node in self.cluster.take_touched():
-            ops.extend(self.dispatcher.dispatch_node(node, now))
+            dispatch(node, now, ops)
         self.cluster.end_plan()
         return Plan(tuple(ops), self.cluster.next_wakeup(), self._take())
 
