@@ -130,6 +130,7 @@ class NodeTimeline:
         if not prev_end > -1.0:
             prev_end = -1.0
         t = ready
+        tr = None
         if jump_training:
             tr = self._tr[stage]
             if tr[i]:
@@ -140,25 +141,15 @@ class NodeTimeline:
                     if t > prev_end:
                         prev_end = t
                 i += 1
-            while i < n:   # the inference runs in the way
-                if not tr[i]:
-                    end = en[i]
-                    if end > t:
-                        if bs[i][0] >= t + dur:
-                            break
-                        if end > prev_end:
-                            prev_end = end
-                        t = end
-                i += 1
-            return t, prev_end
-        while i < n:
-            end = en[i]
-            if end > t:
-                if bs[i][0] >= t + dur:
-                    break
-                if end > prev_end:
-                    prev_end = end
-                t = end
+        while i < n:   # the runs in the way (jumping training: the inference runs only)
+            if tr is None or not tr[i]:
+                end = en[i]
+                if end > t:
+                    if bs[i][0] >= t + dur:
+                        break
+                    if end > prev_end:
+                        prev_end = end
+                    t = end
             i += 1
         return t, prev_end
 
@@ -252,13 +243,7 @@ class NodeTimeline:
                         i += 1
                     start, ready = t, t + dur
                     if i == n and (bs[-1][-2], en[-1], tr[-1]) <= (start, ready, train):
-                        if en[-1] == start and tr[-1] == train and start >= 0.0:
-                            bs[-1].append(ready)
-                            en[-1] = ready
-                        else:
-                            bs.append([start, ready])
-                            en.append(ready)
-                            tr.append(train)
+                        self._append_tail(stage, (dur,), start, train)
                         tail = True   # the next op of the run starts at its end: it goes last too
                     elif i < n and ready > start:
                         # into the gap before run i: everything before ends by `start`, run i
