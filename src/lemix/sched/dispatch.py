@@ -214,7 +214,7 @@ class Dispatcher:
                     c.obj.span = chunker.span(node, s, c.obj)   # adaptive chunks: what its op covers
                 training = True
             else:
-                training = kind is _OPTIM or kind is _TRAIN_NEW   # (Candidate.training)
+                training = kind is _OPTIM or kind is _TRAIN_NEW   # a step, or a task to admit
             if training:
                 if hold < INF and now + self._predict(node, s, c) > hold:
                     continue  # inference reaches this stage before the training op would end

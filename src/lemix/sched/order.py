@@ -75,12 +75,6 @@ class Candidate(NamedTuple):
     kind: CandKind
     obj: object     # Batch (FWD, BWD), DecodeIter (DECODE), None (the rest)
 
-    @property
-    def training(self) -> bool:
-        k = self.kind
-        return (k is CandKind.OPTIM or k is CandKind.TRAIN_NEW or k is CandKind.BWD
-                or (k is CandKind.FWD and self.obj.train))
-
 
 # dispatch classes
 SYNC_CLASS, OPTIM_CLASS, INFER_CLASS, BWD_CLASS, FWD_CLASS, NEW_CLASS, STARVED_INFER_CLASS = 0, 1, 2, 3, 4, 5, 6
